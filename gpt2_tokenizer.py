@@ -65,12 +65,16 @@ def _encoding_from_file(path: Path) -> tiktoken.Encoding:
     )
 
 
-@functools.lru_cache(maxsize=4)
 def get_gpt2_encoding(vocab_file: str | os.PathLike | None = None) -> tiktoken.Encoding:
     """The GPT-2 BPE as a tiktoken `Encoding` (50,257 ids, end-of-text 50256). See the module docstring."""
     vocab_file = vocab_file or os.environ.get(VOCAB_ENV)
+    return _load_encoding(str(_resolve_vocab_file(vocab_file)) if vocab_file else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoding(vocab_file: str | None) -> tiktoken.Encoding:
     if vocab_file:
-        return _encoding_from_file(_resolve_vocab_file(vocab_file))
+        return _encoding_from_file(Path(vocab_file))
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:  # requests' ConnectionError, or a blocked proxy
