@@ -23,6 +23,10 @@ from pathlib import Path
 import yaml
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it and what to use instead."""
+
+
 def _opt(default, help: str):
     """A dataclass field whose help text feeds the generated `--help`."""
     return field(default=default, metadata={"help": help})
@@ -44,7 +48,7 @@ class ModelConfig:
 class DataConfig:
     """Token shards and batch geometry. Tokens per optimizer step = micro_batch_size * seq_len * processes * accum."""
 
-    data_dir: str = _opt("data/fineweb-edu-10B", "folder of .bin token shards written by data_prep.py")
+    data_dir: str = _opt("data/fineweb-edu-10BT", "folder of .bin token shards written by data_prep.py")
     seq_len: int = _opt(1024, "tokens per sequence (T)")
     micro_batch_size: int = _opt(64, "sequences per forward pass per process (B)")
     total_batch_tokens: int = _opt(524288, "tokens per optimizer step, all processes together (2**19 for GPT-2)")
@@ -101,6 +105,7 @@ class RunConfig:
     mixed_precision: str = _opt("auto", "auto (bf16 on a GPU that has it, else fp32), no, bf16 or fp16")
     compile: bool | None = _opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
     tf32: bool = _opt(True, "allow TF32 matmuls on CUDA")
+    cpu_threads: int | None = _opt(None, "CPU runs: torch threads per process (default: physical cores / processes)")
     log_with: str = _opt("tensorboard", "trackers: tensorboard, wandb, all, none, or a comma list")
     project_name: str = _opt("gpt2-repro", "tracker project name")
     peak_tflops: float | None = _opt(None, "peak bf16 TFLOP/s per device for MFU (default: known-GPU table)")
@@ -126,7 +131,7 @@ class TrainConfig:
             (m.vocab_size >= 50257, f"model.vocab_size={m.vocab_size} is below GPT-2's 50257 tokens"),
             (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)"),
             (o.max_steps > 0, f"optim.max_steps={o.max_steps} must be positive"),
-            (0 <= o.warmup_steps <= o.max_steps, f"optim.warmup_steps={o.warmup_steps} must be in [0, max_steps]"),
+            (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
             (0.0 <= o.min_lr <= o.max_lr, f"optim.min_lr={o.min_lr} must be in [0, max_lr={o.max_lr}]"),
             (o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0"),
             (min(e.eval_every, c.checkpoint_every, e.num_samples) >= 0, "eval_every, checkpoint_every and "
@@ -139,11 +144,11 @@ class TrainConfig:
         ]  # fmt: skip
         errors = [msg for ok, msg in checks if not ok]
         if errors:
-            raise ValueError("Invalid training config:\n  " + "\n  ".join(errors))
+            raise ConfigError("Invalid training config:\n  " + "\n  ".join(errors))
         return self
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def _section_classes() -> dict[str, type]:
@@ -174,9 +179,11 @@ def _coerce(value, tp, where: str):
     """Check (YAML) or convert (command-line strings) `value` to the field type `tp`; clear error otherwise."""
     optional = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
     base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
+    if isinstance(value, str) and optional and value.strip().lower() in ("none", "null"):
+        return None
     if isinstance(value, str) and not issubclass(base, str):
         text = value.strip()
-        if optional and text.lower() in ("none", "null", "auto", ""):
+        if optional and text.lower() in ("auto", ""):
             return None
         try:
             if base is bool:
@@ -191,37 +198,37 @@ def _coerce(value, tp, where: str):
                 return int(as_float)  # accepts 5e5 and 524_288
             return base(text)
         except ValueError:
-            raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}") from None
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{where}: expected {_type_name(tp)}, got null")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got null")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value
 
 
-def _unknown(key: str, valid, where: str) -> ValueError:
+def _unknown(key: str, valid, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(valid))}")
+    return ConfigError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(valid))}")
 
 
 def config_from_dict(raw: dict, where: str = "config") -> TrainConfig:
     """A TrainConfig from a nested dict (YAML), checking every key and type; missing keys keep their defaults."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
     cfg = TrainConfig()
     for section, values in raw.items():
         if section not in SECTIONS:
             raise _unknown(section, SECTIONS, where)
         values = values or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{where}: section {section!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
         target = getattr(cfg, section)
         hints = typing.get_type_hints(type(target))
         for key, value in values.items():
@@ -252,7 +259,7 @@ def load_config(config_path: str | None = None, overrides: dict[str, str] | None
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path} (presets live in configs/)")
+            raise ConfigError(f"config file not found: {path} (presets live in configs/)")
         cfg = config_from_dict(yaml.safe_load(path.read_text()) or {}, where=str(path))
     else:
         cfg = TrainConfig()
@@ -312,7 +319,7 @@ def grad_accum_steps(total_batch_tokens: int, micro_batch_size: int, seq_len: in
         fixes.append(f"--micro_batch_size one of {micro}")
     if procs:
         fixes.append(f"a process count among {procs}")
-    raise ValueError(
+    raise ConfigError(
         f"total_batch_tokens={total_batch_tokens} is not a multiple of micro_batch_size * seq_len * num_processes "
         f"= {micro_batch_size} * {seq_len} * {num_processes} = {per_micro}, so gradient accumulation cannot give "
         f"exactly that many tokens per step. Valid choices: " + "; or ".join(fixes) + "."
