@@ -1,6 +1,6 @@
 """Did my run reproduce GPT-2? Validation loss and HellaSwag for any causal LM, side by side with OpenAI's GPT-2.
 
-    python evaluate_gpt2.py --model runs/gpt2-124m/export --data_dir data/fineweb-edu-10B --compare gpt2
+    python evaluate_gpt2.py --model runs/gpt2-124m/export --data_dir data/fineweb-edu-10BT --compare gpt2
     accelerate launch evaluate_gpt2.py --model gpt2 --hellaswag_file hellaswag_val.jsonl   # several processes
 
 Two measurements, each run when its data can be had:

@@ -245,9 +245,9 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
                 f"n_positions={self.config.n_positions}. Truncate the input (keep the last {self.config.n_positions} "
                 f"tokens) or ask generate() for fewer new tokens."
             )
-        # Reading the ids' range needs a device sync and a data-dependent branch: skip it inside torch.compile.
+        # Reading the ids' range costs one device sync and a data-dependent branch: skipped inside torch.compile.
         if input_ids is not None and not torch.compiler.is_compiling() and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one sync for both ends
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(
                     f"Token id {hi if hi >= self.config.vocab_size else lo} is outside the vocabulary "
@@ -343,10 +343,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         wants_loss = labels is not None or shift_labels is not None
         if not wants_loss and logits_to_keep:  # generation needs the last position only
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)  # (B, T, V)
-        if self.config.vocab_size > self.config.tokenizer_vocab_size:
-            # Padding ids are not tokens: -inf keeps them out of the softmax, the loss and every decoding.
-            logits[..., self.config.tokenizer_vocab_size :] = float("-inf")
+        logits = F.linear(h, self.lm_head.weight, self._padding_bias(h))  # (B, T, V)
 
         loss = None
         if wants_loss:
@@ -358,6 +355,20 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             if not return_logits:
                 logits = None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+    def _padding_bias(self, h: torch.Tensor) -> torch.Tensor | None:
+        """(V,) zeros with -inf at the padding ids, or None when the vocabulary is not padded.
+
+        Padding ids are not tokens: -inf keeps them out of the softmax, the loss and every decoding. As the bias
+        of the LM-head matmul it costs nothing (fused into the GEMM, and a constant has no gradient to compute),
+        where filling the logits in place made autograd copy the whole (B, T, V) gradient.
+        """
+        c = self.config
+        if c.vocab_size == c.tokenizer_vocab_size:
+            return None
+        bias = torch.zeros(c.vocab_size, dtype=h.dtype, device=h.device)
+        bias[c.tokenizer_vocab_size :] = float("-inf")
+        return bias
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers adds only the saved class to `auto_map`; expose the backbone too.

@@ -35,8 +35,9 @@ class BenchConfig:
     rounds: int = 6  # interleaved rounds; the median round is reported
     steps: int = 3  # timed training steps per model per round
     new_tokens: int = 256
-    prompt_len: int = 16
+    prompt_lens: str = "16,256,512"  # comma list: the cache pays more the longer the context it saves recomputing
     gen_rounds: int = 3
+    parts: str = "train,generate"
     threads: int = 0  # 0: torch's default
 
 
@@ -86,12 +87,12 @@ def bench_training(cfg: BenchConfig) -> dict[str, float]:
 
 
 @torch.no_grad()
-def bench_generation(cfg: BenchConfig) -> dict[str, float]:
+def bench_generation(cfg: BenchConfig, prompt_len: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = GPT2ReproForCausalLM(
         GPT2ReproConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=1024)
     ).eval()
-    prompt = torch.randint(0, 50257, (1, cfg.prompt_len), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False)
     outputs, rates = {}, {"with KV cache": [], "without cache": []}
     for _ in range(cfg.gen_rounds):
@@ -110,18 +111,24 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, {cpu}, threads {torch.get_num_threads()}")
     print(f"# {cfg}")
-    train = bench_training(cfg)
-    print(f"\nTraining step tokens/s ({cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h, B={cfg.batch_size}, T={cfg.seq_len})")
-    for name, rate in train.items():
-        print(f"  {name:<44} {rate:10.0f} tok/s")
-    for vocab in (50304, 50257):
-        ratio = train[f"ours, vocab {vocab}"] / train[f"transformers GPT2LMHeadModel, vocab {vocab}"]
-        print(f"  ratio ours / transformers sdpa, vocab {vocab}: {ratio:.3f} (target >= 1.0)")
-    gen = bench_generation(cfg)
-    print(f"\nGeneration tokens/s ({cfg.new_tokens} new tokens, greedy, batch 1)")
-    for name, rate in gen.items():
-        print(f"  {name:<44} {rate:10.1f} tok/s")
-    print(f"  KV-cache speed-up: {gen['with KV cache'] / gen['without cache']:.2f}x (target >= 5x)")
+    if "train" in cfg.parts:
+        train = bench_training(cfg)
+        shape = f"{cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h, B={cfg.batch_size}, T={cfg.seq_len}"
+        print(f"\nTraining step tokens/s ({shape}, fp32, median of {cfg.rounds} interleaved rounds)")
+        for name, rate in train.items():
+            print(f"  {name:<44} {rate:10.0f} tok/s")
+        for vocab in (50304, 50257):
+            ratio = train[f"ours, vocab {vocab}"] / train[f"transformers GPT2LMHeadModel, vocab {vocab}"]
+            print(f"  ratio ours / transformers sdpa, vocab {vocab}: {ratio:.3f} (target >= 1.0)")
+    if "generate" in cfg.parts:
+        print(f"\nGeneration tokens/s ({cfg.new_tokens} new tokens, greedy, batch 1, median of {cfg.gen_rounds})")
+        for prompt_len in (int(p) for p in cfg.prompt_lens.split(",")):
+            gen = bench_generation(cfg, prompt_len)
+            speedup = gen["with KV cache"] / gen["without cache"]
+            print(
+                f"  prompt {prompt_len:4d}: with KV cache {gen['with KV cache']:7.1f} tok/s, without "
+                f"{gen['without cache']:7.1f} tok/s, speed-up {speedup:.2f}x (target >= 5x)"
+            )
 
 
 if __name__ == "__main__":
