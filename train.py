@@ -15,6 +15,7 @@ the data loader shards by rank itself (it is never passed to `prepare`) and its 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -87,16 +88,8 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
 
 
 def build_model(cfg: TrainConfig) -> GPT2ReproForCausalLM:
-    m = cfg.model
-    config = GPT2ReproConfig(
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        n_embd=m.n_embd,
-        n_positions=m.n_positions,
-        vocab_size=m.vocab_size,
-        dropout=m.dropout,
-    )
-    return GPT2ReproForCausalLM(config)
+    # ModelConfig's fields are GPT2ReproConfig's, so the network is declared once (and checked there).
+    return GPT2ReproForCausalLM(GPT2ReproConfig(**dataclasses.asdict(cfg.model)))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

@@ -82,21 +82,27 @@ def run_baseline(parquet: Path, out: Path, cores: int, cache_dir: Path) -> int:
 
     docs = load_dataset("parquet", data_files=str(parquet), split="train", cache_dir=str(cache_dir))
     out.mkdir()
+    with mp.Pool(cores, initializer=_baseline_init) as pool:
+        save = lambda i, buf: np.save(out / f"base_{'val' if i == 0 else 'train'}_{i:06d}.npy", buf)
+        return _pack_into_shards(pool.imap(_baseline_tokenize, docs, chunksize=16), save)
+
+
+def _pack_into_shards(token_arrays, save) -> int:
+    """Cut a stream of token arrays into a val shard then train shards; save(index, tokens). Returns the count."""
     index, total, fill = 0, 0, 0
     buf = np.empty(VAL_TOKENS, dtype=np.uint16)
-    with mp.Pool(cores, initializer=_baseline_init) as pool:
-        for tokens in pool.imap(_baseline_tokenize, docs, chunksize=16):
-            pos = 0
-            while pos < len(tokens):
-                take = min(len(buf) - fill, len(tokens) - pos)
-                buf[fill : fill + take] = tokens[pos : pos + take]
-                fill, pos = fill + take, pos + take
-                if fill == len(buf):
-                    np.save(out / f"base_{'val' if index == 0 else 'train'}_{index:06d}.npy", buf)
-                    index, total, fill = index + 1, total + fill, 0
-                    buf = np.empty(SHARD_TOKENS, dtype=np.uint16)
+    for tokens in token_arrays:
+        pos = 0
+        while pos < len(tokens):
+            take = min(len(buf) - fill, len(tokens) - pos)
+            buf[fill : fill + take] = tokens[pos : pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == len(buf):
+                save(index, buf)
+                index, total, fill = index + 1, total + fill, 0
+                buf = np.empty(SHARD_TOKENS, dtype=np.uint16)
     if fill:
-        np.save(out / f"base_train_{index:06d}.npy", buf[:fill])
+        save(index, buf[:fill])
     return total + fill
 
 
@@ -110,23 +116,10 @@ def _process_encode(texts: list) -> np.ndarray:
 def run_processes(parquet: Path, out: Path, cores: int) -> int:
     src = dp.open_text_stream(str(parquet))
     out.mkdir()
-    index, total, fill = 0, 0, 0
-    buf = np.empty(VAL_TOKENS, dtype=np.uint16)
     batches = (b["text"] for b in src.dataset.iter(batch_size=dp.PrepConfig.batch_docs))
     with mp.Pool(cores, initializer=_baseline_init) as pool:
-        for tokens in pool.imap(_process_encode, batches):
-            pos = 0
-            while pos < len(tokens):
-                take = min(len(buf) - fill, len(tokens) - pos)
-                buf[fill : fill + take] = tokens[pos : pos + take]
-                fill, pos = fill + take, pos + take
-                if fill == len(buf):
-                    dp.write_shard(out / f"proc_{'val' if index == 0 else 'train'}_{index:06d}.bin", buf)
-                    index, total, fill = index + 1, total + fill, 0
-                    buf = np.empty(SHARD_TOKENS, dtype=np.uint16)
-    if fill:
-        dp.write_shard(out / f"proc_train_{index:06d}.bin", buf[:fill])
-    return total + fill
+        save = lambda i, buf: dp.write_shard(out / f"proc_{'val' if i == 0 else 'train'}_{i:06d}.bin", buf)
+        return _pack_into_shards(pool.imap(_process_encode, batches), save)
 
 
 def run_data_prep(parquet: Path, out: Path, cores: int) -> int:
