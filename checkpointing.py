@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
@@ -59,11 +60,22 @@ def read_trainer_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary name in the same folder, then rename: a crash never leaves a half file."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import tiktoken
 import torch
 
+from checkpointing import write_json_atomic
 from gpt2_tokenizer import EOT_ID, get_gpt2_encoding
 
 logger = logging.getLogger("data_prep")
@@ -391,12 +392,6 @@ def _default_workers(n: int) -> int:
     return n if n > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _differences(old: dict, new: dict, where: str = "") -> list[str]:
     """'key.sub: old there, new now' for every leaf of `new` that differs in `old`."""
     diffs = []
@@ -505,7 +500,7 @@ def prepare(cfg: PrepConfig) -> dict:
                 if fill == len(buf):
                     finish_shard(buf)
                     manifest["resume"] = {"dataset_state": state, "skip_tokens": pos, "skipped_documents": skipped}
-                    _write_json(out / "manifest.json", manifest)
+                    write_json_atomic(out / "manifest.json", manifest)
                     buf, fill = np.empty(capacity(len(shards)), dtype=np.uint16), 0
             skipped += n_skipped
             bar.set_postfix(shards=len(shards), skipped_docs=skipped, refresh=False)
@@ -529,7 +524,7 @@ def prepare(cfg: PrepConfig) -> dict:
         val_tokens=shards[0]["tokens"],
         train_tokens=written - shards[0]["tokens"],
     )
-    _write_json(out / "manifest.json", manifest)
+    write_json_atomic(out / "manifest.json", manifest)
     logger.info("Wrote %d shards, %s tokens, %d documents skipped, to %s", len(shards), f"{written:,}", skipped, out)
     return manifest
 

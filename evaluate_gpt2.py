@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from checkpointing import write_atomic
 from gpt2_tokenizer import EOT_ID, GPT2_VOCAB_SIZE
 
 logger = logging.getLogger("evaluate_gpt2")
@@ -114,19 +114,6 @@ def _cache_dir() -> Path:
     return Path(root) / "hellaswag"
 
 
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary name in the same folder, then rename: a crash never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def download_hellaswag(cache_dir: str | os.PathLike | None = None) -> Path:
     """The cached hellaswag_val.jsonl; downloads it first (rowanz/hellaswag, else the Hub parquet) if missing."""
     dest = Path(cache_dir) if cache_dir else _cache_dir()
@@ -139,7 +126,7 @@ def download_hellaswag(cache_dir: str | os.PathLike | None = None) -> Path:
         import urllib.request
 
         with urllib.request.urlopen(url, timeout=30) as response:
-            _write_atomic(dest, response.read())
+            write_atomic(dest, response.read())
         return dest
     except OSError as e:  # URLError, timeouts and HTTP errors are OSErrors
         errors.append(f"{url}: {e}")
@@ -150,7 +137,7 @@ def download_hellaswag(cache_dir: str | os.PathLike | None = None) -> Path:
 
         ds = datasets.load_dataset(HELLASWAG_HUB_ID, split="validation", revision="refs/convert/parquet")
         lines = (json.dumps({"ctx": r["ctx"], "endings": r["endings"], "label": int(r["label"])}) for r in ds)
-        _write_atomic(dest, "\n".join(lines) + "\n")
+        write_atomic(dest, "\n".join(lines) + "\n")
         return dest
     except Exception as e:  # offline, Hub refusal, no parquet conversion: all mean "not available here"
         errors.append(f"Hub dataset {HELLASWAG_HUB_ID}: {type(e).__name__}: {e}")
@@ -558,7 +545,7 @@ def update_model_card(folder: str | os.PathLike, results: dict) -> Path:
             )
             for metric in ("acc_norm", "acc")
         ]
-    _write_atomic(path, str(card) if card.data.to_dict() else card.text)
+    write_atomic(path, str(card) if card.data.to_dict() else card.text)
     return path
 
 
@@ -702,7 +689,7 @@ def _report(args: EvaluateArgs, results: dict) -> None:
     if metrics_file is not None:
         png = plot_training_curves(metrics_file, args.plot or output.with_suffix(".png"), results)
         results["plot"] = None if png is None else str(png)
-    _write_atomic(output, json.dumps(results, indent=2) + "\n")
+    write_atomic(output, json.dumps(results, indent=2) + "\n")
     print("\n" + comparison_table(results))
     for note in results["notes"]:
         print(f"- {note}")

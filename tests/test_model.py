@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from evaluate_gpt2 import hub_reachable
 from modeling_gpt2_repro import (
     GPT2ReproConfig,
     GPT2ReproForCausalLM,
@@ -340,18 +340,8 @@ def test_unconvertible_official_model_is_refused():
         GPT2ReproForCausalLM.from_official_gpt2(42)
 
 
-def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _hub_reachable(), reason="the Hugging Face Hub is unreachable (offline)")
+@pytest.mark.skipif(not hub_reachable(), reason="the Hugging Face Hub is unreachable (offline)")
 def test_real_openai_gpt2_from_the_hub():
     official = GPT2LMHeadModel.from_pretrained("gpt2", dtype=torch.float32).eval()
     ours = GPT2ReproForCausalLM.from_official_gpt2("gpt2")
