@@ -18,8 +18,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
+
+from atomic_io import remove_tree, write_atomic
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.json"  # our own: optimizer step, tokens seen, process count, config
@@ -34,7 +35,11 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    ]
     return sorted(found)
 
 
@@ -46,7 +51,11 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
         found = list_checkpoints(root)
         return found[-1][1] if found else None
     path = Path(resume).expanduser()
-    if path.is_dir() and not (path / TRAINER_STATE).is_file() and list_checkpoints(path / "checkpoints"):
+    if (
+        path.is_dir()
+        and not (path / TRAINER_STATE).is_file()
+        and list_checkpoints(path / "checkpoints")
+    ):
         return list_checkpoints(path / "checkpoints")[-1][1]  # a run folder: its newest checkpoint
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(
@@ -58,24 +67,6 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
 
 def read_trainer_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary name in the same folder, then rename: a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -103,16 +94,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _remove(path: Path) -> None:
-    """Rename away, then delete: an interrupted delete leaves a `.trash-` folder, never a partial checkpoint."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def temp_checkpoint_dir(root: str | Path, step: int) -> Path:
     """Where every process writes checkpoint `step` before it is committed (same path on every rank)."""
     return Path(root) / f".tmp-{checkpoint_name(step)}"
@@ -122,36 +103,17 @@ def commit_checkpoint(tmp: Path, keep_last: int) -> Path:
     """Main process, after every rank finished writing `tmp`: fsync, rename into place, then rotate."""
     final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
     _fsync_tree(tmp)
-    if final.exists():  # this exact step was saved before: move it aside only now that its successor is whole
-        _remove(final)
+    if (
+        final.exists()
+    ):  # this exact step was saved before: move it aside only now that its successor is whole
+        remove_tree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     for _, old in list_checkpoints(final.parent)[:-keep_last]:
-        _remove(old)
+        remove_tree(old)
     for leftover in final.parent.glob(".t*-step_*"):  # .tmp-/.trash- folders of an interrupted run
         shutil.rmtree(leftover, ignore_errors=True)
     return final
-
-
-def link_tree(src: str | Path, dst: str | Path) -> None:
-    """Make `dst` a copy of folder `src` using hard links (a plain copy where links are impossible).
-
-    The copy is built beside `dst` and swapped in, so `dst` is always a whole folder. Hard links cost no disk
-    space and outlive the source: the run's export/ stays valid after its checkpoint is rotated away.
-    """
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def link_or_copy(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, tmp, copy_function=link_or_copy)
-    _remove(dst)
-    os.replace(tmp, dst)
 
 
 def truncate_metrics(path: str | Path, step: int) -> None:
@@ -166,6 +128,4 @@ def truncate_metrics(path: str | Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # the half-written last line of a killed run
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))

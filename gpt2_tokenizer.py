@@ -34,7 +34,11 @@ def _resolve_vocab_file(path: str | os.PathLike) -> Path:
     """A `.tiktoken` file, or a folder holding one (a tiktoken cache names it by the SHA-1 of its URL)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        candidates = [p / hashlib.sha1(R50K_URL.encode()).hexdigest(), p / "r50k_base.tiktoken", p / "gpt2.tiktoken"]
+        candidates = [
+            p / hashlib.sha1(R50K_URL.encode()).hexdigest(),
+            p / "r50k_base.tiktoken",
+            p / "gpt2.tiktoken",
+        ]
         candidates += sorted(p.glob("*.tiktoken"))
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
@@ -44,7 +48,9 @@ def _resolve_vocab_file(path: str | os.PathLike) -> Path:
             )
         return found
     if not p.is_file():
-        raise FileNotFoundError(f"GPT-2 vocabulary file not found: {p}. Pass the path of r50k_base.tiktoken.")
+        raise FileNotFoundError(
+            f"GPT-2 vocabulary file not found: {p}. Pass the path of r50k_base.tiktoken."
+        )
     return p
 
 

@@ -1,26 +1,43 @@
-"""Model cards for exported checkpoints, and Hub uploads that never block training.
+"""Everything about the Hub and model cards: dataset ids, published reference figures, cards, uploads.
 
-`write_model_card(folder, ...)` writes the README.md the Hub shows: metadata (library, tags, datasets), what the
-model was trained on, for how long, its validation loss and HellaSwag score, and how to load it.
-
-`HubUploader(repo_id)` uploads exported folders with `huggingface_hub` on a background thread. Each submitted
-folder is first snapshotted with hard links (free, and immune to the trainer replacing or rotating the original),
-a newer submission replaces one still waiting (only the newest export matters), and failures are reported as
-warnings. The token is whatever `huggingface_hub` finds (`HF_TOKEN`, `hf auth login`); this module never reads
-it, and scrubs anything token-shaped from the messages it prints.
+- Ids: FineWeb-Edu (`FINEWEB_EDU`, config `sample-10BT`) and HellaSwag (`HELLASWAG_HUB_ID`, and its original URL).
+- The published figures every comparison uses (`GPT2_124M`, `GPT3_124M`), declared once.
+- `hub_reachable()`: whether to try the Hub at all (offline mode, or no DNS), so offline runs fail fast.
+- `write_model_card(folder, ...)` writes the README.md of an export (metadata, training, evaluation, usage);
+  `update_model_card(folder, ...)` adds or replaces the section that evaluate_gpt2.py measures.
+- `HubUploader(repo_id)` uploads exported folders with `huggingface_hub` on a background thread. Each submitted
+  folder is first snapshotted with hard links (free, and immune to the trainer replacing or rotating the original),
+  a newer submission replaces one still waiting (only the newest export matters), and failures are reported as
+  warnings. The token is whatever `huggingface_hub` finds (`HF_TOKEN`, `hf auth login`); this module never reads
+  it, and scrubs anything token-shaped from the messages it prints.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 import threading
 import warnings
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from checkpointing import link_tree
+from atomic_io import link_tree, write_atomic
+
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+DEFAULT_DATASET_CONFIGS = {FINEWEB_EDU: "sample-10BT"}  # the config used when none is given
+HELLASWAG_HUB_ID = (
+    "Rowan/hellaswag"  # Hub copy; its parquet conversion loads without the dataset script
+)
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_VAL_SIZE = 10042
+
+# Published figures: OpenAI's GPT-2 124M on the FineWeb-Edu sample-10BT val shard (build-nanogpt's play.ipynb) and
+# on HellaSwag with build-nanogpt's scoring (its hellaswag.py); GPT-3 124M's HellaSwag from the GPT-3 paper.
+GPT2_124M = {"val_loss": 3.2924, "hellaswag_acc_norm": 0.2955, "hellaswag_acc": 0.2859}
+GPT3_124M = {"hellaswag_acc_norm": 0.337}
 
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
@@ -50,10 +67,14 @@ def write_model_card(
 
     `where` is the folder or Hub repo the card tells users to load the model from.
     """
-    m, d, o = config["model"], config["data"], config["optim"]
-    hub_id = (data_source or "").split(" ")[0]  # "HuggingFaceFW/fineweb-edu (sample-10BT)" -> the Hub id
-    hub_dataset = hub_id if re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) and not Path(hub_id).exists() else None
-    data = ModelCardData(
+    model, data, optim = config["model"], config["data"], config["optim"]
+    hub_id = (data_source or "").split(" ")[
+        0
+    ]  # "HuggingFaceFW/fineweb-edu (sample-10BT)" -> the Hub id
+    hub_dataset = (
+        hub_id if re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) and not Path(hub_id).exists() else None
+    )
+    metadata = ModelCardData(
         language="en",
         license="mit",
         library_name="transformers",
@@ -62,27 +83,32 @@ def write_model_card(
         datasets=[hub_dataset] if hub_dataset else None,
     )
     remote = "" if stock_gpt2 else ", trust_remote_code=True"
-    fmt = "a stock `GPT2LMHeadModel` (plain transformers)" if stock_gpt2 else "our `GPT2ReproForCausalLM` (remote code)"
-    params = 12 * m["n_layer"] * m["n_embd"] ** 2 + m["vocab_size"] * m["n_embd"]
+    fmt = (
+        "a stock `GPT2LMHeadModel` (plain transformers)"
+        if stock_gpt2
+        else "our `GPT2ReproForCausalLM` (remote code)"
+    )
+    params = 12 * model["n_layer"] * model["n_embd"] ** 2 + model["vocab_size"] * model["n_embd"]
     evals = f" (at step {val_step})" if val_step is not None and val_step != step else ""
     body = f"""
 # GPT-2 reproduction, step {step:,}
 
-A GPT-2 language model ({m["n_layer"]} layers, {m["n_head"]} heads, width {m["n_embd"]}, context {d["seq_len"]},
-about {params / 1e6:.0f}M parameters) trained from scratch with the `gpt2-repro` trainer (transformers + accelerate).
-This folder holds {fmt} and the GPT-2 tokenizer.
+A GPT-2 language model ({model["n_layer"]} layers, {model["n_head"]} heads, width {model["n_embd"]},
+context {data["seq_len"]}, about {params / 1e6:.0f}M parameters) trained from scratch with the `gpt2-repro`
+trainer (transformers + accelerate). This folder holds {fmt} and the GPT-2 tokenizer.
 
 ## Training
-- Data: {data_source or "token shards in " + d["data_dir"]}, GPT-2 BPE, documents separated by `<|endoftext|>`.
-- Steps: {step:,} of {o["max_steps"]:,}; tokens seen: {tokens:,} ({d["total_batch_tokens"]:,} per step).
-- AdamW (betas {o["beta1"]}/{o["beta2"]}, weight decay {o["weight_decay"]} on matrices), LR {o["max_lr"]} with
-  {o["warmup_steps"]} warmup steps then cosine to {o["min_lr"]}; gradient clipping {o["grad_clip"]}.
+- Data: {data_source or "token shards in " + data["data_dir"]}, GPT-2 BPE, documents separated by `<|endoftext|>`.
+- Steps: {step:,} of {optim["max_steps"]:,}; tokens seen: {tokens:,} ({data["total_batch_tokens"]:,} per step).
+- AdamW (betas {optim["beta1"]}/{optim["beta2"]}, weight decay {optim["weight_decay"]} on matrices),
+  LR {optim["max_lr"]} with {optim["warmup_steps"]} warmup steps then cosine to {optim["min_lr"]};
+  gradient clipping {optim["grad_clip"]}.
 
 ## Evaluation{evals}
 | metric | value | OpenAI GPT-2 124M |
 |---|---|---|
-| validation loss | {_fmt(val_loss, ".4f")} | 3.2924 (FineWeb-Edu val shard) |
-| HellaSwag acc_norm | {_fmt(hellaswag_acc_norm, ".4f")} | 0.2955 |
+| validation loss | {_fmt(val_loss, ".4f")} | {GPT2_124M["val_loss"]} (FineWeb-Edu val shard) |
+| HellaSwag acc_norm | {_fmt(hellaswag_acc_norm, ".4f")} | {GPT2_124M["hellaswag_acc_norm"]} |
 
 ## Use
 ```python
@@ -95,14 +121,77 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=32, do_sample=True, to
 ```
 """
     path = Path(folder) / "README.md"
-    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(path)
+    write_atomic(path, str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")))
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """False when offline mode is on or the Hub's host name does not resolve: then the Hub is not tried at all
+    (huggingface_hub would otherwise retry for ~25 s before giving up)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
+CARD_START, CARD_END = (
+    "<!-- gpt2-repro:eval-results:start -->",
+    "<!-- gpt2-repro:eval-results:end -->",
+)
+
+
+def update_model_card(
+    folder: str | os.PathLike, section: str, hellaswag: dict | None = None
+) -> Path:
+    """Write (or replace) the evaluation `section` (markdown) of folder/README.md, keeping the rest of the card.
+
+    `hellaswag` ({"acc_norm", "acc"}, given only when all of HellaSwag was scored) also goes into the card's
+    model-index metadata (the Hub's evaluation widget).
+    """
+    path = Path(folder) / "README.md"
+    card = ModelCard(path.read_text(encoding="utf-8") if path.is_file() else "")
+    section = f"{CARD_START}\n{section}\n{CARD_END}"
+    text = card.text
+    if CARD_START in text and CARD_END in text:
+        text = (
+            text[: text.index(CARD_START)] + section + text[text.index(CARD_END) + len(CARD_END) :]
+        )
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
+    card.text = text
+    if hellaswag is not None:
+        kept = [r for r in card.data.eval_results or [] if r.dataset_type != HELLASWAG_HUB_ID]
+        card.data.model_name = card.data.model_name or Path(folder).resolve().name
+        card.data.eval_results = kept + [
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=HELLASWAG_HUB_ID,
+                dataset_name="HellaSwag",
+                dataset_split="validation",
+                metric_type=metric,
+                metric_value=round(hellaswag[metric], 4),
+            )
+            for metric in ("acc_norm", "acc")
+        ]
+    write_atomic(path, str(card) if card.data.to_dict() else card.text)
     return path
 
 
 class HubUploader:
     """Upload folders to one Hub repo from a background thread; `submit` returns at once."""
 
-    def __init__(self, repo_id: str, staging_dir: str | Path, private: bool = False, api: HfApi | None = None):
+    def __init__(
+        self, repo_id: str, staging_dir: str | Path, private: bool = False, api: HfApi | None = None
+    ):
         self.repo_id, self.private = repo_id, private
         self.api = api if api is not None else HfApi()
         self.staging_dir = Path(staging_dir)
@@ -129,7 +218,9 @@ class HubUploader:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or uploading; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout=timeout)
+            return self._cond.wait_for(
+                lambda: self._pending is None and not self._busy, timeout=timeout
+            )
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish the queued upload, then stop the thread. False if it did not finish within `timeout`."""
@@ -151,7 +242,9 @@ class HubUploader:
                 self._upload(snapshot, message)
                 self.uploaded.append(message)
             except Exception as e:  # the network, auth, quota: report and let training go on
-                msg = _redact(f"Hub upload of {message!r} to {self.repo_id} failed: {type(e).__name__}: {e}")
+                msg = _redact(
+                    f"Hub upload of {message!r} to {self.repo_id} failed: {type(e).__name__}: {e}"
+                )
                 self.errors.append(msg)
                 warnings.warn(msg, stacklevel=1)
             finally:
@@ -162,6 +255,10 @@ class HubUploader:
 
     def _upload(self, folder: Path, message: str) -> None:
         if not self._repo_ready:
-            self.api.create_repo(self.repo_id, repo_type="model", private=self.private, exist_ok=True)
+            self.api.create_repo(
+                self.repo_id, repo_type="model", private=self.private, exist_ok=True
+            )
             self._repo_ready = True
-        self.api.upload_folder(repo_id=self.repo_id, repo_type="model", folder_path=str(folder), commit_message=message)
+        self.api.upload_folder(
+            repo_id=self.repo_id, repo_type="model", folder_path=str(folder), commit_message=message
+        )

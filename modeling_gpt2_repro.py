@@ -13,6 +13,7 @@ V = vocab_size (padded, 50304 by default).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -38,6 +39,10 @@ GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext
 EOT_ID = 50256
 
 
+def _field(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 # ----------------------------------------------------------------------------------------------------- config
 class GPT2ReproConfig(PreTrainedConfig):
     """GPT-2 hyper-parameters; the defaults are the 124M model with the vocabulary padded to 50304 for speed.
@@ -56,16 +61,27 @@ class GPT2ReproConfig(PreTrainedConfig):
         "num_hidden_layers": "n_layer",
     }
 
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_positions: int = 1024
-    vocab_size: int = 50304
-    tokenizer_vocab_size: int = GPT2_VOCAB_SIZE
-    dropout: float = 0.0  # pretraining reproductions use none
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = True  # must be declared: the v5 base config no longer has it (untied otherwise)
+    # The help texts double as the trainer's command-line help (train.py --n_layer ...).
+    n_layer: int = _field(12, "transformer blocks")
+    n_head: int = _field(12, "attention heads per block")
+    n_embd: int = _field(768, "residual stream width")
+    n_positions: int = _field(1024, "maximum context length (>= seq_len)")
+    vocab_size: int = _field(
+        50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128 for speed"
+    )
+    tokenizer_vocab_size: int = _field(
+        GPT2_VOCAB_SIZE, "ids the tokenizer really has; the rest are padding"
+    )
+    dropout: float = _field(
+        0.0, "dropout probability (0 for pretraining, as in the GPT-2 reproductions)"
+    )
+    layer_norm_epsilon: float = _field(1e-5, "LayerNorm epsilon")
+    initializer_range: float = _field(
+        0.02, "std of the normal init (residual projections are scaled down)"
+    )
+    tie_word_embeddings: bool = (
+        True  # must be declared: the v5 base config no longer has it (untied otherwise)
+    )
     use_cache: bool = True
     bos_token_id: int | None = EOT_ID
     eos_token_id: int | None = EOT_ID
@@ -77,10 +93,19 @@ class GPT2ReproConfig(PreTrainedConfig):
 
     def check(self) -> None:
         """Raise a ValueError that says what to change when the values cannot make a GPT-2."""
-        for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "tokenizer_vocab_size"):
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "n_positions",
+            "vocab_size",
+            "tokenizer_vocab_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPT2ReproConfig.{name} must be a positive integer, got {value!r}.")
+                raise ValueError(
+                    f"GPT2ReproConfig.{name} must be a positive integer, got {value!r}."
+                )
         if self.n_embd % self.n_head:
             divisors = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0 and h <= 64]
             raise ValueError(
@@ -93,20 +118,11 @@ class GPT2ReproConfig(PreTrainedConfig):
                 f"(GPT-2's BPE has {GPT2_VOCAB_SIZE}): use {GPT2_VOCAB_SIZE}, or 50304 (padded to a multiple of 128)."
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r} (GPT-2 pretraining uses 0.0).")
+            raise ValueError(
+                f"dropout must be in [0, 1), got {self.dropout!r} (GPT-2 pretraining uses 0.0)."
+            )
         if self.layer_norm_epsilon <= 0 or self.initializer_range <= 0:
             raise ValueError("layer_norm_epsilon and initializer_range must be positive.")
-
-
-def estimate_flops_per_token(config: GPT2ReproConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), nanoGPT/PaLM style: 6N + 12 * L * H * D * T.
-
-    N counts every matmul weight, the tied embedding as the LM head included, but not the position table
-    (a lookup, not a matmul). 124M, T=1024: about 855M FLOPs per token.
-    """
-    c = config
-    n_params = 12 * c.n_layer * c.n_embd**2 + 13 * c.n_layer * c.n_embd + c.vocab_size * c.n_embd + 2 * c.n_embd
-    return 6 * n_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
 
 
 # -------------------------------------------------------------------------------------------------- attention
@@ -138,7 +154,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.scaling = self.head_dim**-0.5
-        self.is_causal = True  # lets SDPA take its flash / fused causal kernel when no mask is needed
+        self.is_causal = (
+            True  # lets SDPA take its flash / fused causal kernel when no mask is needed
+        )
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # see GPT2ReproPreTrainedModel._init_weights
@@ -147,10 +165,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attention_mask=None, cache: Cache | None = None, **kwargs):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = (
+            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v)
+        )  # (B, H, T, D)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, H, S, D): past keys/values with ours appended
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+            k, v = cache.update(
+                k, v, self.layer_idx
+            )  # (B, H, S, D): past keys/values with ours appended
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention
+        )
         y, _ = attend(
             self,
             q,
@@ -192,6 +216,20 @@ class GPT2ReproBlock(GradientCheckpointingLayer):
         return x + self.mlp(self.ln_2(x))
 
 
+def padding_bias(config: GPT2ReproConfig) -> torch.Tensor | None:
+    """(V,) zeros with -inf at the padding ids, or None when the vocabulary is not padded.
+
+    Padding ids are not tokens: -inf keeps them out of the softmax, the loss and every decoding. As the bias
+    of the LM-head matmul it costs nothing (fused into the GEMM, and a constant has no gradient to compute),
+    where filling the logits in place made autograd copy the whole (B, T, V) gradient.
+    """
+    if config.vocab_size == config.tokenizer_vocab_size:
+        return None
+    bias = torch.zeros(config.vocab_size)
+    bias[config.tokenizer_vocab_size :] = float("-inf")
+    return bias
+
+
 # ------------------------------------------------------------------------------------------------ the models
 class GPT2ReproPreTrainedModel(PreTrainedModel):
     config_class = GPT2ReproConfig
@@ -222,6 +260,8 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif getattr(module, "logit_mask", None) is not None:  # a buffer that no checkpoint holds
+            init.copy_(module.logit_mask, padding_bias(module.config))
 
 
 class GPT2ReproModel(GPT2ReproPreTrainedModel):
@@ -267,7 +307,9 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        cache = cache if cache is not None else kwargs.pop("past_key_values", None)  # the pre-5.x name
+        cache = (
+            cache if cache is not None else kwargs.pop("past_key_values", None)
+        )  # the pre-5.x name
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
@@ -279,7 +321,9 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(
+                0
+            )  # (1, T)
         x = self.drop(inputs_embeds + self.wpe(position_ids))
 
         # None when nothing is padded and the implementation is sdpa/flash: the fast is_causal path.
@@ -292,7 +336,9 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         )
         for block in self.h:
             x = block(x, attention_mask=mask, cache=cache, position_ids=position_ids, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.ln_f(x), cache=cache if use_cache else None
+        )
 
 
 class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
@@ -304,9 +350,13 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GPT2ReproModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # (V,) constant bias of the LM-head matmul: 0 for real ids, -inf for the padding ids (see padding_bias).
+        self.register_buffer("logit_mask", padding_bias(config), persistent=False)
         self.post_init()
         if self.generation_config.pad_token_id is None:
-            self.generation_config.pad_token_id = config.eos_token_id  # no "setting pad to eos" notice per call
+            self.generation_config.pad_token_id = (
+                config.eos_token_id
+            )  # no "setting pad to eos" notice per call
 
     def forward(
         self,
@@ -343,44 +393,38 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         wants_loss = labels is not None or shift_labels is not None
         if not wants_loss and logits_to_keep:  # generation needs the last position only
             h = h[:, -logits_to_keep:]
-        logits = F.linear(h, self.lm_head.weight, self._padding_bias(h))  # (B, T, V)
+        logits = F.linear(h, self.lm_head.weight, self.logit_mask)  # (B, T, V)
 
         loss = None
         if wants_loss:
             if shift_labels is not None:
                 shift_labels = shift_labels.contiguous()
             loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels, **kwargs
+                logits,
+                labels,
+                vocab_size=self.config.vocab_size,
+                shift_labels=shift_labels,
+                **kwargs,
             )
             if not return_logits:
                 logits = None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
-    def _padding_bias(self, h: torch.Tensor) -> torch.Tensor | None:
-        """(V,) zeros with -inf at the padding ids, or None when the vocabulary is not padded.
-
-        Padding ids are not tokens: -inf keeps them out of the softmax, the loss and every decoding. As the bias
-        of the LM-head matmul it costs nothing (fused into the GEMM, and a constant has no gradient to compute),
-        where filling the logits in place made autograd copy the whole (B, T, V) gradient.
-        """
-        c = self.config
-        if c.vocab_size == c.tokenizer_vocab_size:
-            return None
-        bias = torch.zeros(c.vocab_size, dtype=h.dtype, device=h.device)
-        bias[c.tokenizer_vocab_size :] = float("-inf")
-        return bias
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers adds only the saved class to `auto_map`; expose the backbone too.
         if getattr(self, "_auto_class", None) is not None:
-            module = __name__.rsplit(".", 1)[-1]  # as loaded from a checkpoint: transformers_modules.<hash>.<name>
+            module = __name__.rsplit(".", 1)[
+                -1
+            ]  # as loaded from a checkpoint: transformers_modules.<hash>.<name>
             auto_map = getattr(self.config, "auto_map", None) or {}
             self.config.auto_map = {**auto_map, "AutoModel": f"{module}.GPT2ReproModel"}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- interop with OpenAI's GPT-2
     @classmethod
-    def from_official_gpt2(cls, source="gpt2", vocab_size: int | None = None, **from_pretrained_kwargs):
+    def from_official_gpt2(
+        cls, source="gpt2", vocab_size: int | None = None, **from_pretrained_kwargs
+    ):
         """Our model with the weights of an official GPT-2: a Hub id (`gpt2`, `gpt2-medium`, `gpt2-large`,
         `gpt2-xl`, `openai-community/...`), a `GPT2LMHeadModel` folder, or a loaded `GPT2LMHeadModel`.
 
@@ -394,7 +438,9 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             from_pretrained_kwargs.setdefault("dtype", torch.float32)
             official = GPT2LMHeadModel.from_pretrained(source, **from_pretrained_kwargs)
         else:
-            raise TypeError(f"source must be a Hub id, a folder or a GPT2LMHeadModel, not {type(source).__name__}.")
+            raise TypeError(
+                f"source must be a Hub id, a folder or a GPT2LMHeadModel, not {type(source).__name__}."
+            )
         oc = official.config
         unsupported = {
             "activation_function": oc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
@@ -405,7 +451,9 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         }
         if any(unsupported.values()):
             bad = [k for k, v in unsupported.items() if v]
-            raise ValueError(f"This GPT2LMHeadModel departs from GPT-2 in {bad}; it cannot be converted.")
+            raise ValueError(
+                f"This GPT2LMHeadModel departs from GPT-2 in {bad}; it cannot be converted."
+            )
         config = GPT2ReproConfig(
             n_layer=oc.n_layer,
             n_head=oc.n_head,
@@ -420,11 +468,17 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         model = cls(config).to(official.dtype)
         pad = config.vocab_size - oc.vocab_size
         for key in ("transformer.wte.weight", "lm_head.weight"):
-            state[key] = F.pad(state[key], (0, 0, 0, pad))  # zero rows for padding ids (their logits are -inf)
+            state[key] = F.pad(
+                state[key], (0, 0, 0, pad)
+            )  # zero rows for padding ids (their logits are -inf)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        unexpected = [k for k in unexpected if not k.endswith((".attn.bias", ".attn.masked_bias"))]  # legacy masks
+        unexpected = [
+            k for k in unexpected if not k.endswith((".attn.bias", ".attn.masked_bias"))
+        ]  # legacy masks
         if missing or unexpected:
-            raise ValueError(f"Official checkpoint does not match: missing {missing}, unexpected {unexpected}.")
+            raise ValueError(
+                f"Official checkpoint does not match: missing {missing}, unexpected {unexpected}."
+            )
         return model.eval()
 
     def to_official_gpt2(self):
@@ -434,41 +488,61 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         """
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        c = self.config
+        cfg = self.config
         official_config = GPT2Config(
-            vocab_size=c.tokenizer_vocab_size,
-            n_positions=c.n_positions,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
+            vocab_size=cfg.tokenizer_vocab_size,
+            n_positions=cfg.n_positions,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
             activation_function="gelu_new",
-            resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout,
-            attn_pdrop=c.dropout,
-            layer_norm_epsilon=c.layer_norm_epsilon,
-            initializer_range=c.initializer_range,
-            bos_token_id=c.bos_token_id,
-            eos_token_id=c.eos_token_id,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            layer_norm_epsilon=cfg.layer_norm_epsilon,
+            initializer_range=cfg.initializer_range,
+            bos_token_id=cfg.bos_token_id,
+            eos_token_id=cfg.eos_token_id,
             tie_word_embeddings=True,
         )
         state = transpose_conv1d_weights(self.state_dict())
         for key in ("transformer.wte.weight", "lm_head.weight"):
-            state[key] = state[key][: c.tokenizer_vocab_size]
+            state[key] = state[key][: cfg.tokenizer_vocab_size]
         official = GPT2LMHeadModel(official_config).to(self.dtype)
         missing, unexpected = official.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
         if missing or unexpected:
-            raise RuntimeError(f"Export to GPT2LMHeadModel failed: missing {missing}, unexpected {unexpected}.")
+            raise RuntimeError(
+                f"Export to GPT2LMHeadModel failed: missing {missing}, unexpected {unexpected}."
+            )
         return official.to(self.device).eval()
 
 
+def estimate_flops_per_token(config: GPT2ReproConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), nanoGPT/PaLM style: 6N + 12 * L * H * D * T.
+
+    N counts every matmul weight, the tied embedding as the LM head included, but not the position table
+    (a lookup, not a matmul). 124M, T=1024: about 855M FLOPs per token.
+    """
+    layers, width, heads = config.n_layer, config.n_embd, config.n_head
+    n_params = 12 * layers * width**2 + 13 * layers * width + config.vocab_size * width + 2 * width
+    return 6 * n_params + 12 * layers * heads * (width // heads) * seq_len
+
+
 # The four matmul weights that OpenAI's checkpoint stores as Conv1D (in, out) and we as nn.Linear (out, in).
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_WEIGHTS = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
 
 
 def transpose_conv1d_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a state dict between the official Conv1D layout and ours; it is its own inverse."""
-    return {k: v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v for k, v in state_dict.items()}
+    return {
+        k: v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v for k, v in state_dict.items()
+    }
 
 
 # Registration: in-process Auto classes for code that imports this module, and `auto_map` entries so a saved

@@ -38,7 +38,15 @@ PEAK_BF16_FLOPS = [
     ("RTX 3090", 71e12),
 ]
 
-LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tiktoken", "huggingface_hub", "safetensors")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "tiktoken",
+    "huggingface_hub",
+    "safetensors",
+)
 
 
 def peak_bf16_flops(device_name: str | None) -> float | None:
@@ -48,7 +56,9 @@ def peak_bf16_flops(device_name: str | None) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS if key.lower() in device_name.lower()), None)
 
 
-def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops_per_device: float | None, devices: int) -> float:
+def mfu(
+    flops_per_token: float, tokens_per_sec: float, peak_flops_per_device: float | None, devices: int
+) -> float:
     """Model FLOPs utilisation in [0, 1]; NaN when the peak is unknown (CPU, an unlisted GPU)."""
     if not peak_flops_per_device:
         return float("nan")
@@ -59,7 +69,9 @@ def git_commit(repo: str | Path | None = None) -> str | None:
     """HEAD of the repository holding this file, with '-dirty' when tracked files changed; None outside git."""
     cwd = Path(repo or Path(__file__).resolve().parent)
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)
+        run = lambda *a: subprocess.run(
+            ["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
         head = run("rev-parse", "HEAD")
         if head.returncode != 0:
             return None

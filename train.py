@@ -15,7 +15,6 @@ the data loader shards by rank itself (it is never passed to `prepare`) and its 
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import math
@@ -33,13 +32,15 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 import checkpointing as ckpt
-from data_prep import DataError, TokenShardLoader, iter_val_batches
+from atomic_io import link_tree, strict_json, write_json_atomic
+from cli import ConfigError
 from evaluate_gpt2 import HellaSwagUnavailable, load_hellaswag, score_hellaswag, validation_loss
 from gpt2_tokenizer import build_hf_tokenizer, get_gpt2_encoding
 from hub import HubUploader, write_model_card
-from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM, estimate_flops_per_token
+from modeling_gpt2_repro import GPT2ReproForCausalLM, estimate_flops_per_token
 from run_info import collect_run_info, mfu, peak_bf16_flops
-from train_config import ConfigError, TrainConfig, grad_accum_steps, lr_at, parse_args, save_config
+from token_data import DataError, TokenShardLoader, iter_val_batches
+from train_config import TrainConfig, grad_accum_steps, lr_at, parse_args, save_config
 
 # ---------------------------------------------------------------------------------------------------- setup
 
@@ -50,7 +51,10 @@ def precision_and_compile(cfg: TrainConfig, cuda: bool, env=os.environ) -> tuple
     "auto" takes the `accelerate launch` config's choice when it made one; `accelerate launch` exports
     ACCELERATE_MIXED_PRECISION=no and ACCELERATE_DYNAMO_BACKEND=NO when it was not told, so those mean "no choice".
     """
-    precision, launched = cfg.run.mixed_precision, env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    precision, launched = (
+        cfg.run.mixed_precision,
+        env.get("ACCELERATE_MIXED_PRECISION", "no").lower(),
+    )
     if precision == "auto":
         precision = launched if launched != "no" else "bf16" if cuda else "no"
     backend, launched = cfg.run.compile, env.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
@@ -72,15 +76,21 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
         mixed_precision=precision,
         dynamo_backend=backend,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "logs")
+        ),
     )
-    d = cfg.data
+    data = cfg.data
     accelerator.gradient_accumulation_steps = grad_accum_steps(
-        d.total_batch_tokens, d.micro_batch_size, d.seq_len, accelerator.num_processes
+        data.total_batch_tokens, data.micro_batch_size, data.seq_len, accelerator.num_processes
     )
     if accelerator.device.type == "cuda" and cfg.run.tf32:
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 params, ~8x the fp32 throughput
-    if accelerator.device.type == "cpu":  # `accelerate launch` pins CPU jobs to 1 thread unless told otherwise
+        torch.set_float32_matmul_precision(
+            "high"
+        )  # TF32 matmuls: fp32 params, ~8x the fp32 throughput
+    if (
+        accelerator.device.type == "cpu"
+    ):  # `accelerate launch` pins CPU jobs to 1 thread unless told otherwise
         cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(cfg.run.cpu_threads or max(1, cores // local_processes))
@@ -88,21 +98,29 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
 
 
 def build_model(cfg: TrainConfig) -> GPT2ReproForCausalLM:
-    # ModelConfig's fields are GPT2ReproConfig's, so the network is declared once (and checked there).
-    return GPT2ReproForCausalLM(GPT2ReproConfig(**dataclasses.asdict(cfg.model)))
+    return GPT2ReproForCausalLM(cfg.model_config())
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW; weight decay on 2-D+ tensors (matmul weights, embeddings) only, not on biases and LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied embedding/LM head appears once
+    params = [
+        p for p in model.parameters() if p.requires_grad
+    ]  # the tied embedding/LM head appears once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    o = cfg.optim
-    return torch.optim.AdamW(
-        groups, lr=lr_at(0, o), betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda" or None
-    )
+    optim = cfg.optim
+    betas = (optim.beta1, optim.beta2)
+    fused = fused_adamw(device) or None  # None: PyTorch's default (foreach) elsewhere
+    return torch.optim.AdamW(groups, lr=lr_at(0, optim), betas=betas, eps=optim.eps, fused=fused)
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """AdamW's fused kernel (one launch for all parameters) on CUDA, where it is fastest."""
+    return device.type == "cuda"
 
 
 def check_data_dir(cfg: TrainConfig) -> None:
@@ -113,12 +131,14 @@ def check_data_dir(cfg: TrainConfig) -> None:
             f"`python data_prep.py --dataset my_text.txt --output_dir {cfg.data.data_dir}` (see the README), "
             f"or pass --data_dir."
         )
-    next(iter_val_batches(cfg.data.data_dir, 1, cfg.data.seq_len, cfg.eval.val_tokens), None)  # DataError if short
+    next(
+        iter_val_batches(cfg.data.data_dir, 1, cfg.data.seq_len, cfg.eval.val_tokens), None
+    )  # DataError if short
 
 
 def record_run(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, log) -> None:
     """Print and save the resolved config and the facts of this run (versions, commit, hardware, batch)."""
-    d, accum = cfg.data, accelerator.gradient_accumulation_steps
+    data, accum = cfg.data, accelerator.gradient_accumulation_steps
     if accelerator.is_main_process:
         info = collect_run_info(
             {
@@ -127,21 +147,24 @@ def record_run(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, log) -
                 "device": str(accelerator.device),
                 "mixed_precision": accelerator.mixed_precision,
                 "compile": str(accelerator.state.dynamo_plugin.backend.value),
+                "optimizer_fused": fused_adamw(accelerator.device),
             }
         )
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        ckpt.write_json_atomic(run_dir / "run_info.json", info)
+        write_json_atomic(run_dir / "run_info.json", info)
         log((run_dir / "config.yaml").read_text() + json.dumps(info, indent=2))
         log(
-            f"batch: {d.total_batch_tokens:,} tokens/step = {d.micro_batch_size} x {d.seq_len} x "
+            f"batch: {data.total_batch_tokens:,} tokens/step = {data.micro_batch_size} x {data.seq_len} x "
             f"{accelerator.num_processes} processes x {accum} accumulation steps"
         )
 
 
 def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:  # reopened per line: a killed run loses at most the line being written
-        f.write(json.dumps(row) + "\n")
+    """One strict-JSON line (a non-finite number becomes null). Reopened per line: a killed run loses at most
+    the line being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(strict_json(row)) + "\n")
 
 
 def describe_data(data_dir: str) -> str | None:
@@ -157,7 +180,9 @@ def describe_data(data_dir: str) -> str | None:
 # ----------------------------------------------------------------------------------------------- one step
 
 
-def train_step(accelerator: Accelerator, model, optimizer, loader, lr: float, grad_clip: float) -> tuple[float, float]:
+def train_step(
+    accelerator: Accelerator, model, optimizer, loader, lr: float, grad_clip: float
+) -> tuple[float, float]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches per process.
 
     Returns (loss averaged over every micro-batch of every process, global gradient norm before clipping).
@@ -168,7 +193,10 @@ def train_step(accelerator: Accelerator, model, optimizer, loader, lr: float, gr
     loss_sum = torch.zeros((), device=accelerator.device)
     for _ in range(accum):
         x, y = loader.next_batch()  # (B, T) int64 each: this rank's share of the global batch
-        x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+        x, y = (
+            x.to(accelerator.device, non_blocking=True),
+            y.to(accelerator.device, non_blocking=True),
+        )
         with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-step
             loss = model(input_ids=x, shift_labels=y, return_logits=False).loss  # fp32 scalar
             accelerator.backward(loss)  # scaled by 1 / accum inside
@@ -178,7 +206,9 @@ def train_step(accelerator: Accelerator, model, optimizer, loader, lr: float, gr
             optimizer.step()  # both no-ops until the gradients are synced
             optimizer.zero_grad(set_to_none=True)
     mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean")
-    loss_value, norm_value = torch.stack([mean_loss, grad_norm.detach().float()]).tolist()  # one device sync
+    loss_value, norm_value = torch.stack(
+        [mean_loss, grad_norm.detach().float()]
+    ).tolist()  # one device sync
     return loss_value, norm_value
 
 
@@ -194,51 +224,85 @@ class Evaluator:
     """
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, encoding, run_dir: Path, log):
-        self.cfg, self.accelerator, self.encoding, self.run_dir, self.log = cfg, accelerator, encoding, run_dir, log
+        self.cfg, self.accelerator, self.encoding, self.run_dir, self.log = (
+            cfg,
+            accelerator,
+            encoding,
+            run_dir,
+            log,
+        )
         self.hellaswag = None
         self.enabled = accelerator.distributed_type != DistributedType.FSDP
         if not self.enabled:
-            log("warning: no evaluation during FSDP training (it needs the whole model in every process); "
-                "run evaluate_gpt2.py on the exports instead")  # fmt: skip
+            log(
+                "warning: no evaluation during FSDP training (it needs the whole model in every process); "
+                "run evaluate_gpt2.py on the exports instead"
+            )
         elif cfg.eval.hellaswag:
-            with accelerator.main_process_first():  # the first process downloads into the cache, then the rest
+            with (
+                accelerator.main_process_first()
+            ):  # the first process downloads into the cache, then the rest
                 try:
-                    self.hellaswag = load_hellaswag(cfg.eval.hellaswag_file, limit=cfg.eval.hellaswag_limit)
-                except HellaSwagUnavailable as e:  # offline and no local file: warn once and train on
+                    self.hellaswag = load_hellaswag(
+                        cfg.eval.hellaswag_file, limit=cfg.eval.hellaswag_limit
+                    )
+                except (
+                    HellaSwagUnavailable
+                ) as e:  # offline and no local file: warn once and train on
                     log(f"warning: no HellaSwag during training: {e}")
 
     def due(self, step: int) -> bool:
         every = self.cfg.eval.eval_every
-        return self.enabled and (step == self.cfg.optim.max_steps or bool(every and step % every == 0))
+        return self.enabled and (
+            step == self.cfg.optim.max_steps or bool(every and step % every == 0)
+        )
 
     def __call__(self, model: GPT2ReproForCausalLM, step: int) -> dict:
-        e, d, acc = self.cfg.eval, self.cfg.data, self.accelerator
-        results = {
-            "val_loss": validation_loss(model, d.data_dir, e.val_tokens, e.eval_batch_size or d.micro_batch_size,
-                                        d.seq_len, accelerator=acc)
-        }  # fmt: skip
+        evals, data, accelerator = self.cfg.eval, self.cfg.data, self.accelerator
+        batch_size = evals.eval_batch_size or data.micro_batch_size
+        val_loss = validation_loss(
+            model,
+            data.data_dir,
+            evals.val_tokens,
+            batch_size,
+            data.seq_len,
+            accelerator=accelerator,
+        )
+        results = {"val_loss": val_loss}
         if self.hellaswag is not None:
-            scores = score_hellaswag(model, self.encoding, self.hellaswag, e.eval_batch_size or 16, accelerator=acc)
+            scores = score_hellaswag(
+                model,
+                self.encoding,
+                self.hellaswag,
+                evals.eval_batch_size or 16,
+                accelerator=accelerator,
+            )
             results |= {"hellaswag_acc_norm": scores["acc_norm"], "hellaswag_acc": scores["acc"]}
-        acc.log(results, step=step)
-        if acc.is_main_process:
+        accelerator.log(results, step=step)
+        if accelerator.is_main_process:
             append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **results})
             self.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-            for i, text in enumerate(self.sample(model, step) if e.num_samples else []):
+            for i, text in enumerate(self.sample(model, step) if evals.num_samples else []):
                 self.log(f"--- sample {i} at step {step}:\n{text}")
         return results
 
     @torch.no_grad()
     def sample(self, model: GPT2ReproForCausalLM, step: int) -> list[str]:
         """Top-k samples with the KV cache (generate), on a forked RNG so training randomness is untouched."""
-        e, device = self.cfg.eval, self.accelerator.device
-        prompt = torch.tensor([self.encoding.encode(e.sample_prompt)] * e.num_samples, device=device)  # (n, P)
+        evals, device = self.cfg.eval, self.accelerator.device
+        prompt = [self.encoding.encode(evals.sample_prompt)] * evals.num_samples
+        prompt = torch.tensor(prompt, device=device)  # (n, P)
         was_training = model.training
         model.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # autocast: prepare() set it
+        cuda_rng = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_rng):  # autocast: prepare() set it on the module
             torch.manual_seed(self.cfg.run.seed + step)
             out = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=e.sample_tokens, do_sample=True, top_k=50
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=evals.sample_tokens,
+                do_sample=True,
+                top_k=50,
             )  # (n, P + sample_tokens)
         model.train(was_training)
         return [self.encoding.decode(row.tolist()) for row in out]
@@ -247,7 +311,9 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------- checkpointing
 
 
-def export_model(model, folder: Path, tokenizer, card: dict, stock_card: dict, state_dict=None) -> None:
+def export_model(
+    model, folder: Path, tokenizer, card: dict, stock_card: dict, state_dict=None
+) -> None:
     """folder/export: our model + remote code + tokenizer + card; folder/export-gpt2: the stock GPT2LMHeadModel.
 
     The stock export is converted from the folder just written (not from the live module), which also proves
@@ -257,7 +323,9 @@ def export_model(model, folder: Path, tokenizer, card: dict, stock_card: dict, s
     model.save_pretrained(ours, state_dict=state_dict)
     tokenizer.save_pretrained(ours)
     write_model_card(ours, **card)
-    GPT2ReproForCausalLM.from_pretrained(ours, dtype=torch.float32).to_official_gpt2().save_pretrained(stock)
+    GPT2ReproForCausalLM.from_pretrained(
+        ours, dtype=torch.float32
+    ).to_official_gpt2().save_pretrained(stock)
     tokenizer.save_pretrained(stock)
     write_model_card(stock, **stock_card, stock_gpt2=True)
 
@@ -269,13 +337,26 @@ class Checkpointer:
     its micro-step counter; next to it go each rank's data position and our trainer_state.json.
     """
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, model, raw_model, loader, run_dir: Path, encoding):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        accelerator: Accelerator,
+        model,
+        raw_model,
+        loader,
+        run_dir: Path,
+        encoding,
+    ):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.model, self.raw_model, self.loader = model, raw_model, loader
-        main, c = accelerator.is_main_process, cfg.checkpoint
-        self.tokenizer = build_hf_tokenizer(encoding, model_max_length=cfg.model.n_positions) if main else None
-        staging = run_dir / ".hub-staging"
-        self.uploader = HubUploader(c.push_to_hub, staging, c.hub_private) if c.push_to_hub and main else None
+        is_main, settings = accelerator.is_main_process, cfg.checkpoint
+        self.tokenizer = None
+        if is_main:
+            self.tokenizer = build_hf_tokenizer(encoding, model_max_length=cfg.model.n_positions)
+        self.uploader = None
+        if settings.push_to_hub and is_main:
+            staging = run_dir / ".hub-staging"
+            self.uploader = HubUploader(settings.push_to_hub, staging, settings.hub_private)
         self.card = {"config": cfg.to_dict(), "data_source": describe_data(cfg.data.data_dir)}
 
     def due(self, step: int) -> bool:
@@ -286,26 +367,38 @@ class Checkpointer:
         acc, run_dir, step = self.accelerator, self.run_dir, trainer_state["step"]
         tmp = ckpt.temp_checkpoint_dir(run_dir / "checkpoints", step)
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving this same step
+            shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # a leftover of a run killed while saving this same step
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        ckpt.write_json_atomic(tmp / f"loader_rank{acc.process_index}.json", self.loader.state_dict())
+        write_json_atomic(tmp / f"loader_rank{acc.process_index}.json", self.loader.state_dict())
         full_state = None  # under FSDP, gather the whole model (a collective: every rank calls it)
-        if acc.distributed_type == DistributedType.FSDP:  # FSDP2 shards raw_model in place; it has no _orig_mod.
+        if (
+            acc.distributed_type == DistributedType.FSDP
+        ):  # FSDP2 shards raw_model in place; it has no _orig_mod.
             full_state = acc.get_state_dict(self.raw_model if acc.is_fsdp2 else self.model)
         if acc.is_main_process:
-            ckpt.write_json_atomic(tmp / ckpt.TRAINER_STATE, trainer_state)
+            write_json_atomic(tmp / ckpt.TRAINER_STATE, trainer_state)
             card = {**self.card, "step": step, "tokens": trainer_state["tokens_seen"]}
-            card |= {k: trainer_state.get(k) for k in ("val_loss", "val_step", "hellaswag_acc_norm")}
-            ours = {**card, "where": self.cfg.checkpoint.push_to_hub or str(run_dir.resolve() / "export")}
-            stock = {**card, "where": str(run_dir.resolve() / "export-gpt2")}  # the stock export stays local
+            card |= {
+                k: trainer_state.get(k) for k in ("val_loss", "val_step", "hellaswag_acc_norm")
+            }
+            ours = {
+                **card,
+                "where": self.cfg.checkpoint.push_to_hub or str(run_dir.resolve() / "export"),
+            }
+            stock = {
+                **card,
+                "where": str(run_dir.resolve() / "export-gpt2"),
+            }  # the stock export stays local
             export_model(self.raw_model, tmp, self.tokenizer, ours, stock, state_dict=full_state)
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
             final = ckpt.commit_checkpoint(tmp, self.cfg.checkpoint.keep_last)
             for name in ("export", "export-gpt2"):
-                ckpt.link_tree(final / name, run_dir / name)
+                link_tree(final / name, run_dir / name)
             if self.uploader:
                 self.uploader.submit(run_dir / "export", f"step {step}")
         acc.wait_for_everyone()
@@ -334,9 +427,50 @@ def resume(accelerator: Accelerator, loader, cfg: TrainConfig, run_dir: Path) ->
             f"RNG states and data positions are saved per process: resume with the same number."
         )
     accelerator.load_state(str(found))
-    accelerator.step = 0  # accelerate's micro-step counter: saves happen on optimizer-step boundaries
-    loader.load_state_dict(json.loads((found / f"loader_rank{accelerator.process_index}.json").read_text()))
+    accelerator.step = (
+        0  # accelerate's micro-step counter: saves happen on optimizer-step boundaries
+    )
+    loader.load_state_dict(
+        json.loads((found / f"loader_rank{accelerator.process_index}.json").read_text())
+    )
     return state
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+def make_loader(cfg: TrainConfig, accelerator: Accelerator) -> TokenShardLoader:
+    """This process's training batches: the loader shards by rank itself (never passed to `prepare`)."""
+    data = cfg.data
+    return TokenShardLoader(
+        data.data_dir,
+        split="train",
+        batch_size=data.micro_batch_size,
+        seq_len=data.seq_len,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.run.seed,
+        shuffle=data.shuffle,
+    )
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    """The config flattened to `section.field` scalars (TensorBoard's hparams accept no lists or None)."""
+    flat = {}
+    for section, fields in cfg.to_dict().items():
+        for name, value in fields.items():
+            flat[f"{section}.{name}"] = (
+                value if isinstance(value, (int, float, str, bool)) else str(value)
+            )
+    return flat
+
+
+def peak_flops(cfg: TrainConfig, accelerator: Accelerator) -> float | None:
+    """Dense bf16 peak FLOP/s of one device for MFU: --peak_tflops, else the GPU table (None on CPU)."""
+    if cfg.run.peak_tflops:
+        return cfg.run.peak_tflops * 1e12
+    on_cuda = accelerator.device.type == "cuda"
+    return peak_bf16_flops(torch.cuda.get_device_name()) if on_cuda else None
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -345,7 +479,7 @@ def resume(accelerator: Accelerator, loader, cfg: TrainConfig, run_dir: Path) ->
 def main(argv: list[str] | None = None) -> Path:
     t_start = time.time()
     cfg = parse_args(argv)
-    d, o = cfg.data, cfg.optim
+    data, optim = cfg.data, cfg.optim
     check_data_dir(cfg)
     try:
         encoding = get_gpt2_encoding()
@@ -354,59 +488,69 @@ def main(argv: list[str] | None = None) -> Path:
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars at every checkpoint
     run_dir = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
-    main_proc = accelerator.is_main_process
-    log = tqdm.write if main_proc else (lambda *_: None)
+    is_main = accelerator.is_main_process
+    log = tqdm.write if is_main else (lambda *_: None)
     record_run(cfg, accelerator, run_dir, log)
 
     set_seed(cfg.run.seed)  # the same initial weights on every rank
-    raw_model = build_model(cfg)  # the plain module: evaluation, sampling, export (parameters shared with `model`)
-    model, optimizer = accelerator.prepare(raw_model, build_optimizer(raw_model, cfg, accelerator.device))
-    loader = TokenShardLoader(
-        d.data_dir, split="train", batch_size=d.micro_batch_size, seq_len=d.seq_len,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.run.seed, shuffle=d.shuffle,
-    )  # fmt: skip
+    raw_model = build_model(
+        cfg
+    )  # the plain module: evaluation, sampling, export (shares parameters with `model`)
+    optimizer = build_optimizer(raw_model, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    loader = make_loader(cfg, accelerator)
     state = resume(accelerator, loader, cfg, run_dir)
     step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
     last_eval = {k: state.get(k) for k in ("val_loss", "val_step", "hellaswag_acc_norm")}
-    if main_proc:
-        ckpt.truncate_metrics(run_dir / "metrics.jsonl", step)  # steps after the checkpoint are redone
-        log(f"resumed from step {step} ({run_dir})" if step else f"training from scratch in {run_dir}")
+    if is_main:
+        ckpt.truncate_metrics(
+            run_dir / "metrics.jsonl", step
+        )  # steps after the checkpoint are redone
+        log(
+            f"resumed from step {step} ({run_dir})"
+            if step
+            else f"training from scratch in {run_dir}"
+        )
 
     evaluator = Evaluator(cfg, accelerator, encoding, run_dir, log)
     checkpointer = Checkpointer(cfg, accelerator, model, raw_model, loader, run_dir, encoding)
-    hparams = {f"{s}.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
-               for s, section in cfg.to_dict().items() for k, v in section.items()}  # fmt: skip
-    accelerator.init_trackers(cfg.run.project_name, config=hparams, init_kwargs={"wandb": {"name": run_dir.name}})
-    flops_per_token = estimate_flops_per_token(raw_model.config, d.seq_len)
-    on_cuda = accelerator.device.type == "cuda"
-    peak = (cfg.run.peak_tflops or 0) * 1e12 or (peak_bf16_flops(torch.cuda.get_device_name()) if on_cuda else None)
-    bar = tqdm(total=o.max_steps, initial=step, disable=not main_proc, desc="train", dynamic_ncols=True)
+    wandb_run = {"wandb": {"name": run_dir.name}}
+    accelerator.init_trackers(
+        cfg.run.project_name, config=tracker_config(cfg), init_kwargs=wandb_run
+    )
+    flops_per_token = estimate_flops_per_token(raw_model.config, data.seq_len)
+    peak = peak_flops(cfg, accelerator)
+    bar = tqdm(
+        total=optim.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True
+    )
 
     model.train()
-    while step < o.max_steps:
+    while step < optim.max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, o)
-        loss, grad_norm = train_step(accelerator, model, optimizer, loader, lr, o.grad_clip)
+        lr = lr_at(step, optim)
+        loss, grad_norm = train_step(accelerator, model, optimizer, loader, lr, optim.grad_clip)
         dt = time.perf_counter() - t0
-        step, tokens_seen = step + 1, tokens_seen + d.total_batch_tokens
-        tokens_per_sec = d.total_batch_tokens / dt
-        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-               "step_time_ms": dt * 1000, "tokens": tokens_seen}  # fmt: skip
+        step, tokens_seen = step + 1, tokens_seen + data.total_batch_tokens
+        tokens_per_sec = data.total_batch_tokens / dt
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        row |= {"tokens_per_sec": tokens_per_sec, "step_time_ms": dt * 1000, "tokens": tokens_seen}
         step_mfu = mfu(flops_per_token, tokens_per_sec, peak, accelerator.num_processes)
         row |= {} if math.isnan(step_mfu) else {"mfu": step_mfu}
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        if main_proc:
+        if is_main:
             append_jsonl(run_dir / "metrics.jsonl", row)
-            postfix = f"loss {loss:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {dt * 1000:.0f}ms "
-            postfix += f"{tokens_per_sec / 1e3:.1f}k tok/s" + (f" mfu {step_mfu:.1%}" if "mfu" in row else "")
-            bar.set_postfix_str(postfix, refresh=False)
+            bar.set_postfix_str(progress_line(row), refresh=False)
             bar.update(1)
 
         if evaluator.due(step):
             last_eval = {**evaluator(raw_model, step), "val_step": step}
         if checkpointer.due(step):
-            trainer_state = {"step": step, "tokens_seen": tokens_seen, "num_processes": accelerator.num_processes,
-                             "micro_batch_size": d.micro_batch_size, "seq_len": d.seq_len, **last_eval}  # fmt: skip
+            trainer_state = {"step": step, "tokens_seen": tokens_seen}
+            trainer_state |= {
+                "num_processes": accelerator.num_processes,
+                "micro_batch_size": data.micro_batch_size,
+            }
+            trainer_state |= {"seq_len": data.seq_len, **last_eval}
             log(f"checkpoint {checkpointer.save(trainer_state)}")
 
     bar.close()
@@ -416,10 +560,21 @@ def main(argv: list[str] | None = None) -> Path:
     return run_dir
 
 
+def progress_line(row: dict) -> str:
+    """The progress bar's postfix for one metrics row."""
+    line = f"loss {row['loss']:.4f} lr {row['lr']:.2e} gnorm {row['grad_norm']:.2f} {row['step_time_ms']:.0f}ms "
+    line += f"{row['tokens_per_sec'] / 1e3:.1f}k tok/s"
+    return line + (f" mfu {row['mfu']:.1%}" if "mfu" in row else "")
+
+
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, FileNotFoundError) as e:  # bad settings or data: the message says what to do
+    except (
+        ConfigError,
+        DataError,
+        FileNotFoundError,
+    ) as e:  # bad settings or data: the message says what to do
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

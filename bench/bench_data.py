@@ -1,6 +1,6 @@
 """Data benchmark: data_prep.py's tokenization vs build-nanogpt's method, and the training loader's speed.
 
-    python bench/bench_data.py [--text ../shared/data/tinyshakespeare.txt] [--mb 20] [--repeats 3]
+    python bench/bench_data.py --text data/tinyshakespeare.txt [--mb 20] [--repeats 3]
 
 1. Builds a parquet of at least --mb MB of text: copies of --text cut into ~4 KB documents (FineWeb-Edu's
    documents average a few KB).
@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_prep as dp  # noqa: E402
+import text_stream  # noqa: E402
+import token_data  # noqa: E402
 from gpt2_tokenizer import EOT_ID, get_gpt2_encoding  # noqa: E402
 
 SHARD_TOKENS = 2_000_000
@@ -110,15 +112,17 @@ def _pack_into_shards(token_arrays, save) -> int:
 
 
 def _process_encode(texts: list) -> np.ndarray:
-    return dp.encode_documents(_enc, texts)[0]
+    return text_stream.encode_documents(_enc, texts)[0]
 
 
 def run_processes(parquet: Path, out: Path, cores: int) -> int:
-    src = dp.open_text_stream(str(parquet))
+    src = text_stream.open_text_stream(str(parquet))
     out.mkdir()
     batches = (b["text"] for b in src.dataset.iter(batch_size=dp.PrepConfig.batch_docs))
     with mp.Pool(cores, initializer=_baseline_init) as pool:
-        save = lambda i, buf: dp.write_shard(out / f"proc_{'val' if i == 0 else 'train'}_{i:06d}.bin", buf)
+        save = lambda i, buf: token_data.write_shard(
+            out / f"proc_{'val' if i == 0 else 'train'}_{i:06d}.bin", buf
+        )
         return _pack_into_shards(pool.imap(_process_encode, batches), save)
 
 
@@ -136,13 +140,20 @@ def run_data_prep(parquet: Path, out: Path, cores: int) -> int:
 
 def cpu_seconds() -> float:
     """CPU time of this process and its reaped children (the Pool workers), user + system."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def all_tokens(folder: Path) -> np.ndarray:
     return np.concatenate(
-        [np.asarray(dp.read_shard(f)) for f in sorted(folder.iterdir()) if f.suffix in (".bin", ".npy")]
+        [
+            np.asarray(token_data.read_shard(f))
+            for f in sorted(folder.iterdir())
+            if f.suffix in (".bin", ".npy")
+        ]
     )
 
 
@@ -150,18 +161,23 @@ def bench_thread_copies(parquet: Path) -> dict:
     """CPU seconds per M tokens of tiktoken on one thread: main thread, another thread with the shared Encoding,
     and another thread with its own copy (what data_prep's tokenizer threads use)."""
     shared = get_gpt2_encoding()
-    batches = [b["text"] for b in dp.open_text_stream(str(parquet)).dataset.iter(batch_size=256)][:8]
+    batches = [
+        b["text"] for b in text_stream.open_text_stream(str(parquet)).dataset.iter(batch_size=256)
+    ][:8]
 
     def run(copy: bool) -> float:
-        enc = dp._thread_copy(shared) if copy else shared
+        enc = text_stream._thread_copy(shared) if copy else shared
         t0, n = time.thread_time(), 0
         for texts in batches:
             n += sum(len(enc.encode_to_numpy(t, disallowed_special=())) for t in texts)
         return (time.thread_time() - t0) / n * 1e6
 
     results = {}
-    for name, copy, in_thread in [("main thread, shared", False, False), ("other thread, shared", False, True),
-                                  ("other thread, own copy", True, True)]:  # fmt: skip
+    for name, copy, in_thread in [
+        ("main thread, shared", False, False),
+        ("other thread, shared", False, True),
+        ("other thread, own copy", True, True),
+    ]:
         if in_thread:
             with ThreadPoolExecutor(1) as pool:
                 pool.submit(run, copy).result()  # warm-up
@@ -175,7 +191,9 @@ def bench_thread_copies(parquet: Path) -> dict:
 def bench_loader(folder: Path, steps: int, batch_size: int = 64, seq_len: int = 1024) -> dict:
     results = {}
     for name, kwargs in {"rank 0 of 1": {}, "rank 3 of 8": {"rank": 3, "world_size": 8}}.items():
-        loader = dp.TokenShardLoader(folder, batch_size=batch_size, seq_len=seq_len, **kwargs)
+        loader = token_data.TokenShardLoader(
+            folder, batch_size=batch_size, seq_len=seq_len, **kwargs
+        )
         for _ in range(5):  # warm the page cache and the per-epoch plan
             loader.next_batch()
         t0 = time.perf_counter()
@@ -188,11 +206,15 @@ def bench_loader(folder: Path, steps: int, batch_size: int = 64, seq_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
-    ap.add_argument("--mb", type=float, default=20.0, help="minimum MB of text in the benchmark parquet")
+    ap.add_argument("--text", type=Path, required=True, help="a text file, e.g. tinyshakespeare")
+    ap.add_argument(
+        "--mb", type=float, default=20.0, help="minimum MB of text in the benchmark parquet"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loader_steps", type=int, default=300)
-    ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)"
+    )
     args = ap.parse_args()
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -206,16 +228,24 @@ def main() -> None:
         get_gpt2_encoding()
         from datasets import load_dataset
 
-        load_dataset("parquet", data_files=str(parquet), split="train", cache_dir=str(work / "hf_cache"))  # 1-time
-        print(f"{n_bytes / 1e6:.1f} MB of text ({pq.ParquetFile(parquet).metadata.num_rows} documents), {cores} cores")
+        load_dataset(
+            "parquet", data_files=str(parquet), split="train", cache_dir=str(work / "hf_cache")
+        )  # 1-time
+        print(
+            f"{n_bytes / 1e6:.1f} MB of text ({pq.ParquetFile(parquet).metadata.num_rows} documents), {cores} cores"
+        )
 
         variants = {
             "data_prep (threads)": lambda out: run_data_prep(parquet, out, cores),
-            "baseline (Pool per document)": lambda out: run_baseline(parquet, out, cores, work / "hf_cache"),
+            "baseline (Pool per document)": lambda out: run_baseline(
+                parquet, out, cores, work / "hf_cache"
+            ),
             "processes (Pool per batch)": lambda out: run_processes(parquet, out, cores),
         }
         rates: dict[str, list[float]] = {name: [] for name in variants}
-        cpu: dict[str, list[float]] = {name: [] for name in variants}  # CPU seconds per million tokens
+        cpu: dict[str, list[float]] = {
+            name: [] for name in variants
+        }  # CPU seconds per million tokens
         reference = None
         for r in range(args.repeats):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
@@ -233,7 +263,9 @@ def main() -> None:
                     shutil.rmtree(out)
                 else:
                     shards = out
-        print(f"\ntokenization, {len(reference):,} tokens, median (min-max) of {args.repeats} interleaved runs:")
+        print(
+            f"\ntokenization, {len(reference):,} tokens, median (min-max) of {args.repeats} interleaved runs:"
+        )
         med = {name: statistics.median(v) for name, v in rates.items()}
         for name, v in rates.items():
             print(
@@ -244,15 +276,21 @@ def main() -> None:
         cpu_base = statistics.median(cpu["baseline (Pool per document)"])
         for name in ("data_prep (threads)", "processes (Pool per batch)"):
             eff = cpu_base / statistics.median(cpu[name])
-            print(f"  {name} / baseline: {med[name] / base:.2f}x tokens/s, {eff:.2f}x less CPU per token")
+            print(
+                f"  {name} / baseline: {med[name] / base:.2f}x tokens/s, {eff:.2f}x less CPU per token"
+            )
         print("  target: data_prep / baseline >= 1.5x tokens/s")
 
-        print("\ntiktoken CPU seconds per M tokens on one thread (why data_prep gives each thread its own copy):")
+        print(
+            "\ntiktoken CPU seconds per M tokens on one thread (why data_prep gives each thread its own copy):"
+        )
         for name, value in bench_thread_copies(parquet).items():
             print(f"  {name:30s} {value:.3f}")
 
         loader = bench_loader(shards, args.loader_steps)
-        print(f"\nTokenShardLoader, (64, 1024) int64 batches, {args.loader_steps} steps (target >= 20M tokens/s):")
+        print(
+            f"\nTokenShardLoader, (64, 1024) int64 batches, {args.loader_steps} steps (target >= 20M tokens/s):"
+        )
         for name, rate in loader.items():
             print(f"  {name:30s} {rate / 1e6:8.1f}M tokens/s")
     finally:

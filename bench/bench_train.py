@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from data_prep import TokenShardLoader, write_shard  # noqa: E402
+from token_data import TokenShardLoader, write_shard  # noqa: E402
 from train_config import lr_at, parse_args  # noqa: E402
 
 
@@ -54,16 +54,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--rounds", type=int, default=30, help="alternations of the two variants")
-    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per variant per round")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="optimizer steps per variant per round"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: physical cores)"
+    )
     args, train_options = parser.parse_known_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    cfg = parse_args(["--config", args.config, *train_options, "--output_dir", str(work / "run"), "--log_with", "none"])
-    d, o = cfg.data, cfg.optim
-    tokens = np.random.default_rng(0).integers(0, 50257, 2_000_000, dtype=np.uint16)  # ids only; speed only
+    cfg = parse_args(
+        [
+            "--config",
+            args.config,
+            *train_options,
+            "--output_dir",
+            str(work / "run"),
+            "--log_with",
+            "none",
+        ]
+    )
+    data, optim = cfg.data, cfg.optim
+    tokens = np.random.default_rng(0).integers(
+        0, 50257, 2_000_000, dtype=np.uint16
+    )  # ids only; speed only
     write_shard(work / "bench_train_000001.bin", tokens)
-    make_loader = lambda: TokenShardLoader(work, batch_size=d.micro_batch_size, seq_len=d.seq_len, seed=0)
+    make_loader = lambda: TokenShardLoader(
+        work, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=0
+    )
 
     accelerator = train.make_accelerator(cfg, work / "run")  # sets threads as train.py does
     if args.threads:
@@ -78,18 +96,26 @@ def main() -> None:
     model_a, opt_a = accelerator.prepare(model_a, opt_a)
     loader_a, loader_b = make_loader(), make_loader()
     metrics = work / "metrics.jsonl"
-    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, device {accelerator.device}")
-    print(f"# model {cfg.model}, batch {d.micro_batch_size} x {d.seq_len} x {accum} accumulation")
+    print(
+        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, device {accelerator.device}"
+    )
+    print(
+        f"# model {cfg.model}, batch {data.micro_batch_size} x {data.seq_len} x {accum} accumulation"
+    )
 
     def run_train_py(step: int) -> tuple[float, float]:
         t0 = time.perf_counter()
-        loss, grad_norm = train.train_step(accelerator, model_a, opt_a, loader_a, lr_at(step, o), o.grad_clip)
+        loss, grad_norm = train.train_step(
+            accelerator, model_a, opt_a, loader_a, lr_at(step, optim), optim.grad_clip
+        )
         train.append_jsonl(metrics, {"step": step + 1, "loss": loss, "grad_norm": grad_norm})
         return loss, time.perf_counter() - t0
 
     def run_bare(step: int) -> tuple[float, float]:
         t0 = time.perf_counter()
-        loss = bare_step(model_b, opt_b, loader_b, lr_at(step, o), accum, o.grad_clip or math.inf)
+        loss = bare_step(
+            model_b, opt_b, loader_b, lr_at(step, optim), accum, optim.grad_clip or math.inf
+        )
         return loss, time.perf_counter() - t0
 
     variants = {"train.py": run_train_py, "bare": run_bare}
@@ -99,7 +125,9 @@ def main() -> None:
         fn(0)
     step = {name: 1 for name in variants}
     for r in range(args.rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternate who goes first
+        order = (
+            list(variants) if r % 2 == 0 else list(reversed(variants))
+        )  # alternate who goes first
         for name in order:
             elapsed = 0.0
             for _ in range(args.steps):
@@ -107,19 +135,30 @@ def main() -> None:
                 losses[name].append(loss)
                 elapsed += dt
                 step[name] += 1
-            times[name].append(args.steps * d.total_batch_tokens / elapsed)
-        print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:,.0f} tok/s" for n in variants), flush=True)
+            times[name].append(args.steps * data.total_batch_tokens / elapsed)
+        print(
+            f"round {r}: " + ", ".join(f"{n} {times[n][-1]:,.0f} tok/s" for n in variants),
+            flush=True,
+        )
 
     ratios = [a / b for a, b in zip(times["train.py"], times["bare"], strict=True)]
     drift = max(abs(a - b) for a, b in zip(losses["train.py"], losses["bare"], strict=True))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    best = {name: max(t) for name, t in times.items()}  # the least disturbed round of each (shared machines)
-    print(f"tokens/s median: train.py {medians['train.py']:,.0f}, bare {medians['bare']:,.0f}; "
-          f"best: train.py {best['train.py']:,.0f}, bare {best['bare']:,.0f}")  # fmt: skip
-    print(f"train.py / bare: median of per-round ratios {statistics.median(ratios):.3f}, "
-          f"of best rounds {best['train.py'] / best['bare']:.3f}")  # fmt: skip
+    best = {
+        name: max(t) for name, t in times.items()
+    }  # the least disturbed round of each (shared machines)
+    print(
+        f"tokens/s median: train.py {medians['train.py']:,.0f}, bare {medians['bare']:,.0f}; "
+        f"best: train.py {best['train.py']:,.0f}, bare {best['bare']:,.0f}"
+    )
+    print(
+        f"train.py / bare: median of per-round ratios {statistics.median(ratios):.3f}, "
+        f"of best rounds {best['train.py'] / best['bare']:.3f}"
+    )
     overhead = 1.0 - statistics.median(ratios)
-    print(f"overhead of train.py's step: {overhead:+.1%} (target < 5%); max |loss difference| {drift:.2e}")
+    print(
+        f"overhead of train.py's step: {overhead:+.1%} (target < 5%); max |loss difference| {drift:.2e}"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -8,7 +8,7 @@ It runs the real thing: configs/gpt2_124m.yaml through train.py's make_accelerat
 build_optimizer / train_step, fed by TokenShardLoader from a synthetic shard (random ids: speed does not depend
 on the text). One optimizer step = one micro-batch (no accumulation), so tokens/s is per forward+backward.
 Prints tokens/s, MFU (model FLOPs per token x tokens/s over the GPU's dense bf16 peak) and peak memory.
-Targets on one H100 (issue 4): >= 450K tokens/s and >= 40% MFU.
+Targets on one H100: >= 450K tokens/s and >= 40% MFU (llm.c reaches about 468K tokens/s per H100).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from data_prep import TokenShardLoader, write_shard  # noqa: E402
 from modeling_gpt2_repro import estimate_flops_per_token  # noqa: E402
 from run_info import mfu, peak_bf16_flops  # noqa: E402
+from token_data import TokenShardLoader, write_shard  # noqa: E402
 from train_config import load_config, lr_at  # noqa: E402
 
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64, "seq_len": 64}
@@ -39,51 +39,74 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--micro_batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)")
-    parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto", help="auto: on CUDA")
-    parser.add_argument("--tiny", action="store_true", help="tiny model, micro-batch 4: a CPU smoke test")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)"
+    )
+    parser.add_argument(
+        "--compile", choices=["auto", "true", "false"], default="auto", help="auto: on CUDA"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny model, micro-batch 4: a CPU smoke test"
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
     overrides = {"output_dir": str(work / "run"), "log_with": "none", "compile": args.compile}
     micro_batch, seq_len = (4, TINY["seq_len"]) if args.tiny else (args.micro_batch_size, 1024)
-    overrides |= {"micro_batch_size": micro_batch, "total_batch_tokens": micro_batch * seq_len}  # no accumulation
+    overrides |= {
+        "micro_batch_size": micro_batch,
+        "total_batch_tokens": micro_batch * seq_len,
+    }  # no accumulation
     cfg = load_config(ROOT / "configs" / "gpt2_124m.yaml", overrides | (TINY if args.tiny else {}))
-    d, o = cfg.data, cfg.optim
+    data, optim = cfg.data, cfg.optim
 
     accelerator = train.make_accelerator(cfg, work / "run")
     if accelerator.num_processes != 1:
-        raise SystemExit("gpu_bench.py measures one device: run it with python, not a multi-process launcher.")
+        raise SystemExit(
+            "gpu_bench.py measures one device: run it with python, not a multi-process launcher."
+        )
     steps_total = args.warmup + args.steps
-    tokens = np.random.default_rng(0).integers(0, 50257, steps_total * d.micro_batch_size * d.seq_len + 1)
+    tokens = np.random.default_rng(0).integers(
+        0, 50257, steps_total * data.micro_batch_size * data.seq_len + 1
+    )
     write_shard(work / "bench_train_000001.bin", tokens.astype(np.uint16))
-    loader = TokenShardLoader(work, batch_size=d.micro_batch_size, seq_len=d.seq_len, seed=0)
+    loader = TokenShardLoader(work, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=0)
 
     torch.manual_seed(0)
     raw_model = train.build_model(cfg)
-    model, optimizer = accelerator.prepare(raw_model, train.build_optimizer(raw_model, cfg, accelerator.device))
+    model, optimizer = accelerator.prepare(
+        raw_model, train.build_optimizer(raw_model, cfg, accelerator.device)
+    )
     model.train()
     cuda = accelerator.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"# {name}, torch {torch.__version__}, {accelerator.mixed_precision}, "
-          f"compile {accelerator.state.dynamo_plugin.backend.value}, B={d.micro_batch_size} T={d.seq_len}")  # fmt: skip
+    print(
+        f"# {name}, torch {torch.__version__}, {accelerator.mixed_precision}, "
+        f"compile {accelerator.state.dynamo_plugin.backend.value}, B={data.micro_batch_size} T={data.seq_len}"
+    )
 
     t0 = time.perf_counter()
     for step in range(args.warmup):
-        loss, _ = train.train_step(accelerator, model, optimizer, loader, lr_at(step, o), o.grad_clip)
+        loss, _ = train.train_step(
+            accelerator, model, optimizer, loader, lr_at(step, optim), optim.grad_clip
+        )
     sync()
-    print(f"warm-up: {args.warmup} steps in {time.perf_counter() - t0:.1f}s (includes compilation), loss {loss:.3f}")
+    print(
+        f"warm-up: {args.warmup} steps in {time.perf_counter() - t0:.1f}s (includes compilation), loss {loss:.3f}"
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for step in range(args.warmup, steps_total):
-        loss, _ = train.train_step(accelerator, model, optimizer, loader, lr_at(step, o), o.grad_clip)
+        loss, _ = train.train_step(
+            accelerator, model, optimizer, loader, lr_at(step, optim), optim.grad_clip
+        )
     sync()
     elapsed = time.perf_counter() - t0
 
-    tokens_per_sec = args.steps * d.micro_batch_size * d.seq_len / elapsed
-    flops_per_token = estimate_flops_per_token(raw_model.config, d.seq_len)
+    tokens_per_sec = args.steps * data.micro_batch_size * data.seq_len / elapsed
+    flops_per_token = estimate_flops_per_token(raw_model.config, data.seq_len)
     peak = peak_bf16_flops(name) if cuda else None
     result = {
         "device": name,
@@ -94,9 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
         "loss": loss,
     }
     print(f"tokens/s: {tokens_per_sec:,.0f}  (target on one H100: >= 450,000)")
-    print(f"step time: {result['step_ms']:.1f} ms for {d.micro_batch_size * d.seq_len:,} tokens")
-    print(f"MFU: {result['mfu']:.1%}  ({flops_per_token / 1e6:.0f}M FLOPs/token, peak "
-          f"{(peak or float('nan')) / 1e12:.0f} TFLOP/s bf16; target >= 40%)")  # fmt: skip
+    print(
+        f"step time: {result['step_ms']:.1f} ms for {data.micro_batch_size * data.seq_len:,} tokens"
+    )
+    print(
+        f"MFU: {result['mfu']:.1%}  ({flops_per_token / 1e6:.0f}M FLOPs/token, peak "
+        f"{(peak or float('nan')) / 1e12:.0f} TFLOP/s bf16; target >= 40%)"
+    )
     print(f"peak memory: {result['peak_memory_gib']:.1f} GiB")
     shutil.rmtree(work, ignore_errors=True)
     return result

@@ -27,6 +27,19 @@ def gpt2_encoding():
 
 
 @pytest.fixture(scope="session")
+def fineweb(tmp_path_factory):
+    """(parquet path, its texts): 400 generated documents plus empty, whitespace-only and null ones."""
+    from synthetic import make_texts, write_fineweb_parquet
+
+    texts = make_texts(400, seed=0)
+    texts[3], texts[50], texts[120] = "", "   \n ", None
+    path = write_fineweb_parquet(
+        tmp_path_factory.mktemp("fineweb") / "fineweb_sample.parquet", texts
+    )
+    return path, texts
+
+
+@pytest.fixture(scope="session")
 def hf_tokenizer(gpt2_encoding):
     from gpt2_tokenizer import build_hf_tokenizer
 

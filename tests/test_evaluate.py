@@ -1,12 +1,11 @@
 """evaluate_gpt2.py: HellaSwag scoring and validation loss, checked against direct computations on tiny models.
 
-Everything is offline: the tests write their own HellaSwag-format jsonl, token shards (through data_prep's
-public write_shard) and checkpoints. The real tokenizer comes from the `gpt2_encoding` fixture.
+Everything is offline: the tests write their own HellaSwag-format jsonl, token shards (through token_data's
+write_shard) and checkpoints. The real tokenizer comes from the `gpt2_encoding` fixture.
 """
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,36 +16,21 @@ import torch
 import torch.nn.functional as F
 
 import evaluate_gpt2 as ev
-from data_prep import iter_val_batches, write_shard
+import hub
 from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
+from synthetic import SENTENCE_WORDS, write_jsonl
+from synthetic import hellaswag_examples as make_examples
+from token_data import iter_val_batches, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCE_WORDS = (  # the tests' tiny HellaSwag is made of these
-    "the a man woman dog cat child ball water road kitchen guitar runs jumps walks throws picks plays cuts into "
-    "over under onto slowly quickly then and while she he it they his her with on in"
-)
-WORDS = SENTENCE_WORDS.split()
 SEQ_LEN, VAL_WINDOWS = 64, 5  # an odd number of windows: two processes get 3 and 2
-
-
-def make_examples(n: int, seed: int = 0) -> list[dict]:
-    """HellaSwag-shaped examples with contexts and endings of varied length (so batches need padding)."""
-    rng = random.Random(seed)
-    sentence = lambda lo, hi: " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
-    return [
-        {"ctx": sentence(3, 40).capitalize() + ".", "endings": [sentence(1, 14) for _ in range(4)], "label": i % 4}
-        for i in range(n)
-    ]
-
-
-def write_jsonl(path: Path, examples: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    return path
 
 
 def tiny_repro(seed: int = 0, n_positions: int = 128) -> GPT2ReproForCausalLM:
     torch.manual_seed(seed)
-    config = GPT2ReproConfig(n_layer=2, n_head=4, n_embd=64, n_positions=n_positions, vocab_size=50304)
+    config = GPT2ReproConfig(
+        n_layer=2, n_head=4, n_embd=64, n_positions=n_positions, vocab_size=50304
+    )
     return GPT2ReproForCausalLM(config).eval()
 
 
@@ -89,10 +73,14 @@ def hand_hellaswag(model, encoding, examples):
         row_losses, row_lengths = [], []
         for ending in ex["endings"]:
             end = encoding.encode(" " + ending)
-            with torch.no_grad():  # the row's last token predicts nothing: the model reads all but it
+            with (
+                torch.no_grad()
+            ):  # the row's last token predicts nothing: the model reads all but it
                 logits = model(torch.tensor([(ctx + end)[:-1]])).logits[0].float()  # (T - 1, V)
             # position t predicts token t + 1: the ending's tokens are predicted at len(ctx) - 1 ... T - 2
-            row_losses.append(F.cross_entropy(logits[len(ctx) - 1 :], torch.tensor(end), reduction="sum").item())
+            row_losses.append(
+                F.cross_entropy(logits[len(ctx) - 1 :], torch.tensor(end), reduction="sum").item()
+            )
             row_lengths.append(len(end))
         losses.append(row_losses)
         lengths.append(row_lengths)
@@ -102,12 +90,16 @@ def hand_hellaswag(model, encoding, examples):
 # ------------------------------------------------------------------------------------------------- scoring
 @pytest.mark.parametrize("kind", ["repro", "stock_gpt2", "llama"])
 def test_scoring_matches_hand_computation(kind, repro, gpt2_encoding):
-    model = {"repro": lambda: repro, "stock_gpt2": repro.to_official_gpt2, "llama": tiny_llama}[kind]()
+    model = {"repro": lambda: repro, "stock_gpt2": repro.to_official_gpt2, "llama": tiny_llama}[
+        kind
+    ]()
     examples = make_examples(10)
     want_losses, want_lengths = hand_hellaswag(model, gpt2_encoding, examples)
     # Labels chosen so that acc and acc_norm are different, non-trivial fractions.
     for i, ex in enumerate(examples):
-        ex["label"] = int((want_losses[i] / want_lengths[i]).argmin() if i % 3 else want_losses[i].argmax())
+        ex["label"] = int(
+            (want_losses[i] / want_lengths[i]).argmin() if i % 3 else want_losses[i].argmax()
+        )
     labels = torch.tensor([ex["label"] for ex in examples])
     want_acc = (want_losses.argmin(1) == labels).double().mean().item()
     want_acc_norm = ((want_losses / want_lengths).argmin(1) == labels).double().mean().item()
@@ -116,18 +108,26 @@ def test_scoring_matches_hand_computation(kind, repro, gpt2_encoding):
     torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-4)
     assert torch.equal(lengths, want_lengths) and torch.equal(got_labels, labels)
     result = ev.score_hellaswag(model, gpt2_encoding, examples, batch_size=4)
-    assert result == {"acc": pytest.approx(want_acc), "acc_norm": pytest.approx(want_acc_norm), "n": 10}
+    assert result == {
+        "acc": pytest.approx(want_acc),
+        "acc_norm": pytest.approx(want_acc_norm),
+        "n": 10,
+    }
     assert 0 < want_acc < 1 and 0 < want_acc_norm < 1 and want_acc != want_acc_norm
 
 
 def test_batched_equals_unbatched(repro, gpt2_encoding):
     examples = make_examples(11, seed=3)
     one = ev.hellaswag_losses(repro, gpt2_encoding, examples, batch_size=1)
-    many = ev.hellaswag_losses(repro, gpt2_encoding, examples, batch_size=4)  # 4 + 4 + 3: uneven batches
+    many = ev.hellaswag_losses(
+        repro, gpt2_encoding, examples, batch_size=4
+    )  # 4 + 4 + 3: uneven batches
     torch.testing.assert_close(many[0], one[0], rtol=1e-5, atol=1e-4)
     assert torch.equal(many[1], one[1]) and torch.equal(many[2], one[2])
     assert torch.equal((many[0] / many[1]).argmin(1), (one[0] / one[1]).argmin(1))
-    scores = [ev.score_hellaswag(repro, gpt2_encoding, examples, batch_size) for batch_size in (1, 5)]
+    scores = [
+        ev.score_hellaswag(repro, gpt2_encoding, examples, batch_size) for batch_size in (1, 5)
+    ]
     assert scores[0] == scores[1]
 
 
@@ -143,7 +143,11 @@ def test_fast_path_equals_model_forward(repro, gpt2_encoding, monkeypatch):
 
 def test_long_context_keeps_its_latest_tokens(gpt2_encoding):
     model = tiny_repro(n_positions=16)
-    ex = {"ctx": " ".join(WORDS), "endings": ["the dog runs", "a cat", "it jumps over the ball", "she"], "label": 0}
+    ex = {
+        "ctx": " ".join(SENTENCE_WORDS),
+        "endings": ["the dog runs", "a cat", "it jumps over the ball", "she"],
+        "label": 0,
+    }
     ctx, endings = ev.render_example(gpt2_encoding, ex, max_len=16)
     full = gpt2_encoding.encode(ex["ctx"])
     assert ctx == full[-len(ctx) :] and len(ctx) + max(map(len, endings)) - 1 == 16
@@ -153,7 +157,9 @@ def test_long_context_keeps_its_latest_tokens(gpt2_encoding):
     got, _, _ = ev.hellaswag_losses(model, gpt2_encoding, [ex])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="does not fit the model's context"):
-        ev.render_example(gpt2_encoding, {**ex, "endings": [" ".join(WORDS)] * 4}, max_len=16)
+        ev.render_example(
+            gpt2_encoding, {**ex, "endings": [" ".join(SENTENCE_WORDS)] * 4}, max_len=16
+        )
 
 
 def test_prepared_compiled_training_model(repro, gpt2_encoding):
@@ -170,6 +176,24 @@ def test_prepared_compiled_training_model(repro, gpt2_encoding):
     assert model.training and model._orig_mod.training
 
 
+@pytest.mark.gpu
+def test_compiled_bf16_model_on_cuda_scores_like_fp32(repro, gpt2_encoding, val_dir):
+    """What train.py hands the evaluation on a GPU: prepared for bf16 autocast and torch.compile'd."""
+    from accelerate import Accelerator
+
+    examples = make_examples(16, seed=8)
+    want = ev.score_hellaswag(repro, gpt2_encoding, examples)
+    want_val = ev.validation_loss(repro, val_dir, SEQ_LEN * VAL_WINDOWS, 4, SEQ_LEN)
+    accelerator = Accelerator(mixed_precision="bf16", dynamo_backend="inductor")
+    model = accelerator.prepare(tiny_repro())
+    model.train()
+    got = ev.score_hellaswag(model, gpt2_encoding, examples, accelerator=accelerator)
+    got_val = ev.validation_loss(model, val_dir, SEQ_LEN * VAL_WINDOWS, 4, SEQ_LEN, accelerator)
+    assert got_val == pytest.approx(want_val, rel=0.01)
+    assert abs(got["acc_norm"] - want["acc_norm"]) <= 2 / len(examples)  # bf16 may flip a near-tie
+    assert model.training
+
+
 # ---------------------------------------------------------------------------------------------- validation
 def test_validation_loss_matches_direct(repro, val_dir):
     tokens = SEQ_LEN * VAL_WINDOWS
@@ -178,7 +202,9 @@ def test_validation_loss_matches_direct(repro, val_dir):
         total = sum(repro(x, shift_labels=y).loss.double() * y.numel() for x, y in batches)
     want = (total / tokens).item()
     for batch_size in (1, 2, 5):
-        assert ev.validation_loss(repro, val_dir, tokens, batch_size, SEQ_LEN) == pytest.approx(want, rel=1e-6)
+        assert ev.validation_loss(repro, val_dir, tokens, batch_size, SEQ_LEN) == pytest.approx(
+            want, rel=1e-6
+        )
     with pytest.raises(ValueError, match="longer than the model's context"):
         ev.validation_loss(repro, val_dir, tokens, 1, seq_len=256)
 
@@ -188,12 +214,18 @@ def test_our_model_and_its_stock_export_score_the_same(repro, gpt2_encoding, val
     repro.save_pretrained(tmp_path / "ours")
     repro.to_official_gpt2().save_pretrained(tmp_path / "stock")
     ours, stock = ev.load_model(str(tmp_path / "ours")), ev.load_model(str(tmp_path / "stock"))
-    assert type(ours).__name__ == "GPT2ReproForCausalLM" and type(stock).__name__ == "GPT2LMHeadModel"
+    assert (
+        type(ours).__name__ == "GPT2ReproForCausalLM" and type(stock).__name__ == "GPT2LMHeadModel"
+    )
     examples = make_examples(8, seed=6)
     a, b = (ev.hellaswag_losses(m, gpt2_encoding, examples, batch_size=3) for m in (ours, stock))
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-4)
-    assert ev.score_hellaswag(ours, gpt2_encoding, examples) == ev.score_hellaswag(stock, gpt2_encoding, examples)
-    losses = [ev.validation_loss(m, val_dir, SEQ_LEN * VAL_WINDOWS, 2, SEQ_LEN) for m in (ours, stock)]
+    assert ev.score_hellaswag(ours, gpt2_encoding, examples) == ev.score_hellaswag(
+        stock, gpt2_encoding, examples
+    )
+    losses = [
+        ev.validation_loss(m, val_dir, SEQ_LEN * VAL_WINDOWS, 2, SEQ_LEN) for m in (ours, stock)
+    ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
@@ -201,20 +233,36 @@ def test_our_model_and_its_stock_export_score_the_same(repro, gpt2_encoding, val
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1', r"bad\.jsonl:2: not valid JSON"),
-        ('{"ctx": "A man", "endings": ["a", "b", "c", "d"]}', r"bad\.jsonl:2: missing field\(s\) \['label'\]"),
-        ('{"ctx": "A man", "endings": ["a", "b"], "label": 1}', r"endings must be a list of 4 strings"),
-        ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": ""}', r"label must be the index 0-3"),
+        (
+            '{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1',
+            r"bad\.jsonl:2: not valid JSON",
+        ),
+        (
+            '{"ctx": "A man", "endings": ["a", "b", "c", "d"]}',
+            r"bad\.jsonl:2: missing field\(s\) \['label'\]",
+        ),
+        (
+            '{"ctx": "A man", "endings": ["a", "b"], "label": 1}',
+            r"endings must be a list of 4 strings",
+        ),
+        (
+            '{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": ""}',
+            r"label must be the index 0-3",
+        ),
         ('["A man", ["a", "b", "c", "d"], 1]', r"expected a JSON object"),
     ],
 )
 def test_malformed_hellaswag_lines(tmp_path, line, message):
-    good = json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": "2"})  # Hub copy: str label
+    good = json.dumps(
+        {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": "2"}
+    )  # Hub copy: str label
     path = tmp_path / "bad.jsonl"
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(ValueError, match=message):
         ev.load_hellaswag(path)
-    assert ev.load_hellaswag(path, limit=1) == [{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 2}]
+    assert ev.load_hellaswag(path, limit=1) == [
+        {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 2}
+    ]
 
 
 def test_missing_hellaswag_file(tmp_path):
@@ -229,14 +277,23 @@ def test_hellaswag_download_when_online():
     except ev.HellaSwagUnavailable as e:
         pytest.skip(f"HellaSwag cannot be downloaded here: {e}")
     examples = ev.load_hellaswag(path)
-    assert len(examples) == ev.HELLASWAG_VAL_SIZE and {ex["label"] for ex in examples} == {0, 1, 2, 3}
+    assert len(examples) == hub.HELLASWAG_VAL_SIZE and {ex["label"] for ex in examples} == {
+        0,
+        1,
+        2,
+        3,
+    }
 
 
 def test_vocabulary_smaller_than_gpt2s_is_refused(gpt2_encoding, val_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    small = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, n_positions=64)).eval()
-    with pytest.raises(ValueError, match=r"vocabulary has 1000 ids but the GPT-2 tokenizer has 50257"):
+    small = GPT2LMHeadModel(
+        GPT2Config(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, n_positions=64)
+    ).eval()
+    with pytest.raises(
+        ValueError, match=r"vocabulary has 1000 ids but the GPT-2 tokenizer has 50257"
+    ):
         ev.score_hellaswag(small, gpt2_encoding, make_examples(2))
     with pytest.raises(ValueError, match=r"vocabulary has 1000 ids"):
         ev.validation_loss(small, val_dir, SEQ_LEN, 1, SEQ_LEN)
@@ -249,7 +306,11 @@ def test_metric_module_loads_offline_and_counts():
         ending_lengths=[[1, 3, 1, 1], [1, 1, 4, 1]],
         references=[1, 2],
     )
-    assert got == {"acc": 0.0, "acc_norm": 1.0, "n": 2}  # sums pick 0 and 1; per token (9/3, 8/4) 1 and 2
+    assert got == {
+        "acc": 0.0,
+        "acc_norm": 1.0,
+        "n": 2,
+    }  # sums pick 0 and 1; per token (9/3, 8/4) 1 and 2
     with pytest.raises(ValueError, match="ending_lengths must be > 0"):
         metric.compute(ending_losses=[[1.0, 2.0]], ending_lengths=[[0, 1]], references=[0])
 
@@ -257,22 +318,39 @@ def test_metric_module_loads_offline_and_counts():
 # ------------------------------------------------------------------------------------------- reports, CLI
 def test_model_card_section_is_replaced_not_duplicated(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("---\nlicense: mit\ntags:\n- gpt2\n---\n# My run\n\nTrained on FineWeb-Edu.\n")
-    results = {"model": str(tmp_path), "date": "today", "val_loss": 3.5, "val_tokens": 64, "seq_len": 64}
-    results.update(hellaswag_acc=0.25, hellaswag_acc_norm=0.27, hellaswag_examples=100, compare=None)
-    ev.update_model_card(tmp_path, results)
-    ev.update_model_card(tmp_path, {**results, "hellaswag_acc_norm": 0.31, "hellaswag_examples": 10042})
+    readme.write_text(
+        "---\nlicense: mit\ntags:\n- gpt2\n---\n# My run\n\nTrained on FineWeb-Edu.\n"
+    )
+    results = {
+        "model": str(tmp_path),
+        "date": "today",
+        "val_loss": 3.5,
+        "val_tokens": 64,
+        "seq_len": 64,
+    }
+    results.update(
+        hellaswag_acc=0.25, hellaswag_acc_norm=0.27, hellaswag_examples=100, compare=None
+    )
+    ev.write_results_to_card(tmp_path, results)
+    ev.write_results_to_card(
+        tmp_path, {**results, "hellaswag_acc_norm": 0.31, "hellaswag_examples": 10042}
+    )
     text = readme.read_text()
     assert text.startswith("---\n") and "license: mit" in text and "Trained on FineWeb-Edu." in text
-    assert text.count(ev.CARD_START) == 1 and "| 0.3100 |" in text and "| 0.2700 |" not in text
+    assert text.count(hub.CARD_START) == 1 and "| 0.3100 |" in text and "| 0.2700 |" not in text
     assert "model-index" in text and "acc_norm" in text  # all 10,042 examples: Hub metadata too
 
 
 def test_read_eval_curves_skips_other_and_partial_lines(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 0, "loss": 10.9}\n{"step": 0, "val_loss": 10.8, "hellaswag_acc_norm": 0.25}\n'
-                   'garbage\n{"step": 5, "val_loss": 9.5}\n{"step": 10, "val_lo')  # fmt: skip
-    assert ev.read_eval_curves(log) == {"val_loss": [(0, 10.8), (5, 9.5)], "hellaswag_acc_norm": [(0, 0.25)]}
+    log.write_text(
+        '{"step": 0, "loss": 10.9}\n{"step": 0, "val_loss": 10.8, "hellaswag_acc_norm": 0.25}\n'
+        'garbage\n{"step": 5, "val_loss": 9.5}\n{"step": 10, "val_lo'
+    )
+    assert ev.read_eval_curves(log) == {
+        "val_loss": [(0, 10.8), (5, 9.5)],
+        "hellaswag_acc_norm": [(0, 0.25)],
+    }
 
 
 def run_cli(*args, **env) -> subprocess.CompletedProcess:
@@ -288,10 +366,15 @@ def saved(tmp_path_factory, repro):
     """A run folder as the trainer leaves it: export/ (our model + model card), export-gpt2/, metrics.jsonl."""
     run = tmp_path_factory.mktemp("run")
     repro.save_pretrained(run / "export")
-    (run / "export" / "README.md").write_text("---\nlicense: mit\n---\n# tiny run\n\nNotes that must survive.\n")
+    (run / "export" / "README.md").write_text(
+        "---\nlicense: mit\n---\n# tiny run\n\nNotes that must survive.\n"
+    )
     repro.to_official_gpt2().save_pretrained(run / "export-gpt2")
     lines = [{"step": s, "loss": 11 - s / 10} for s in range(0, 40, 5)]
-    lines += [{"step": s, "val_loss": 10.9 - s / 20, "hellaswag_acc_norm": 0.24 + s / 1000} for s in (0, 20, 40)]
+    lines += [
+        {"step": s, "val_loss": 10.9 - s / 20, "hellaswag_acc_norm": 0.24 + s / 1000}
+        for s in (0, 20, 40)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return run
 
@@ -301,40 +384,85 @@ def test_cli_end_to_end(saved, val_dir, gpt2_encoding, repro, tmp_path):
     hs = write_jsonl(tmp_path / "hellaswag_val.jsonl", examples)
     out = tmp_path / "out" / "results.json"
     proc = run_cli(
-        "--model", saved / "export", "--data_dir", val_dir, "--val_tokens", SEQ_LEN * VAL_WINDOWS,
-        "--seq_len", SEQ_LEN, "--hellaswag_file", hs, "--limit", 7, "--batch_size", 3, "--device", "cpu",
-        "--compare", saved / "export-gpt2", "--output", out,
-    )  # fmt: skip
+        "--model",
+        saved / "export",
+        "--data_dir",
+        val_dir,
+        "--val_tokens",
+        SEQ_LEN * VAL_WINDOWS,
+        "--seq_len",
+        SEQ_LEN,
+        "--hellaswag_file",
+        hs,
+        "--limit",
+        7,
+        "--batch_size",
+        3,
+        "--device",
+        "cpu",
+        "--compare",
+        saved / "export-gpt2",
+        "--output",
+        out,
+    )
     results = json.loads(out.read_text())
     want_hs = ev.score_hellaswag(repro, gpt2_encoding, examples[:7])
     want_val = ev.validation_loss(repro, val_dir, SEQ_LEN * VAL_WINDOWS, 8, SEQ_LEN)
-    assert results["val_loss"] == pytest.approx(want_val, rel=1e-6) and results["seq_len"] == SEQ_LEN
+    assert (
+        results["val_loss"] == pytest.approx(want_val, rel=1e-6) and results["seq_len"] == SEQ_LEN
+    )
     assert results["hellaswag_examples"] == 7
-    assert (results["hellaswag_acc"], results["hellaswag_acc_norm"]) == (want_hs["acc"], want_hs["acc_norm"])
+    assert (results["hellaswag_acc"], results["hellaswag_acc_norm"]) == (
+        want_hs["acc"],
+        want_hs["acc_norm"],
+    )
     cmp = results["compare"]  # the stock export, evaluated on the same data: the same numbers
     assert cmp["evaluated"] and cmp["val_loss"] == pytest.approx(want_val, rel=1e-6)
     assert cmp["hellaswag_acc_norm"] == want_hs["acc_norm"]
     assert f"| `{saved / 'export-gpt2'}`, evaluated here on the same data |" in proc.stdout
     assert "| OpenAI GPT-2 124M, published | 3.2924 | 0.2955 | 0.2859 |" in proc.stdout
     assert "| OpenAI GPT-3 124M, published | - | 0.3370 |" in proc.stdout
-    png = Path(results["plot"])  # the run's metrics.jsonl, found two levels up from the model folder
+    png = Path(
+        results["plot"]
+    )  # the run's metrics.jsonl, found two levels up from the model folder
     assert png == out.with_suffix(".png") and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (saved / "export" / "README.md").read_text()
-    assert "Notes that must survive." in card and ev.CARD_START in card and f"{want_hs['acc_norm']:.4f}" in card
+    assert (
+        "Notes that must survive." in card
+        and hub.CARD_START in card
+        and f"{want_hs['acc_norm']:.4f}" in card
+    )
 
 
 def test_cli_offline_without_hellaswag_warns_and_falls_back(saved, val_dir, tmp_path):
     """No HellaSwag file, no network, `--compare gpt2` not in the cache: a warning each, no crash."""
     out = tmp_path / "results.json"
     proc = run_cli(
-        "--model", saved / "export-gpt2", "--data_dir", val_dir, "--val_tokens", SEQ_LEN * 2, "--device", "cpu",
-        "--compare", "gpt2", "--output", out, "--model_card", "false",
-        GPT2_REPRO_CACHE=tmp_path / "cache", GPT2_REPRO_HELLASWAG_URL="http://127.0.0.1:9/hellaswag_val.jsonl",
+        "--model",
+        saved / "export-gpt2",
+        "--data_dir",
+        val_dir,
+        "--val_tokens",
+        SEQ_LEN * 2,
+        "--device",
+        "cpu",
+        "--compare",
+        "gpt2",
+        "--output",
+        out,
+        "--model_card",
+        "false",
+        GPT2_REPRO_CACHE=tmp_path / "cache",
+        GPT2_REPRO_HELLASWAG_URL="http://127.0.0.1:9/hellaswag_val.jsonl",
         HF_HOME=tmp_path / "hf",
-    )  # fmt: skip
+    )
     assert "HellaSwag skipped" in proc.stderr and "--hellaswag_file" in proc.stderr
     results = json.loads(out.read_text())
-    assert results["val_loss"] > 0 and results["hellaswag_acc"] is None and results["hellaswag_examples"] == 0
+    assert (
+        results["val_loss"] > 0
+        and results["hellaswag_acc"] is None
+        and results["hellaswag_examples"] == 0
+    )
     assert results["compare"]["evaluated"] is False and results["compare"]["val_loss"] == 3.2924
     assert "`gpt2` could not be loaded here" in proc.stdout and "evaluated here" not in proc.stdout
     assert not (saved / "export-gpt2" / "README.md").exists()
@@ -344,13 +472,44 @@ def test_cli_offline_without_hellaswag_warns_and_falls_back(saved, val_dir, tmp_
 def test_two_processes_equal_one(saved, val_dir, tmp_path):
     """torchrun with 2 CPU processes: disjoint slices, uneven (4 + 3 examples, 3 + 2 windows), gathered exactly."""
     hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(7, seed=8))
-    common = ["--model", saved / "export", "--data_dir", val_dir, "--val_tokens", SEQ_LEN * VAL_WINDOWS,
-              "--seq_len", SEQ_LEN, "--hellaswag_file", hs, "--batch_size", 2, "--device", "cpu",
-              "--model_card", "false"]  # fmt: skip
+    common = [
+        "--model",
+        saved / "export",
+        "--data_dir",
+        val_dir,
+        "--val_tokens",
+        SEQ_LEN * VAL_WINDOWS,
+        "--seq_len",
+        SEQ_LEN,
+        "--hellaswag_file",
+        hs,
+        "--batch_size",
+        2,
+        "--device",
+        "cpu",
+        "--model_card",
+        "false",
+    ]
     run_cli(*common, "--output", tmp_path / "one.json")
-    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "evaluate_gpt2.py"), *map(str, common), "--output", str(tmp_path / "two.json")]  # fmt: skip
+    environ = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(ROOT / "evaluate_gpt2.py"),
+        *map(str, common),
+        "--output",
+        str(tmp_path / "two.json"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

@@ -56,7 +56,10 @@ class HellaswagAccuracy(evaluate.Metric):
                     "references": datasets.Value("int64"),
                 }
             ),
-            reference_urls=["https://rowanzellers.com/hellaswag/", "https://github.com/karpathy/build-nanogpt"],
+            reference_urls=[
+                "https://rowanzellers.com/hellaswag/",
+                "https://github.com/karpathy/build-nanogpt",
+            ],
         )
 
     def _compute(self, ending_losses, ending_lengths, references):

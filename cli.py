@@ -1,0 +1,284 @@
+"""One command-line convention for every script: typed dataclass fields are the options, YAML files the presets.
+
+    python train.py --config configs/tiny.yaml --max_steps 40 --shuffle false
+    python data_prep.py --dataset my.txt --output-dir data/mine        # --a_b and --a-b are the same option
+    python evaluate_gpt2.py --config my_eval.yaml --limit 100
+
+A config is a dataclass, declared once with its types, defaults and help (`opt(default, help)`); it is either
+flat (data_prep.py, evaluate_gpt2.py) or made of sections that are themselves dataclasses (train.py: `model:`,
+`data:`, ...). The command line has one `--<field>` per field (names are unique across sections), parsed by the
+field's type: numbers accept `5e5` and `524_288`, booleans `true/false` (a bare `--flag` means true), optional
+values `none`. `--config FILE` reads a YAML preset first (nested by section for sectioned configs); options given
+on the command line override it. Unknown keys and options are refused with a "did you mean" hint, values of the
+wrong type with the expected type; then the config's own `validate()` runs, if it has one.
+
+argparse comes from the standard library; transformers' HfArgumentParser has no YAML presets for nested configs,
+no "did you mean" and another boolean convention, which is why this small layer exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it and what to use instead."""
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = ""):
+    """A dataclass field with the help text of its option. No default: the option is required."""
+    return field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------------------------- types
+
+
+def _base_type(tp) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) for `X`, `X | None` and `Optional[X]`."""
+    optional = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    if not optional:
+        return tp, False
+    return next(a for a in typing.get_args(tp) if a is not type(None)), True
+
+
+def _type_name(tp) -> str:
+    base, optional = _base_type(tp)
+    if typing.get_origin(base) is Literal:
+        name = "one of " + ", ".join(map(str, typing.get_args(base)))
+    else:
+        name = base.__name__
+    return f"{name} or null" if optional else name
+
+
+def _parse_text(text: str, base, tp, where: str):
+    """A command-line string as a value of type `base`."""
+    try:
+        if base is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return lowered in ("true", "1", "yes", "on")
+        if base is int:
+            as_float = float(text.replace("_", ""))
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)  # accepts 5e5 and 524_288
+        return base(text.replace("_", "") if base is float else text)
+    except ValueError:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {text!r}") from None
+
+
+def coerce(value, tp, where: str):
+    """Check (YAML) or convert (command-line strings) `value` to the field type `tp`; clear error otherwise."""
+    base, optional = _base_type(tp)
+    if value is None or (
+        isinstance(value, str)
+        and optional
+        and value.strip().lower() in ("none", "null", "auto", "")
+    ):
+        if optional:
+            return None
+        raise ConfigError(
+            f"{where}: expected {_type_name(tp)}, got {'null' if value is None else repr(value)}"
+        )
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}.{hint}")
+        return value
+    if isinstance(value, str) and base is not str:
+        return _parse_text(value.strip(), base, tp, where)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        kind = type(value).__name__
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({kind})")
+    return value
+
+
+def did_you_mean(key: str, valid, what: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{what}: unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(valid))}")
+
+
+# -------------------------------------------------------------------------------------- the field index
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def sections(cls) -> dict[str, type] | None:
+    """{section name: section dataclass} for a sectioned config, None for a flat one."""
+    hints = _hints(cls)
+    found = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if all(dataclasses.is_dataclass(t) for t in found.values()):
+        return found
+    return None
+
+
+def option_index(cls) -> dict[str, tuple[str | None, dataclasses.Field, Any]]:
+    """Option name -> (section or None, field, resolved type). Names must be unique across sections."""
+    index = {}
+    parts = sections(cls) or {None: cls}
+    for section, part in parts.items():
+        hints = _hints(part)
+        for f in dataclasses.fields(part):
+            if f.name in index:
+                first = index[f.name][0]
+                raise RuntimeError(
+                    f"config field {f.name!r} is declared in both {first} and {section}"
+                )
+            index[f.name] = (section, f, hints[f.name])
+    return index
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+# ------------------------------------------------------------------------------------- building configs
+
+
+def read_values(cls, raw, where: str = "config") -> dict:
+    """The checked and typed values of a mapping (YAML): {field: value}, or {section: {field: value}}.
+
+    Unknown keys are refused with a "did you mean"; missing keys are left out (they keep their defaults).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    parts = sections(cls)
+    if parts is None:
+        return _read_part(cls, raw, where, "")
+    values = {}
+    for section, part in raw.items():
+        if section not in parts:
+            raise did_you_mean(section, parts, where)
+        part = part or {}
+        if not isinstance(part, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, got {part!r}")
+        values[section] = _read_part(parts[section], part, f"{where} [{section}]", f"{section}.")
+    return values
+
+
+def _read_part(cls, raw: dict, where: str, prefix: str) -> dict:
+    hints = _hints(cls)
+    for key in raw:
+        if key not in hints:
+            raise did_you_mean(key, hints, where)
+    return {k: coerce(v, hints[k], f"{where}: {prefix}{k}") for k, v in raw.items()}
+
+
+def _construct(cls, values: dict):
+    parts = sections(cls)
+    if parts is not None:
+        return cls(**{name: _construct(part, values.get(name, {})) for name, part in parts.items()})
+    required = [f.name for f in dataclasses.fields(cls) if _default(f) is dataclasses.MISSING]
+    missing = [f"--{name}" for name in required if name not in values]
+    if missing:
+        raise ConfigError(f"missing required option {', '.join(missing)} (see --help)")
+    return cls(**values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML file as a mapping, or a ConfigError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    return raw or {}
+
+
+def build(cls, preset: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """The defaults, then the YAML preset, then the flat overrides {field: value or string}; validated."""
+    values = read_values(cls, load_yaml(preset), str(preset)) if preset is not None else {}
+    index = option_index(cls)
+    for key, value in (overrides or {}).items():
+        if key not in index:
+            raise did_you_mean(key, index, "command line")
+        section, _, tp = index[key]
+        target = values.setdefault(section, {}) if section else values
+        target[key] = coerce(value, tp, f"--{key}")
+    cfg = _construct(cls, values)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+    """`--config FILE` plus one `--<field>` (alias `--<field-with-dashes>`) per config field."""
+    parser = argparse.ArgumentParser(
+        description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False
+    )
+    parser.add_argument("--config", help="YAML preset; options given here override it")
+    for name, (section, f, tp) in option_index(cls).items():
+        default = _default(f)
+        where = f"{section}; " if section else ""
+        shown = "required" if default is dataclasses.MISSING else f"default {default}"
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        extra = {"nargs": "?", "const": "true"} if _base_type(tp)[0] is bool else {}
+        parser.add_argument(
+            *flags,
+            dest=name,
+            metavar=_type_name(tp).split()[0].upper()
+            if "one of" not in _type_name(tp)
+            else "VALUE",
+            help=f"{f.metadata.get('help', '')} [{where}{_type_name(tp)}; {shown}]".strip(),
+            **extra,
+        )
+    return parser
+
+
+def parse(cls, argv: list[str] | None = None, description: str | None = None):
+    """The command line of a script: `--config FILE --field value ...` -> a validated `cls`.
+
+    Unknown options exit with argparse's usage error (exit code 2) and a "did you mean" hint; bad values raise
+    ConfigError, which the scripts turn into one `error: ...` line and exit code 2.
+    """
+    parser = build_parser(cls, description)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        key = flag.lstrip("-").split("=")[0].replace("-", "_")
+        close = difflib.get_close_matches(key, list(option_index(cls)), n=1)
+        hint = f" Did you mean --{close[0]}?" if close else ""
+        parser.error(f"unknown option {flag!r}.{hint} See --help for the full list.")
+    values = vars(args)
+    return build(cls, values.pop("config", None), values)
+
+
+def to_yaml(cfg) -> str:
+    """The config as a YAML preset (re-runnable with --config)."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run a script's `main()`; a ConfigError (or one of `errors`) ends it with one `error: ...` line, exit code 2."""
+    try:
+        main()
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,45 @@
+"""checkpointing.py: checkpoint folders complete or absent, rotation, resume resolution, metrics trimming."""
+
+import json
+
+import pytest
+
+import checkpointing as ckpt
+from atomic_io import write_json_atomic
+
+
+def test_checkpoints_are_committed_atomically_and_rotated(tmp_path):
+    root = tmp_path / "checkpoints"
+    stale = ckpt.temp_checkpoint_dir(root, 99)  # what a run killed while saving leaves behind
+    stale.mkdir(parents=True)
+    (stale / "half.bin").write_bytes(b"x")
+    assert ckpt.list_checkpoints(root) == [] and ckpt.resolve_resume("latest", root) is None
+    for step in (4, 8, 12):
+        tmp = ckpt.temp_checkpoint_dir(root, step)
+        tmp.mkdir(parents=True)
+        write_json_atomic(tmp / ckpt.TRAINER_STATE, {"step": step})
+        assert [s for s, _ in ckpt.list_checkpoints(root)] == [s for s in (4, 8) if s < step][
+            -2:
+        ]  # tmp unseen
+        final = ckpt.commit_checkpoint(tmp, keep_last=2)
+        assert final == root / ckpt.checkpoint_name(step) and not tmp.exists()
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [8, 12]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step_00000008",
+        "step_00000012",
+    ]  # leftovers cleaned
+    assert ckpt.resolve_resume("latest", root) == root / "step_00000012"
+    assert ckpt.resolve_resume(str(root / "step_00000008"), root) == root / "step_00000008"
+    assert ckpt.resolve_resume(str(tmp_path), root) == root / "step_00000012"  # a run folder
+    assert ckpt.resolve_resume(None, root) is None
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        ckpt.resolve_resume(str(tmp_path / "nowhere"), root)
+
+
+def test_truncate_metrics_drops_redone_steps_and_half_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 10.0 - s} for s in range(1, 6)] + [{"step": 4, "val_loss": 7.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
+    ckpt.truncate_metrics(path, 4)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == [r for r in rows if r["step"] <= 4]

@@ -1,0 +1,90 @@
+"""cli.py: one command-line convention for train.py, data_prep.py and evaluate_gpt2.py."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+from cli import ConfigError
+from data_prep import PrepConfig
+from evaluate_gpt2 import EvaluateArgs
+from train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("cls", "argv", "where", "expected"),
+    [
+        (TrainConfig, ["--max_steps", "40"], ("optim", "max_steps"), 40),
+        (TrainConfig, ["--max-steps", "40"], ("optim", "max_steps"), 40),
+        (TrainConfig, ["--shuffle", "false"], ("data", "shuffle"), False),
+        (TrainConfig, ["--shuffle"], ("data", "shuffle"), True),
+        (PrepConfig, ["--output-dir", "o", "--max-tokens", "5e6"], ("max_tokens",), 5_000_000),
+        (PrepConfig, ["--output_dir", "o", "--progress", "no"], ("progress",), False),
+        (EvaluateArgs, ["--model", "gpt2", "--model-card", "false"], ("model_card",), False),
+        (EvaluateArgs, ["--model", "gpt2", "--trust_remote_code"], ("trust_remote_code",), True),
+        (EvaluateArgs, ["--model", "gpt2", "--limit", "none"], ("limit",), None),
+    ],
+)
+def test_every_script_takes_the_same_spellings(cls, argv, where, expected):
+    value = cli.parse(cls, argv)
+    for name in where:
+        value = getattr(value, name)
+    assert value == expected
+
+
+def test_unknown_options_get_a_did_you_mean_in_every_script(capsys):
+    for cls, argv in [
+        (TrainConfig, ["--max-step", "3"]),
+        (PrepConfig, ["--output_dir", "o", "--max_token", "3"]),
+        (EvaluateArgs, ["--model", "m", "--max_steps", "3"]),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.parse(cls, argv)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Did you mean --max_steps?" in err and "Did you mean --max_tokens?" in err
+
+
+def test_values_are_typed_and_choices_checked():
+    with pytest.raises(ConfigError, match="--val_tokens: expected int, got 'many'"):
+        cli.parse(EvaluateArgs, ["--model", "m", "--val_tokens", "many"])
+    with pytest.raises(ConfigError, match="--device: expected one of auto, cpu, cuda, got 'gpu'"):
+        cli.parse(EvaluateArgs, ["--model", "m", "--device", "gpu"])
+    with pytest.raises(ConfigError, match="missing required option --output_dir"):
+        cli.parse(PrepConfig, ["--dataset", "x.txt"])
+    with pytest.raises(ConfigError, match="--batch_size must be a positive integer"):
+        cli.parse(EvaluateArgs, ["--model", "m", "--batch_size", "0"])
+
+
+def test_yaml_presets_for_flat_and_sectioned_configs(tmp_path):
+    (tmp_path / "eval.yaml").write_text("model: runs/x/export\nlimit: 100\n")
+    args = cli.parse(EvaluateArgs, ["--config", str(tmp_path / "eval.yaml"), "--limit", "7"])
+    assert (
+        args.model == "runs/x/export" and args.limit == 7
+    )  # the command line overrides the preset
+    (tmp_path / "train.yaml").write_text("optim:\n  max_steps: 12\nrun:\n  seed: 5\n")
+    cfg = cli.parse(TrainConfig, ["--config", str(tmp_path / "train.yaml")])
+    assert (cfg.optim.max_steps, cfg.run.seed, cfg.data.seq_len) == (12, 5, 1024)
+    (tmp_path / "bad.yaml").write_text("optim:\n  max_steps: [12\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
+        cli.parse(TrainConfig, ["--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "typo.yaml").write_text("max_token: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'max_token'. Did you mean 'max_tokens'"):
+        cli.parse(PrepConfig, ["--config", str(tmp_path / "typo.yaml"), "--output_dir", "o"])
+
+
+def test_help_lists_each_option_with_its_type_and_default():
+    for script, option in [
+        ("train.py", "--micro_batch_size"),
+        ("data_prep.py", "--shard_tokens"),
+        ("evaluate_gpt2.py", "--hellaswag_file"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and option in proc.stdout and "--config" in proc.stdout
+        assert option.replace("_", "-") in proc.stdout  # the dashed alias

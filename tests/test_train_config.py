@@ -1,0 +1,156 @@
+"""train_config.py: presets, the generated command line, the model section, batch arithmetic, the LR schedule."""
+
+from pathlib import Path
+
+import pytest
+
+import cli
+from cli import ConfigError
+from train_config import OptimConfig, TrainConfig, grad_accum_steps, load_config, lr_at, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_presets_load_with_the_recipe_numbers():
+    cfg = load_config(ROOT / "configs" / "gpt2_124m.yaml")
+    d, o, m = cfg.data, cfg.optim, cfg.model
+    assert (d.total_batch_tokens, d.micro_batch_size, d.seq_len) == (524288, 64, 1024)
+    assert (o.max_lr, o.min_lr, o.warmup_steps, o.max_steps) == (6e-4, 6e-5, 715, 19073)
+    assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert (m.n_layer, m.n_head, m.n_embd, m.vocab_size, m.dropout) == (12, 12, 768, 50304, 0.0)
+    assert [grad_accum_steps(524288, 64, 1024, p) for p in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert (
+        grad_accum_steps(
+            tiny.data.total_batch_tokens, tiny.data.micro_batch_size, tiny.data.seq_len, 1
+        )
+        == 2
+    )
+
+
+def test_cli_overrides_are_typed():
+    cfg = parse_args(
+        [
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--max_steps",
+            "40",
+            "--max_lr",
+            "1e-3",
+            "--compile",
+            "false",
+            "--eval_batch_size",
+            "none",
+            "--total_batch_tokens",
+            "4_096",
+            "--push_to_hub",
+            "me/tiny",
+            "--hellaswag",
+            "no",
+        ]
+    )
+    assert (
+        cfg.optim.max_steps == 40
+        and cfg.optim.max_lr == 1e-3
+        and cfg.data.total_batch_tokens == 4096
+    )
+    assert (
+        cfg.run.compile is False
+        and cfg.eval.eval_batch_size is None
+        and cfg.eval.hellaswag is False
+    )
+    assert cfg.checkpoint.push_to_hub == "me/tiny"
+    assert cfg.data.seq_len == 128  # from the preset
+    assert parse_args(["--compile", "auto"]).run.compile is None
+    options = set(cli.option_index(TrainConfig))
+    assert {
+        "data_dir",
+        "output_dir",
+        "max_steps",
+        "eval_every",
+        "checkpoint_every",
+        "resume",
+        "push_to_hub",
+    } <= options
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"optim": {"max_lrr": 1e-3}}, "unknown key 'max_lrr'. Did you mean 'max_lr'"),
+        ({"optimizer": {}}, "unknown key 'optimizer'. Did you mean 'optim'"),
+        ({"optim": {"max_lr": "fast"}}, "optim.max_lr: expected float, got 'fast'"),
+        ({"optim": {"max_steps": 2.5}}, "optim.max_steps: expected int, got 2.5"),
+        ({"data": {"shuffle": 1}}, "data.shuffle: expected bool, got 1"),
+        ({"eval": {"eval_every": None}}, "eval.eval_every: expected int, got null"),
+        ({"data": "big"}, "section 'data' must be a mapping"),
+    ],
+)
+def test_bad_yaml_is_refused_with_the_key_named(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        cli.read_values(TrainConfig, raw, where="x.yaml")
+
+
+def test_bad_command_line_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--max_step", "3"])
+    assert e.value.code == 2 and "Did you mean --max_steps?" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--micro_batch_size: expected int, got 'x'"):
+        parse_args(["--micro_batch_size", "x"])
+    with pytest.raises(ConfigError, match="model: n_embd=100 is not divisible by n_head=12"):
+        parse_args(["--n_embd", "100"])
+    with pytest.raises(ConfigError, match="seq_len=2048 exceeds model.n_positions=1024"):
+        parse_args(["--seq_len", "2048"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_args(["--config", "configs/nope.yaml"])
+
+
+# ---------------------------------------------------------------------------------------- batch arithmetic
+
+
+def test_grad_accum_arithmetic():
+    assert grad_accum_steps(524288, 64, 1024, 1) == 8
+    assert grad_accum_steps(524288, 16, 1024, 1) == 32
+    assert grad_accum_steps(524288, 32, 1024, 2) == 8
+    assert grad_accum_steps(256, 4, 32, 2) == 1
+
+
+def test_grad_accum_refusals_list_valid_values():
+    with pytest.raises(ConfigError) as e:  # 3 GPUs: 64 * 1024 * 3 = 196,608 does not divide 2**19
+        grad_accum_steps(524288, 64, 1024, 3)
+    msg = str(e.value)
+    assert "= 64 * 1024 * 3 = 196608" in msg
+    assert "--total_batch_tokens 393216 or 589824" in msg  # the multiples around the request
+    assert "a process count among [1, 2, 4, 8]" in msg
+    assert "--micro_batch_size" not in msg  # no micro-batch works with 3 processes
+    with pytest.raises(ConfigError) as e:  # micro-batch 48 on one GPU
+        grad_accum_steps(524288, 48, 1024, 1)
+    assert "--micro_batch_size one of [4, 8, 16, 32, 64, 128]" in str(e.value)
+    for valid in (393216, 589824):
+        assert grad_accum_steps(valid, 64, 1024, 3) in (2, 3)
+    with pytest.raises(
+        ConfigError, match="--total_batch_tokens 8192 "
+    ):  # fewer tokens than one micro-step
+        grad_accum_steps(4096, 8, 1024, 1)
+
+
+# -------------------------------------------------------------------------------------------- LR schedule
+
+
+def test_lr_schedule_boundaries():
+    o = OptimConfig(max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
+    assert lr_at(0, o) == pytest.approx(6e-4 / 715)
+    assert lr_at(713, o) == pytest.approx(6e-4 * 714 / 715)
+    assert lr_at(714, o) == pytest.approx(6e-4)  # warmup ends at max_lr
+    assert lr_at(715, o) == pytest.approx(6e-4)  # cosine starts at max_lr
+    assert lr_at((715 + 19073) // 2, o) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)  # half-way
+    assert 6e-5 < lr_at(19072, o) < 6e-5 * 1.0001
+    assert lr_at(19073, o) == 6e-5 and lr_at(50000, o) == 6e-5  # flat at min_lr after max_steps
+    lrs = [lr_at(s, o) for s in range(0, 19100, 7)]
+    peak = lrs.index(max(lrs))
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
+    assert lr_at(0, OptimConfig(max_lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=10)) == 1e-3
