@@ -6,6 +6,7 @@ write_shard) and checkpoints. The real tokenizer comes from the `gpt2_encoding` 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,27 @@ def test_prepared_compiled_training_model(repro, gpt2_encoding):
     got = ev.hellaswag_losses(model, gpt2_encoding, examples, accelerator=accelerator)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert model.training and model._orig_mod.training
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="inductor needs a C++ compiler",
+)
+def test_compile_option_gives_the_same_scores(repro, gpt2_encoding, val_dir):
+    """evaluate_gpt2.py --compile: the body compiled with dynamic shapes scores exactly like the eager model."""
+    examples = make_examples(
+        12, seed=9
+    )  # contexts and endings of many lengths: batches of several shapes
+    want = ev.hellaswag_losses(repro, gpt2_encoding, examples, batch_size=4)[0]
+    want_val = ev.validation_loss(repro, val_dir, SEQ_LEN * VAL_WINDOWS, 2, SEQ_LEN)
+    compiled = ev.compile_body(tiny_repro())
+    got = ev.hellaswag_losses(compiled, gpt2_encoding, examples, batch_size=4)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert ev.validation_loss(
+        compiled, val_dir, SEQ_LEN * VAL_WINDOWS, 2, SEQ_LEN
+    ) == pytest.approx(want_val, rel=1e-5)
+    assert type(compiled.transformer).__name__ == "OptimizedModule"
 
 
 @pytest.mark.gpu
