@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--tiny", action="store_true", help="tiny model, micro-batch 4: a CPU smoke test"
     )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="write torch.profiler's table of one step here"
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     steps_total = args.warmup + args.steps
     tokens = np.random.default_rng(0).integers(
-        0, 50257, steps_total * data.micro_batch_size * data.seq_len + 1
+        0, 50257, (steps_total + 1) * data.micro_batch_size * data.seq_len + 1
     )
     write_shard(work / "bench_train_000001.bin", tokens.astype(np.uint16))
     loader = TokenShardLoader(work, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=0)
@@ -86,24 +89,29 @@ def main(argv: list[str] | None = None) -> dict:
         f"compile {accelerator.state.dynamo_plugin.backend.value}, B={data.micro_batch_size} T={data.seq_len}"
     )
 
+    def step_at(step: int) -> float:
+        lr = lr_at(step, optim)
+        return train.train_step(accelerator, model, optimizer, loader, lr, optim.grad_clip)[0]
+
     t0 = time.perf_counter()
-    for step in range(args.warmup):
-        loss, _ = train.train_step(
-            accelerator, model, optimizer, loader, lr_at(step, optim), optim.grad_clip
-        )
+    loss = step_at(0)  # the first step compiles (forward and backward graphs)
     sync()
-    print(
-        f"warm-up: {args.warmup} steps in {time.perf_counter() - t0:.1f}s (includes compilation), loss {loss:.3f}"
-    )
+    compile_s = time.perf_counter() - t0
+    for step in range(1, args.warmup):
+        loss = step_at(step)
+    sync()
+    warmup_s = time.perf_counter() - t0
+    print(f"first step (compilation included): {compile_s:.1f}s")
+    print(f"warm-up: {args.warmup} steps in {warmup_s:.1f}s, loss {loss:.3f}")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for step in range(args.warmup, steps_total):
-        loss, _ = train.train_step(
-            accelerator, model, optimizer, loader, lr_at(step, optim), optim.grad_clip
-        )
+        loss = step_at(step)
     sync()
     elapsed = time.perf_counter() - t0
+    if args.profile:
+        write_profile(args.profile, lambda: step_at(steps_total), cuda)
 
     tokens_per_sec = args.steps * data.micro_batch_size * data.seq_len / elapsed
     flops_per_token = estimate_flops_per_token(raw_model.config, data.seq_len)
@@ -114,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_ms": elapsed / args.steps * 1000,
         "mfu": mfu(flops_per_token, tokens_per_sec, peak, 1),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "first_step_s": compile_s,
         "loss": loss,
     }
     print(f"tokens/s: {tokens_per_sec:,.0f}  (target on one H100: >= 450,000)")
@@ -127,6 +136,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"peak memory: {result['peak_memory_gib']:.1f} GiB")
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def write_profile(path: Path, step, cuda: bool) -> None:
+    """One optimizer step under torch.profiler: the operators and kernels that take the time, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
+    print(f"profile of one step: {path}")
 
 
 if __name__ == "__main__":
