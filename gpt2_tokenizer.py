@@ -126,7 +126,11 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tup
 
 
 def build_hf_tokenizer(encoding: tiktoken.Encoding | None = None, model_max_length: int = 1024):
-    """A `GPT2TokenizerFast` equal to `encoding` (default: `get_gpt2_encoding()`), ready for `save_pretrained`."""
+    """A `GPT2TokenizerFast` equal to `encoding` (default: `get_gpt2_encoding()`), ready for `save_pretrained`.
+
+    Its padding token is end-of-text, as GPT-2 users set it (GPT-2 has no padding token of its own), so batched
+    tokenization and `pipeline("text-generation", batch_size=...)` work; the models' generation configs say the same.
+    """
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import GPT2TokenizerFast
@@ -148,6 +152,7 @@ def build_hf_tokenizer(encoding: tiktoken.Encoding | None = None, model_max_leng
         bos_token=EOT_TOKEN,
         eos_token=EOT_TOKEN,
         unk_token=EOT_TOKEN,
+        pad_token=EOT_TOKEN,
         model_max_length=model_max_length,
         add_prefix_space=False,
     )

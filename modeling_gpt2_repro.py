@@ -34,6 +34,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+logger = logging.get_logger(__name__)
 
 GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
 EOT_ID = 50256
@@ -137,8 +141,10 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
         t, s = scores.shape[-2:]
         allowed = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(diagonal=s - t)
         scores = scores.masked_fill(~allowed, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    elif attention_mask.dtype == torch.bool:  # sdpa's masks (output_attentions falls back to eager)
+        # the dtype's minimum, not -inf, as in transformers' additive masks: a query row that sees no key at all
+        # (a left-padding position) gets uniform weights instead of NaNs that would spread through the values
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask
     probs = F.softmax(scores.float(), dim=-1).to(value.dtype)
@@ -162,7 +168,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE_INIT = True  # see GPT2ReproPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attention_mask=None, cache: Cache | None = None, **kwargs):
+    def forward(
+        self, x, attention_mask=None, cache: Cache | None = None, output_attentions=False, **kwargs
+    ):
+        """(output (B, T, C), attention probabilities (B, H, T, S) or None): the weights are only computed by the
+        eager implementation, which sdpa falls back to when they are asked for (its masks are eager's)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (
@@ -172,10 +182,14 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(
                 k, v, self.layer_idx
             )  # (B, H, S, D): past keys/values with ours appended
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention
-        )
-        y, _ = attend(
+        implementation = self.config._attn_implementation
+        if output_attentions and implementation == "sdpa":
+            logger.warning_once(
+                "output_attentions=True: attention runs in eager mode for this call (sdpa returns no weights)."
+            )
+            implementation = "eager"
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        y, weights = attend(
             self,
             q,
             k,
@@ -185,7 +199,9 @@ class CausalSelfAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )  # (B, T, H, D)
-        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+        if implementation != "eager":  # flex returns its log-sum-exp there, not probabilities
+            weights = None
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C))), weights
 
 
 class MLP(nn.Module):
@@ -212,7 +228,8 @@ class GPT2ReproBlock(GradientCheckpointingLayer):
         self.mlp = MLP(config)
 
     def forward(self, x, attention_mask=None, cache=None, **kwargs):
-        x = x + self.attn(self.ln_1(x), attention_mask=attention_mask, cache=cache, **kwargs)
+        a, _ = self.attn(self.ln_1(x), attention_mask=attention_mask, cache=cache, **kwargs)
+        x = x + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -235,12 +252,23 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
     config_class = GPT2ReproConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["GPT2ReproBlock"]  # FSDP / device_map wrap unit
+    # Attention goes through transformers' registry: "sdpa" (default), "eager" (the reference, and the only one
+    # that returns attention weights) and "flex_attention" (CUDA: training and inference; CPU: inference only, as
+    # PyTorch's flex attention has no CPU backward), each tested against eager. flash_attention_2 is not declared:
+    # it needs the flash-attn package, which has not been tested with this model (on GPUs, sdpa already runs
+    # PyTorch's flash kernel).
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = False
+    _supports_flash_attn = False
+    _supports_flex_attn = True
     _supports_attention_backend = True
     supports_gradient_checkpointing = True
     _can_compile_fullgraph = True
+    # output_hidden_states / output_attentions, recorded by transformers' hooks as in its GPT-2: the input of the
+    # first block, then every block's output, the last one replaced by the final LayerNorm's (n_layer + 1 in all).
+    _can_record_outputs = {
+        "hidden_states": GPT2ReproBlock,
+        "attentions": OutputRecorder(CausalSelfAttention, index=1),
+    }
 
     def _init_weights(self, module):
         """GPT-2 init: N(0, 0.02) everywhere; the two residual output projections get 0.02 / sqrt(2 * n_layer).
@@ -262,6 +290,36 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif getattr(module, "logit_mask", None) is not None:  # a buffer that no checkpoint holds
             init.copy_(module.logit_mask, padding_bias(module.config))
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """`new_num_tokens` real ids (`len(tokenizer)`), the matrix padded up to `pad_to_multiple_of` if given.
+
+        transformers' resize knows only the matrix size; this keeps `tokenizer_vocab_size` (the real ids) and the
+        logit mask with it, so every real id is learnable and every padding id stays masked. The padding rows are
+        dropped first, so ids that become real get fresh rows initialised from the real ones (mean_resizing), never
+        a padding row that training never reached.
+        """
+        config = self.config
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        real = config.tokenizer_vocab_size if new_num_tokens is None else new_num_tokens
+        if config.vocab_size != config.tokenizer_vocab_size:
+            super().resize_token_embeddings(
+                config.tokenizer_vocab_size, mean_resizing=mean_resizing
+            )
+        embeddings = super().resize_token_embeddings(real, pad_to_multiple_of, mean_resizing)
+        config.tokenizer_vocab_size = real
+        if "logit_mask" in self._buffers:
+            mask = padding_bias(config)
+            weight = embeddings.weight
+            mask = None if mask is None else mask.to(weight.device, weight.dtype)
+            self.register_buffer("logit_mask", mask, persistent=False)
+        return embeddings
 
 
 class GPT2ReproModel(GPT2ReproPreTrainedModel):
@@ -295,6 +353,7 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
                     f"raise vocab_size."
                 )
 
+    @capture_outputs  # output_hidden_states, output_attentions, return_dict (see _can_record_outputs)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -307,6 +366,13 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        kwargs.pop("output_hidden_states", None)  # recorded by capture_outputs' hooks
+        output_attentions = kwargs.pop("output_attentions", self.config.output_attentions)
+        if output_attentions and self.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                f"output_attentions=True needs attn_implementation='eager' (or 'sdpa', which falls back to it); "
+                f"this model runs {self.config._attn_implementation!r}. Load it with attn_implementation='eager'."
+            )
         cache = (
             cache if cache is not None else kwargs.pop("past_key_values", None)
         )  # the pre-5.x name
@@ -335,7 +401,14 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
             position_ids=position_ids,
         )
         for block in self.h:
-            x = block(x, attention_mask=mask, cache=cache, position_ids=position_ids, **kwargs)
+            x = block(
+                x,
+                attention_mask=mask,
+                cache=cache,
+                position_ids=position_ids,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
         return BaseModelOutputWithPast(
             last_hidden_state=self.ln_f(x), cache=cache if use_cache else None
         )
@@ -358,6 +431,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
                 config.eos_token_id
             )  # no "setting pad to eos" notice per call
 
+    @can_return_tuple  # return_dict=False: a tuple of the non-None fields, as every transformers model
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -408,7 +482,13 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             )
             if not return_logits:
                 logits = None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,  # (n_layer + 1) x (B, T, C) when asked for
+            attentions=out.attentions,  # n_layer x (B, H, T, S) when asked for
+        )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers adds only the saved class to `auto_map`; expose the backbone too.
@@ -509,6 +589,8 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         for key in ("transformer.wte.weight", "lm_head.weight"):
             state[key] = state[key][: cfg.tokenizer_vocab_size]
         official = GPT2LMHeadModel(official_config).to(self.dtype)
+        # end-of-text pads, as in our generation config and the exported tokenizer
+        official.generation_config.pad_token_id = self.generation_config.pad_token_id
         missing, unexpected = official.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
         if missing or unexpected:

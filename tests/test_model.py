@@ -395,3 +395,182 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(x[:, :-1], shift_labels=x[:, 1:]).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[name], msg=name)
+
+
+# ------------------------------------------------------------------- outputs as every transformers model gives
+def _left_padded(batch=3, length=9, pad=4):
+    """A batch whose last row is left-padded by `pad` positions, and its attention mask."""
+    x = ids(batch, length, seed=5)
+    mask = torch.ones_like(x)
+    mask[-1, :pad] = 0
+    return x, mask
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hidden_states_and_attentions_equal_stock_gpt2(impl):
+    """output_hidden_states / output_attentions as GPT2LMHeadModel gives them, on the same (converted) weights:
+    n_layer + 1 hidden states (the last after ln_f), n_layer attention maps; sdpa falls back to eager for them."""
+    official = tiny_official(attn_implementation="eager")
+    ours = GPT2ReproForCausalLM.from_official_gpt2(official)
+    ours.set_attn_implementation(impl)
+    assert ours.config._attn_implementation == impl
+    x, mask = _left_padded()
+    want = official(x, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    got = ours(x, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    assert len(got.hidden_states) == ours.config.n_layer + 1 == len(want.hidden_states)
+    assert len(got.attentions) == ours.config.n_layer == len(want.attentions)
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        assert a.shape == (3, TINY["n_head"], 9, 9)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    real = mask.bool()  # padding positions see no key at all: sdpa and eager fill them differently
+    plain_last = ours.transformer(x, attention_mask=mask)[0]
+    torch.testing.assert_close(got.hidden_states[-1][real], plain_last[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    # Asking for nothing returns nothing more, as stock GPT-2 does.
+    plain = ours(x, attention_mask=mask)
+    assert plain.hidden_states is None and plain.attentions is None
+
+
+def test_return_dict_false_gives_stock_gpt2_tuples():
+    official = tiny_official()
+    ours = GPT2ReproForCausalLM.from_official_gpt2(official)
+    x = ids(2, 8)
+    for kwargs in (
+        {},
+        {"labels": x},
+        {"labels": x, "output_hidden_states": True, "use_cache": False},
+    ):
+        got = ours(x, return_dict=False, **kwargs)
+        want = official(x, return_dict=False, **kwargs)
+        assert isinstance(got, tuple) and len(got) == len(want), kwargs
+        for a, b in zip(got, want, strict=True):
+            assert type(a) is type(b), kwargs
+            if isinstance(a, torch.Tensor):  # the loss, the logits (ours have padding columns)
+                torch.testing.assert_close(
+                    a[..., : b.shape[-1]] if a.dim() else a, b, atol=1e-5, rtol=0
+                )
+    backbone = ours.transformer(x, output_hidden_states=True, return_dict=False)
+    assert [type(t).__name__ for t in backbone] == ["Tensor", "DynamicCache", "tuple"]
+    assert len(backbone[2]) == ours.config.n_layer + 1
+
+
+def test_output_attentions_from_the_config_and_refused_where_no_weights_exist():
+    model = tiny_model(
+        attn_implementation="eager", output_attentions=True, output_hidden_states=True
+    )
+    out = model(ids(1, 5))
+    assert len(out.attentions) == 2 and len(out.hidden_states) == 3
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(
+        ValueError, match="output_attentions=True needs attn_implementation='eager'"
+    ):
+        model(ids(1, 5))
+
+
+# ----------------------------------------------------------------------------------------- resizing
+@pytest.mark.parametrize(
+    ("new_num_tokens", "multiple", "matrix"),
+    [
+        (50258, None, 50258),  # one added token, no padding
+        (50258, 64, 50304),  # one added token, padded for speed
+        (50310, 128, 50432),  # past the old padded size
+        (50250, None, 50250),  # down
+        (50250, 128, 50304),  # down, padded
+        (None, 64, 50304),  # only re-pad the real ids
+    ],
+)
+def test_resize_keeps_real_ids_learnable_and_padding_masked(new_num_tokens, multiple, matrix):
+    model = tiny_model()  # 50304 rows, 50257 real ids
+    real = new_num_tokens or 50257
+    kept = model.transformer.wte.weight[: min(real, 50257)].clone()
+    model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of=multiple)
+    cfg = model.config
+    assert (cfg.vocab_size, cfg.tokenizer_vocab_size) == (matrix, real)
+    assert model.transformer.wte.weight.shape[0] == matrix
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert torch.equal(model.transformer.wte.weight[: len(kept)], kept)  # real rows untouched
+    logits = model(ids(2, 6, high=real)).logits
+    assert logits.shape[-1] == matrix
+    assert torch.isfinite(logits[..., :real]).all() and torch.isinf(logits[..., real:]).all()
+    if real > 50257:  # the new ids were padding rows: they get fresh rows like any added token
+        assert model.transformer.wte.weight[50257:real].abs().sum() > 0
+    x = torch.tensor([[1, 2, real - 1, real - 1]])  # the last real id as input and target
+    assert torch.isfinite(model(x, labels=x).loss)
+
+
+def test_fine_tuning_on_an_added_token(hf_tokenizer, tmp_path):
+    """add_tokens + resize_token_embeddings(len(tok)) on the padded model: the new token is predicted and learned."""
+    import copy
+
+    tok = copy.deepcopy(hf_tokenizer)
+    tok.add_tokens(["<|sep|>"])
+    new_id = tok.convert_tokens_to_ids("<|sep|>")
+    assert new_id == 50257 and len(tok) == 50258
+    model = tiny_model().train()
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    assert (model.config.vocab_size, model.config.tokenizer_vocab_size) == (50304, 50258)
+    batch = tok(["one <|sep|> two <|sep|> three <|sep|> four"] * 4, return_tensors="pt").input_ids
+    assert (batch == new_id).sum() == 12
+    targets = batch[:, 1:]
+    at_new = targets == new_id  # positions whose next token is the new one
+
+    def new_token_loss():
+        logits = model(batch[:, :-1]).logits
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return losses[at_new].mean()
+
+    first = new_token_loss()
+    assert torch.isfinite(first)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(10):
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert new_token_loss().item() < first.item() - 3.0
+    # Saved and loaded: the same vocabulary split, the same outputs.
+    model.eval().save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.tokenizer_vocab_size == 50258 and loaded.config.vocab_size == 50304
+    torch.testing.assert_close(loaded(batch).logits, model(batch).logits)
+    assert loaded.to_official_gpt2().config.vocab_size == 50258
+
+
+# ------------------------------------------------------------------------------------- other attention
+@pytest.mark.slow
+def test_flex_attention_matches_eager_on_cpu():
+    """flex_attention (compiled by PyTorch on first use: slow on CPU, inference only there) = eager, padding too."""
+    eager = tiny_model(attn_implementation="eager")
+    flex = tiny_model(attn_implementation="flex_attention")
+    assert flex.config._attn_implementation == "flex_attention"
+    x, mask = _left_padded(2, 16, pad=5)
+    with torch.no_grad():
+        want, got = eager(x, attention_mask=mask).logits, flex(x, attention_mask=mask).logits
+    torch.testing.assert_close(got[0, :, :50257], want[0, :, :50257], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1, 5:, :50257], want[1, 5:, :50257], atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_flex_attention_trains_and_generates_like_eager_on_cuda():
+    eager = tiny_model(attn_implementation="eager").cuda().train()
+    flex = tiny_model(attn_implementation="flex_attention").cuda().train()
+    x = ids(2, 33).cuda()
+    for model in (eager, flex):
+        model(x[:, :-1], shift_labels=x[:, 1:]).loss.backward()
+    for (name, a), b in zip(eager.named_parameters(), flex.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
+    eager.eval(), flex.eval()
+    prompt = ids(1, 6).cuda()
+    assert torch.equal(
+        flex.generate(prompt, max_new_tokens=12, do_sample=False),
+        eager.generate(prompt, max_new_tokens=12, do_sample=False),
+    )
+
+
+def test_flash_attention_2_is_not_offered():
+    """Not declared until tested with the flash-attn package: transformers refuses it with a clear message."""
+    with pytest.raises(ValueError, match="does not support Flash Attention 2"):
+        tiny_model(attn_implementation="flash_attention_2")
