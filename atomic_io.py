@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -91,8 +91,17 @@ def remove_tree(path: str | os.PathLike) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def link_tree(src: str | Path, dst: str | Path) -> None:
-    """Make `dst` a copy of folder `src` using hard links (a plain copy where links are impossible).
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link file `src` as `dst` (no extra disk space), or copy it where links are impossible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: str | Path, dst: str | Path, names: Iterable[str] | None = None) -> None:
+    """Make `dst` a copy of folder `src` (or of only its top-level entries `names`) using hard links (a plain
+    copy where links are impossible).
 
     The copy is built beside `dst` and swapped in, so `dst` is always a whole folder. Hard links cost no disk
     space and outlive the source: the run's export/ stays valid after its checkpoint is rotated away.
@@ -100,13 +109,13 @@ def link_tree(src: str | Path, dst: str | Path) -> None:
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".tmp-{dst.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    keep = None if names is None else set(names)
 
-    def link_or_copy(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
+    def ignore(folder, entries):
+        if keep is None or Path(folder) != src:
+            return []
+        return [e for e in entries if e not in keep]
 
-    shutil.copytree(src, tmp, copy_function=link_or_copy)
+    shutil.copytree(src, tmp, copy_function=link_or_copy, ignore=ignore)
     remove_tree(dst)
     os.replace(tmp, dst)

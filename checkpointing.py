@@ -2,9 +2,19 @@
 
 Layout of a run folder:
 
-    checkpoints/step_00000500/      one complete training state (accelerate save_state + our files + exports)
+    checkpoints/step_00000500/      one complete training state, and a model folder in itself (see below)
     checkpoints/.tmp-step_00001000/ being written; renamed to step_00001000 only once every process has finished
-    export/, export-gpt2/           hard-linked copies of the newest checkpoint's exports (no extra disk space)
+    export/, export-gpt2/           hard-linked copies of the newest checkpoint's model files (no extra disk space)
+
+Inside a checkpoint, the model is saved once, as transformers saves it: config.json, model.safetensors,
+generation_config.json, modeling_gpt2_repro.py (remote code), the tokenizer and README.md (model card) at the
+root, so `AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)` and `AutoTokenizer` load the
+folder itself. accelerate's save_state writes the rest (optimizer.bin, random_states_N.pkl, scaler.pt), minus its
+own copy of the weights: the trainer's save hook drops it and its load hook reads model.safetensors back
+(`load_model_weights`). Beside them: loader_rankN.json (data positions), trainer_state.json, and export-gpt2/ (the
+stock GPT2LMHeadModel, whose Conv1D layout and 50,257-row vocabulary make it a second copy that cannot be linked).
+Under FSDP, accelerate keeps its sharded model state for resuming (pytorch_model_fsdp_0/), and model.safetensors
+is the gathered full model: the weights are then stored twice, sharded and whole.
 
 A checkpoint is written under a temporary name and renamed when whole (a rename is atomic on POSIX file systems),
 so a crash leaves either the old set or the new one, never a half-written "latest". Rotation deletes the oldest
@@ -23,6 +33,9 @@ from pathlib import Path
 from atomic_io import remove_tree, write_atomic
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+STOCK_EXPORT = (
+    "export-gpt2"  # the stock GPT2LMHeadModel, inside each checkpoint and in the run folder
+)
 TRAINER_STATE = "trainer_state.json"  # our own: optimizer step, tokens seen, process count, config
 
 
@@ -129,3 +142,36 @@ def truncate_metrics(path: str | Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # the half-written last line of a killed run
     write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# Wrapper prefixes in the names of accelerate's own model.safetensors (checkpoints written before the model files
+# moved to the root): DistributedDataParallel's and torch.compile's.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_model_weights(model, checkpoint: str | Path) -> None:
+    """Copy the weights at the root of `checkpoint` (model*.safetensors, as save_pretrained wrote them) into
+    `model`, bit for bit. The tied LM head may be absent from the file (it is the token embedding)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(checkpoint).glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{checkpoint} holds no model.safetensors: it is not a complete checkpoint. Resume from another one."
+        )
+    device = str(next(model.parameters()).device)
+    state = {}
+    for f in files:
+        for name, tensor in load_file(f, device=device).items():
+            while name.startswith(_WRAPPER_PREFIXES):
+                name = name.split(".", 1)[1]
+            state[name] = tensor
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    untied_missing = [k for k in missing if k not in tied and k not in tied.values()]
+    both_missing = [k for k, v in tied.items() if k in missing and v in missing]
+    if unexpected or untied_missing or both_missing:
+        raise RuntimeError(
+            f"{checkpoint}: its weights do not fit this model (missing {untied_missing + both_missing}, "
+            f"unexpected {unexpected}). Resume with the model settings it was trained with."
+        )

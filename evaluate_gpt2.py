@@ -45,6 +45,7 @@ from hub import (
     HELLASWAG_URL,
     HELLASWAG_VAL_SIZE,
     hub_reachable,
+    manifest_source,
     update_model_card,
 )
 from token_data import iter_val_batches
@@ -624,11 +625,18 @@ def evaluation_section(results: dict) -> str:
     )
 
 
-def write_results_to_card(folder: str | os.PathLike, results: dict) -> Path:
-    """The evaluation section into folder/README.md; HellaSwag into its model-index when all of it was scored."""
+def write_results_to_card(
+    folder: str | os.PathLike, results: dict, data_dir: str | None = None
+) -> Path:
+    """The evaluation section into folder/README.md, and into its model-index: the validation loss (on the data
+    that `data_dir`'s manifest names) and HellaSwag when all of it was scored."""
     complete = results["hellaswag_examples"] == HELLASWAG_VAL_SIZE
     hellaswag = {m: results[f"hellaswag_{m}"] for m in ("acc_norm", "acc")} if complete else None
-    return update_model_card(folder, evaluation_section(results), hellaswag)
+    val_loss = None
+    if results["val_loss"] is not None:
+        val_loss = {"value": results["val_loss"], "tokens": results["val_tokens"]}
+        val_loss["data_source"] = manifest_source(data_dir)
+    return update_model_card(folder, evaluation_section(results), hellaswag, val_loss)
 
 
 def find_metrics_log(log_dir: str | None, model: str) -> Path | None:
@@ -811,7 +819,7 @@ def _report(args: EvaluateArgs, results: dict) -> None:
         print(f"- {note}")
     print(f"\nresults: {output}" + (f"\nplot: {results['plot']}" if results["plot"] else ""))
     if is_folder and args.model_card:
-        print(f"model card: {write_results_to_card(args.model, results)}")
+        print(f"model card: {write_results_to_card(args.model, results, args.data_dir)}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@
 
 Every field of train_config.py is also an option (`--max_lr 1e-3`, `--micro_batch_size 16`, ...). The run folder
 (`--output_dir`) gets metrics.jsonl (one line per optimizer step, plus evaluation lines), config.yaml and
-run_info.json (what ran, where), TensorBoard logs, checkpoints/step_N (full training states), and export/ +
-export-gpt2/ (the newest model, loadable with AutoModelForCausalLM).
+run_info.json (what ran, where), TensorBoard logs, checkpoints/step_N (full training states, each also a model
+folder that AutoModelForCausalLM loads), and export/ + export-gpt2/ (the newest model).
 
 accelerate owns devices, mixed precision, gradient accumulation, clipping, distribution and the training state;
 the data loader shards by rank itself (it is never passed to `prepare`) and its position is saved per rank.
@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -28,21 +29,34 @@ import psutil
 import torch
 import transformers
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    ProjectConfiguration,
+    broadcast_object_list,
+    parse_flag_from_env,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 import checkpointing as ckpt
-from atomic_io import link_tree, strict_json, write_json_atomic
+from atomic_io import link_or_copy, link_tree, strict_json, write_atomic, write_json_atomic
 from cli import ConfigError
 from evaluate_gpt2 import HellaSwagUnavailable, load_hellaswag, score_hellaswag, validation_loss
 from gpt2_tokenizer import build_hf_tokenizer, get_gpt2_encoding
-from hub import HubUploader, write_model_card
+from hub import (
+    STOCK_GPT2_BRANCH,
+    HubAccessError,
+    HubUploader,
+    manifest_source,
+    write_model_card,
+)
 from modeling_gpt2_repro import GPT2ReproForCausalLM, estimate_flops_per_token
 from run_info import collect_run_info, mfu, peak_bf16_flops
 from token_data import DataError, TokenShardLoader, iter_val_batches
 from train_config import TrainConfig, grad_accum_steps, lr_at, parse_args, save_config
 
 # ---------------------------------------------------------------------------------------------------- setup
+
+WANDB_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run logs to the same W&B run
 
 
 def precision_and_compile(cfg: TrainConfig, cuda: bool, env=os.environ) -> tuple[str, str]:
@@ -167,16 +181,6 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(strict_json(row)) + "\n")
 
 
-def describe_data(data_dir: str) -> str | None:
-    """The dataset named in data_prep.py's manifest.json ("HuggingFaceFW/fineweb-edu (sample-10BT)"), if any."""
-    try:
-        source = json.loads((Path(data_dir) / "manifest.json").read_text())["source"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    name = source.get("name") or source.get("config")
-    return f"{source.get('dataset')}" + (f" ({name})" if name else "")
-
-
 # ----------------------------------------------------------------------------------------------- one step
 
 
@@ -284,6 +288,8 @@ class Evaluator:
             self.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
             for i, text in enumerate(self.sample(model, step) if evals.num_samples else []):
                 self.log(f"--- sample {i} at step {step}:\n{text}")
+        if self.hellaswag is not None:  # for the model card: a subset's score is labelled as one
+            results["hellaswag_examples"] = len(self.hellaswag)
         return results
 
     @torch.no_grad()
@@ -311,30 +317,80 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------- checkpointing
 
 
-def export_model(
-    model, folder: Path, tokenizer, card: dict, stock_card: dict, state_dict=None
-) -> None:
-    """folder/export: our model + remote code + tokenizer + card; folder/export-gpt2: the stock GPT2LMHeadModel.
+def save_model_files(model, folder: Path, tokenizer, card: dict, state_dict=None) -> list[str]:
+    """The model as transformers saves it, at the root of `folder`, and the stock GPT2LMHeadModel in
+    folder/export-gpt2. Returns the names written at the root (what the run's export/ links to).
 
-    The stock export is converted from the folder just written (not from the live module), which also proves
-    that the export loads, whatever wraps the live module (DDP, FSDP).
+    Root: config.json, model.safetensors, generation_config.json, modeling_gpt2_repro.py, tokenizer, model card:
+    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it. The stock export is
+    converted from the folder just written (not from the live module), which also proves that it loads,
+    whatever wraps the live module (DDP, FSDP).
     """
-    ours, stock = folder / "export", folder / "export-gpt2"
-    model.save_pretrained(ours, state_dict=state_dict)
-    tokenizer.save_pretrained(ours)
-    write_model_card(ours, **card)
+    model.save_pretrained(folder, state_dict=state_dict)
+    tokenizer_files = [Path(f).name for f in tokenizer.save_pretrained(folder)]
+    write_model_card(folder, **card)
+    written = sorted(p.name for p in folder.iterdir() if p.is_file())
+    stock = folder / ckpt.STOCK_EXPORT
     GPT2ReproForCausalLM.from_pretrained(
-        ours, dtype=torch.float32
+        folder, dtype=torch.float32
     ).to_official_gpt2().save_pretrained(stock)
-    tokenizer.save_pretrained(stock)
-    write_model_card(stock, **stock_card, stock_gpt2=True)
+    for name in tokenizer_files:  # the same tokenizer: linked, not written twice
+        link_or_copy(folder / name, stock / name)
+    write_model_card(stock, **card, stock_gpt2=True)
+    return written
+
+
+def register_weight_hooks(accelerator: Accelerator, raw_model) -> None:
+    """accelerate's save_state/load_state with the model's weights as `save_pretrained` stores them.
+
+    accelerate would write its own model.safetensors, named after whatever wraps the module (DDP's `module.`,
+    torch.compile's `_orig_mod.`), which from_pretrained cannot read and which would be a second copy of the
+    weights. Its save hook lets us drop that copy (save_model_files writes the model), its load hook read ours
+    back. Under FSDP accelerate saves and loads its sharded state itself: its lists are empty here.
+    """
+
+    def drop_weights(models, weights, output_dir):
+        weights.clear()
+
+    def load_weights(models, input_dir):
+        if models:
+            ckpt.load_model_weights(raw_model, input_dir)
+            models.clear()
+
+    accelerator.register_save_state_pre_hook(drop_weights)
+    accelerator.register_load_state_pre_hook(load_weights)
+
+
+def open_hub(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path) -> HubUploader | None:
+    """--push_to_hub: check the login, create the repository and its gpt2 branch now, before any work.
+
+    The main process asks the Hub; every process raises the same ConfigError when it says no, so a missing token
+    stops the run in its first second rather than at the first checkpoint.
+    """
+    settings = cfg.checkpoint
+    if not settings.push_to_hub:
+        return None
+    uploader, error = None, None
+    if accelerator.is_main_process:
+        staging = run_dir / ".hub-staging"
+        uploader = HubUploader(settings.push_to_hub, staging, settings.hub_private)
+        try:
+            uploader.check_access()
+        except HubAccessError as e:
+            uploader.close()
+            error = str(e)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise ConfigError(error)
+    return uploader
 
 
 class Checkpointer:
-    """Every checkpoint_every steps and at the end: training state + exports, committed atomically, then uploaded.
+    """Every checkpoint_every steps and at the end: model files + training state, committed atomically, uploaded.
 
-    Layout and guarantees: checkpointing.py. accelerate's save_state holds the model, optimizer, RNG states and
-    its micro-step counter; next to it go each rank's data position and our trainer_state.json.
+    Layout and guarantees: checkpointing.py. The checkpoint folder is itself a model folder (save_model_files);
+    accelerate's save_state adds the optimizer, RNG states and its micro-step counter (not the weights: see
+    register_weight_hooks); next to them go each rank's data position and our trainer_state.json.
     """
 
     def __init__(
@@ -346,18 +402,16 @@ class Checkpointer:
         loader,
         run_dir: Path,
         encoding,
+        uploader: HubUploader | None = None,
     ):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.model, self.raw_model, self.loader = model, raw_model, loader
-        is_main, settings = accelerator.is_main_process, cfg.checkpoint
         self.tokenizer = None
-        if is_main:
+        if accelerator.is_main_process:
             self.tokenizer = build_hf_tokenizer(encoding, model_max_length=cfg.model.n_positions)
-        self.uploader = None
-        if settings.push_to_hub and is_main:
-            staging = run_dir / ".hub-staging"
-            self.uploader = HubUploader(settings.push_to_hub, staging, settings.hub_private)
-        self.card = {"config": cfg.to_dict(), "data_source": describe_data(cfg.data.data_dir)}
+        self.uploader = uploader
+        self.card = {"config": cfg.to_dict(), "data_source": manifest_source(cfg.data.data_dir)}
+        self.card["repo_id"] = cfg.checkpoint.push_to_hub
 
     def due(self, step: int) -> bool:
         every = self.cfg.checkpoint.checkpoint_every
@@ -366,41 +420,39 @@ class Checkpointer:
     def save(self, trainer_state: dict) -> Path | None:
         acc, run_dir, step = self.accelerator, self.run_dir, trainer_state["step"]
         tmp = ckpt.temp_checkpoint_dir(run_dir / "checkpoints", step)
-        if acc.is_main_process:
-            shutil.rmtree(
-                tmp, ignore_errors=True
-            )  # a leftover of a run killed while saving this same step
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        write_json_atomic(tmp / f"loader_rank{acc.process_index}.json", self.loader.state_dict())
         full_state = None  # under FSDP, gather the whole model (a collective: every rank calls it)
         if (
             acc.distributed_type == DistributedType.FSDP
         ):  # FSDP2 shards raw_model in place; it has no _orig_mod.
             full_state = acc.get_state_dict(self.raw_model if acc.is_fsdp2 else self.model)
+        model_files = []
         if acc.is_main_process:
-            write_json_atomic(tmp / ckpt.TRAINER_STATE, trainer_state)
+            # a leftover of a run killed while saving this same step
+            shutil.rmtree(tmp, ignore_errors=True)
             card = {**self.card, "step": step, "tokens": trainer_state["tokens_seen"]}
             card |= {
-                k: trainer_state.get(k) for k in ("val_loss", "val_step", "hellaswag_acc_norm")
+                k: trainer_state.get(k)
+                for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")
             }
-            ours = {
-                **card,
-                "where": self.cfg.checkpoint.push_to_hub or str(run_dir.resolve() / "export"),
-            }
-            stock = {
-                **card,
-                "where": str(run_dir.resolve() / "export-gpt2"),
-            }  # the stock export stays local
-            export_model(self.raw_model, tmp, self.tokenizer, ours, stock, state_dict=full_state)
+            model_files = save_model_files(
+                self.raw_model, tmp, self.tokenizer, card, state_dict=full_state
+            )
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # optimizer, RNG states, scaler (the weights: save_model_files)
+        write_json_atomic(tmp / f"loader_rank{acc.process_index}.json", self.loader.state_dict())
+        if acc.is_main_process:
+            write_json_atomic(tmp / ckpt.TRAINER_STATE, trainer_state)
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
             final = ckpt.commit_checkpoint(tmp, self.cfg.checkpoint.keep_last)
-            for name in ("export", "export-gpt2"):
-                link_tree(final / name, run_dir / name)
+            link_tree(final, run_dir / "export", names=model_files)
+            link_tree(final / ckpt.STOCK_EXPORT, run_dir / ckpt.STOCK_EXPORT)
             if self.uploader:
                 self.uploader.submit(run_dir / "export", f"step {step}")
+                self.uploader.submit(
+                    run_dir / ckpt.STOCK_EXPORT, f"step {step}", revision=STOCK_GPT2_BRANCH
+                )
         acc.wait_for_everyone()
         return final
 
@@ -465,6 +517,24 @@ def tracker_config(cfg: TrainConfig) -> dict:
     return flat
 
 
+def tracker_init_kwargs(cfg: TrainConfig, run_dir: Path, step: int) -> dict:
+    """`init_trackers` arguments so that a resumed run continues its logs rather than repeating steps.
+
+    TensorBoard: `purge_step` hides the events a crashed run logged after the checkpoint we resume from (step; 0
+    for a start before any checkpoint), as metrics.jsonl drops its lines. Weights & Biases: the run id is kept in
+    the run folder and passed back with resume="allow", so a resumed training continues the same W&B run.
+    """
+    kwargs = {"tensorboard": {"purge_step": step + 1}}
+    trackers = {t.strip() for t in cfg.run.log_with.split(",")}
+    if trackers & {"wandb", "all"}:
+        id_file = run_dir / WANDB_ID_FILE
+        if not id_file.is_file():
+            write_atomic(id_file, secrets.token_hex(8) + "\n")
+        run_id = id_file.read_text().strip()
+        kwargs["wandb"] = {"name": run_dir.name, "id": run_id, "resume": "allow"}
+    return kwargs
+
+
 def peak_flops(cfg: TrainConfig, accelerator: Accelerator) -> float | None:
     """Dense bf16 peak FLOP/s of one device for MFU: --peak_tflops, else the GPU table (None on CPU)."""
     if cfg.run.peak_tflops:
@@ -488,6 +558,9 @@ def main(argv: list[str] | None = None) -> Path:
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars at every checkpoint
     run_dir = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
+    uploader = open_hub(
+        cfg, accelerator, run_dir
+    )  # no token or access: fails now, not at a checkpoint
     is_main = accelerator.is_main_process
     log = tqdm.write if is_main else (lambda *_: None)
     record_run(cfg, accelerator, run_dir, log)
@@ -498,10 +571,14 @@ def main(argv: list[str] | None = None) -> Path:
     )  # the plain module: evaluation, sampling, export (shares parameters with `model`)
     optimizer = build_optimizer(raw_model, cfg, accelerator.device)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
+    register_weight_hooks(accelerator, raw_model)
     loader = make_loader(cfg, accelerator)
     state = resume(accelerator, loader, cfg, run_dir)
     step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
-    last_eval = {k: state.get(k) for k in ("val_loss", "val_step", "hellaswag_acc_norm")}
+    last_eval = {
+        k: state.get(k)
+        for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")
+    }
     if is_main:
         ckpt.truncate_metrics(
             run_dir / "metrics.jsonl", step
@@ -513,10 +590,13 @@ def main(argv: list[str] | None = None) -> Path:
         )
 
     evaluator = Evaluator(cfg, accelerator, encoding, run_dir, log)
-    checkpointer = Checkpointer(cfg, accelerator, model, raw_model, loader, run_dir, encoding)
-    wandb_run = {"wandb": {"name": run_dir.name}}
+    checkpointer = Checkpointer(
+        cfg, accelerator, model, raw_model, loader, run_dir, encoding, uploader
+    )
     accelerator.init_trackers(
-        cfg.run.project_name, config=tracker_config(cfg), init_kwargs=wandb_run
+        cfg.run.project_name,
+        config=tracker_config(cfg),
+        init_kwargs=tracker_init_kwargs(cfg, run_dir, step) if is_main else {},
     )
     flops_per_token = estimate_flops_per_token(raw_model.config, data.seq_len)
     peak = peak_flops(cfg, accelerator)

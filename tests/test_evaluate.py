@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard
 
 import evaluate_gpt2 as ev
 import hub
@@ -454,6 +455,9 @@ def test_cli_end_to_end(saved, val_dir, gpt2_encoding, repro, tmp_path):
         and hub.CARD_START in card
         and f"{want_hs['acc_norm']:.4f}" in card
     )
+    # model-index: the measured validation loss; HellaSwag only when all of it was scored (here 7 examples)
+    results = ModelCard(card).data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in results] == [("loss", round(want_val, 4))]
 
 
 def test_cli_offline_without_hellaswag_warns_and_falls_back(saved, val_dir, tmp_path):

@@ -103,7 +103,7 @@ def _env(**extra) -> dict:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))
+        if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "HF_TOKEN"))
     }
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **extra)
     return env
@@ -224,12 +224,16 @@ def test_export_folders_load_with_auto_classes(reference, data_dir):
 
 
 @pytest.mark.slow
-def test_export_loads_with_trust_remote_code_in_a_fresh_process(reference, tmp_path):
+@pytest.mark.parametrize("folder", ["export", "checkpoints/step_00000012"])
+def test_export_and_checkpoints_load_with_trust_remote_code_in_a_fresh_process(
+    reference, tmp_path, folder
+):
+    """The run's export/ and every checkpoint folder load with the Auto classes alone, as Trainer checkpoints do."""
     run, _ = reference
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"folder = {str(run / 'export')!r}\n"
+        f"folder = {str(run / folder)!r}\n"
         "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)\n"
         "tok = AutoTokenizer.from_pretrained(folder)\n"
         "ids = tok('Hello, I', return_tensors='pt').input_ids\n"
@@ -246,6 +250,125 @@ def test_export_loads_with_trust_remote_code_in_a_fresh_process(reference, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     module, new_tokens = proc.stdout.split()[-2:]
     assert module.startswith("transformers_modules.") and new_tokens == "5"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_stores_the_model_once_and_the_run_exports_link_to_it(reference):
+    """The checkpoint root is the model (from_pretrained reads it, resume reads it); export/ hard-links to it;
+    the stock export is the only other copy of the weights (another layout: Conv1D, 50,257 rows)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+
+    import modeling_gpt2_repro  # noqa: F401  (registers the Auto classes in this process)
+
+    run, _ = reference
+    newest = run / "checkpoints" / "step_00000016"
+    weights = sorted(str(p.relative_to(newest)) for p in newest.rglob("*.safetensors"))
+    assert weights == ["export-gpt2/model.safetensors", "model.safetensors"]
+    assert not (newest / "export").exists() and (newest / "optimizer.bin").is_file()
+    for name in os.listdir(
+        run / "export"
+    ):  # every file of the run's export/ is the checkpoint's own
+        assert os.path.samefile(run / "export" / name, newest / name), name
+    assert {"config.json", "model.safetensors", "modeling_gpt2_repro.py", "tokenizer.json"} <= set(
+        os.listdir(run / "export")
+    )
+    assert not {"optimizer.bin", "trainer_state.json", "loader_rank0.json"} & set(
+        os.listdir(run / "export")
+    )
+    for name in os.listdir(run / "export-gpt2"):
+        assert os.path.samefile(run / "export-gpt2" / name, newest / "export-gpt2" / name), name
+    # Names as from_pretrained writes them (no DDP/compile prefixes), the tied LM head stored once.
+    names = set(load_file(newest / "model.safetensors"))
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+    assert not [n for n in names if n.startswith(("module.", "_orig_mod."))]
+    model = AutoModelForCausalLM.from_pretrained(newest, dtype=torch.float32)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert AutoTokenizer.from_pretrained(newest).pad_token == "<|endoftext|>"
+    stock = AutoModelForCausalLM.from_pretrained(newest / "export-gpt2", dtype=torch.float32)
+    assert isinstance(stock, GPT2LMHeadModel) and stock.generation_config.pad_token_id == 50256
+    for card in (newest / "README.md", newest / "export-gpt2" / "README.md"):
+        text = card.read_text()
+        assert str(run) not in text and str(ROOT) not in text and "/tmp" not in text, card
+
+
+@pytest.mark.slow
+def test_both_exports_generate_in_a_batched_pipeline(reference):
+    """pipeline("text-generation", batch_size=2) pads with end-of-text on the left: the same greedy text as
+    one prompt at a time, for our export (remote code) and the stock one."""
+    from transformers import pipeline
+
+    run, _ = reference
+    prompts = ["Hello, I'm a language model,", "The", "A cat sat on the mat and then", "Why"]
+    for folder in ("export", "export-gpt2"):
+        pipe = pipeline(
+            "text-generation", model=str(run / folder), trust_remote_code=True, batch_size=2
+        )
+        assert pipe.tokenizer.pad_token_id == pipe.model.generation_config.pad_token_id == 50256
+        batched = pipe(prompts, max_new_tokens=6, do_sample=False)
+        alone = [pipe(p, max_new_tokens=6, do_sample=False) for p in prompts]
+        texts = [b[0]["generated_text"] for b in batched]
+        assert texts == [a[0]["generated_text"] for a in alone], folder
+        assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(texts, prompts, strict=True))
+
+
+def _fake_wandb(folder: Path) -> Path:
+    """A stand-in for the wandb client (the W&B network boundary): init() records its arguments."""
+    package = folder / "wandb"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import json, os\n"
+        "class _Config(dict):\n"
+        "    def update(self, values, allow_val_change=False):\n"
+        "        dict.update(self, values)\n"
+        "config = _Config()\n"
+        "class Run:\n"
+        "    def log(self, values, step=None, **kwargs):\n"
+        "        pass\n"
+        "    def finish(self):\n"
+        "        pass\n"
+        "def init(**kwargs):\n"
+        "    with open(os.environ['FAKE_WANDB_LOG'], 'a') as f:\n"
+        "        f.write(json.dumps(kwargs) + '\\n')\n"
+        "    return Run()\n"
+    )
+    meta = folder / "wandb-0.0.0.dist-info"  # accelerate checks the installed distribution
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: wandb\nVersion: 0.0.0\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(
+    reference, data_dir, hellaswag_file, tmp_path
+):
+    """Resuming from an earlier checkpoint redoes steps 13-16: TensorBoard shows each step once (the redone
+    values), and W&B is asked to continue the same run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ref_losses, _ = _metrics(reference[0])
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    wandb_log = tmp_path / "wandb_init.jsonl"
+    env = {"PYTHONPATH": str(_fake_wandb(tmp_path / "site")), "FAKE_WANDB_LOG": str(wandb_log)}
+    args = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    args += ["--log_with", "tensorboard,wandb"]
+    _train([*args, "--resume", str(run / "checkpoints" / "step_00000012")], run, **env)
+    _train([*args, "--resume", "latest"], run, **env)  # nothing left to train: starts and stops
+
+    events = EventAccumulator(str(run / "logs" / "gpt2-repro"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == list(range(1, MAX_STEPS + 1)), steps  # each step once, in order
+    values = {e.step: e.value for e in events.Scalars("loss")}
+    assert values == pytest.approx(ref_losses, rel=1e-6)
+    assert [e.step for e in events.Scalars("val_loss")] == [4, 8, 12, 16]
+
+    inits = [json.loads(line) for line in wandb_log.read_text().splitlines()]
+    run_id = (run / "wandb_run_id").read_text().strip()
+    assert len(inits) == 2 and run_id
+    for init in inits:
+        assert init == {"project": "gpt2-repro", "name": "run", "id": run_id, "resume": "allow"}
 
 
 @pytest.mark.slow
@@ -469,76 +592,133 @@ def test_cuda_defaults_bf16_compile_fused_adamw(reference, data_dir, hellaswag_f
     _check_mixed_precision_run(out, proc, reference[0], "cuda", steps=MAX_STEPS)
 
 
-@pytest.mark.slow
-def test_push_to_hub_uploads_the_export_in_the_background(data_dir, tmp_path):
-    """The real trainer with the real uploader; only HfApi (the network) is replaced by a recording fake."""
-    token = "hf_" + "NeverPrintMe0123456789"
-    record = tmp_path / "hub.json"
+# The real trainer, run as `python train.py` (its __main__ error handling included), with only huggingface_hub's
+# HfApi (the network) replaced by a stand-in that records each call; FAKE_HUB_DENY=1 makes it answer 403.
+FAKE_HUB_RUNNER = """
+import json, os, runpy, sys
+from pathlib import Path
+
+import httpx2
+from huggingface_hub.errors import HfHubHTTPError
+
+import hub
+
+calls = []
+
+
+class FakeHfApi:
+    def whoami(self):
+        calls.append(["whoami"])
+        return {"name": "me"}
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(["create_repo", repo_id, kw])
+        if os.environ.get("FAKE_HUB_DENY"):
+            request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+            response = httpx2.Response(403, request=request)
+            raise HfHubHTTPError("403 Forbidden: no write access to " + repo_id, response=response)
+
+    def create_branch(self, repo_id, **kw):
+        calls.append(["create_branch", repo_id, kw])
+
+    def upload_folder(self, repo_id, folder_path, commit_message, **kw):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        card = (Path(folder_path) / "README.md").read_text()
+        calls.append(["upload_folder", repo_id, commit_message, kw, files, card])
+
+
+if os.environ.get("FAKE_HUB", "1") == "1":
+    hub.HfApi = FakeHfApi
+sys.argv = [os.environ["TRAIN_PY"], *sys.argv[1:]]
+try:
+    runpy.run_path(os.environ["TRAIN_PY"], run_name="__main__")
+finally:
+    Path(os.environ["FAKE_HUB_RECORD"]).write_text(json.dumps(calls))
+"""
+
+
+def _train_with_fake_hub(args: list[str], tmp_path: Path, **env):
     runner = tmp_path / "run_with_fake_hub.py"
-    runner.write_text(
-        "import json, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from pathlib import Path\n"
-        "import hub, train\n"
-        "calls = []\n"
-        "class FakeHfApi:\n"
-        "    def create_repo(self, repo_id, **kw):\n"
-        "        calls.append(['create_repo', repo_id, kw])\n"
-        "    def upload_folder(self, repo_id, folder_path, commit_message, **kw):\n"
-        "        files = sorted(p.name for p in Path(folder_path).iterdir())\n"
-        "        calls.append(['upload_folder', repo_id, commit_message, files])\n"
-        "hub.HfApi = FakeHfApi\n"
-        "train.main(sys.argv[1:])\n"
-        f"Path({str(record)!r}).write_text(json.dumps(calls))\n"
+    runner.write_text(FAKE_HUB_RUNNER)
+    record = tmp_path / "hub_calls.json"
+    env = _env(
+        PYTHONPATH=str(ROOT), TRAIN_PY=str(ROOT / "train.py"), FAKE_HUB_RECORD=str(record), **env
     )
-    out = tmp_path / "run"
-    args = [
-        *TINY_ARGS,
-        "--data_dir",
-        str(data_dir),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "4",
-        "--checkpoint_every",
-        "2",
-        "--hellaswag",
-        "false",
-        "--push_to_hub",
-        "me/gpt2-tiny",
-        "--hub_private",
-        "true",
-    ]
     proc = subprocess.run(
-        [sys.executable, str(runner), *args],
+        [sys.executable, str(runner), *TINY_ARGS, *args],
         cwd=tmp_path,
-        env=_env(HF_TOKEN=token),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+    return proc, json.loads(record.read_text()) if record.is_file() else None
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_both_exports_in_the_background(data_dir, tmp_path):
+    """Login and repo checked at start-up; each checkpoint's export goes to main, the stock one to branch gpt2."""
+    token = "hf_" + "NeverPrintMe0123456789"
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--output_dir", str(out), "--max_steps", "4"]
+    args += ["--checkpoint_every", "2", "--hellaswag", "false"]
+    args += ["--push_to_hub", "me/gpt2-tiny", "--hub_private", "true"]
+    proc, calls = _train_with_fake_hub(args, tmp_path, HF_TOKEN=token)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert token not in proc.stdout + proc.stderr
-    calls = json.loads(record.read_text())
-    assert calls[0] == [
-        "create_repo",
-        "me/gpt2-tiny",
-        {"repo_type": "model", "private": True, "exist_ok": True},
+    assert calls[:3] == [  # before any training
+        ["whoami"],
+        ["create_repo", "me/gpt2-tiny", {"repo_type": "model", "private": True, "exist_ok": True}],
+        [
+            "create_branch",
+            "me/gpt2-tiny",
+            {"branch": "gpt2", "repo_type": "model", "exist_ok": True},
+        ],
     ]
     uploads = [c for c in calls if c[0] == "upload_folder"]
-    assert (
-        uploads[-1][2] == "step 4"
-    )  # the final export always goes up (step 2's may be superseded)
-    for c in uploads:
-        assert {
-            "config.json",
-            "model.safetensors",
-            "modeling_gpt2_repro.py",
-            "README.md",
-            "tokenizer.json",
-        } <= set(c[3])
-    assert "me/gpt2-tiny" in (out / "export" / "README.md").read_text()
+    main = [c for c in uploads if c[3]["revision"] is None]
+    stock = [c for c in uploads if c[3]["revision"] == "gpt2"]
+    assert main[-1][2] == stock[-1][2] == "step 4"  # the final exports always go up
+    for _, _, _, kw, files, card in main:
+        assert {"config.json", "model.safetensors", "modeling_gpt2_repro.py"} <= set(files)
+        assert {"README.md", "tokenizer.json", "generation_config.json"} <= set(files)
+        assert (
+            not {"optimizer.bin", "trainer_state.json"} & set(files) and "delete_patterns" not in kw
+        )
+        assert 'from_pretrained("me/gpt2-tiny", trust_remote_code=True)' in card
+        assert 'revision="gpt2"' in card  # the card points to the stock variant
+    for _, _, _, kw, files, card in stock:
+        assert "modeling_gpt2_repro.py" not in files and "model.safetensors" in files
+        assert kw["delete_patterns"] == "*"  # the branch mirrors the stock export exactly
+        assert 'from_pretrained("me/gpt2-tiny", revision="gpt2")' in card
+    for *_, card in uploads:  # nothing local in what is published
+        assert str(tmp_path) not in card and str(data_dir) not in card and str(ROOT) not in card
     assert not list((out / ".hub-staging").iterdir())
+
+
+def _assert_refused_at_start(proc, out: Path, message: str) -> None:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert message in errors[0] and "--push_to_hub" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_push_to_hub_without_a_token_fails_before_training(data_dir, tmp_path):
+    """The real HfApi, with no token anywhere: it answers before any request (offline is fine)."""
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--output_dir", str(out), "--push_to_hub", "me/x"]
+    env = {"FAKE_HUB": "0", "HF_HOME": str(tmp_path / "hf-home")}
+    proc, calls = _train_with_fake_hub(args, tmp_path, **env)
+    _assert_refused_at_start(proc, out, "no Hugging Face token found. Log in with `hf auth login`")
+
+
+def test_push_to_hub_without_write_access_fails_before_training(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--output_dir", str(out), "--push_to_hub", "openai/gpt2"]
+    proc, calls = _train_with_fake_hub(args, tmp_path, HF_TOKEN="hf_" + "x" * 20, FAKE_HUB_DENY="1")
+    _assert_refused_at_start(proc, out, "403 Forbidden")
+    assert [c[0] for c in calls] == ["whoami", "create_repo"]
 
 
 @pytest.mark.slow
