@@ -636,7 +636,16 @@ def write_results_to_card(
     if results["val_loss"] is not None:
         val_loss = {"value": results["val_loss"], "tokens": results["val_tokens"]}
         val_loss["data_source"] = manifest_source(data_dir)
-    return update_model_card(folder, evaluation_section(results), hellaswag, val_loss)
+    # The card is meant to be shared: local model folders by their name only, never a path of this machine.
+    public = {**results, "model": _card_name(results["model"])}
+    if results.get("compare"):
+        public["compare"] = {**results["compare"], "model": _card_name(results["compare"]["model"])}
+    return update_model_card(folder, evaluation_section(public), hellaswag, val_loss)
+
+
+def _card_name(name: str) -> str:
+    """A Hub id as it is; a local folder by its last component (`export`, `step_00001000`)."""
+    return Path(name).name if Path(name).exists() else name
 
 
 def find_metrics_log(log_dir: str | None, model: str) -> Path | None:

@@ -467,7 +467,12 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         wants_loss = labels is not None or shift_labels is not None
         if not wants_loss and logits_to_keep:  # generation needs the last position only
             h = h[:, -logits_to_keep:]
-        logits = F.linear(h, self.lm_head.weight, self.logit_mask)  # (B, T, V)
+        mask = self.logit_mask
+        if (
+            mask is not None and mask.dtype != h.dtype
+        ):  # FSDP's mixed precision casts parameters, not buffers
+            mask = mask.to(h.dtype)
+        logits = F.linear(h, self.lm_head.weight, mask)  # (B, T, V)
 
         loss = None
         if wants_loss:

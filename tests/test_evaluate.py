@@ -455,6 +455,8 @@ def test_cli_end_to_end(saved, val_dir, gpt2_encoding, repro, tmp_path):
         and hub.CARD_START in card
         and f"{want_hs['acc_norm']:.4f}" in card
     )
+    assert str(saved) not in card and "| this model (`export`) |" in card  # no local path
+    assert "| `export-gpt2`, evaluated here on the same data |" in card
     # model-index: the measured validation loss; HellaSwag only when all of it was scored (here 7 examples)
     results = ModelCard(card).data.eval_results
     assert [(r.metric_type, r.metric_value) for r in results] == [("loss", round(want_val, 4))]

@@ -574,3 +574,13 @@ def test_flash_attention_2_is_not_offered():
     """Not declared until tested with the flash-attn package: transformers refuses it with a clear message."""
     with pytest.raises(ValueError, match="does not support Flash Attention 2"):
         tiny_model(attn_implementation="flash_attention_2")
+
+
+def test_bf16_parameters_with_the_fp32_mask_buffer_as_fsdp_mixed_precision_leaves_them():
+    """FSDP2's mixed precision casts parameters to bf16 for the forward but leaves buffers (the logit mask) fp32."""
+    model = tiny_model()
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert model.logit_mask.dtype == torch.float32
+    logits = model(ids(1, 6)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isinf(logits[..., 50257:]).all()

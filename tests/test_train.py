@@ -704,6 +704,7 @@ def _assert_refused_at_start(proc, out: Path, message: str) -> None:
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_push_to_hub_without_a_token_fails_before_training(data_dir, tmp_path):
     """The real HfApi, with no token anywhere: it answers before any request (offline is fine)."""
     out = tmp_path / "run"
@@ -713,6 +714,7 @@ def test_push_to_hub_without_a_token_fails_before_training(data_dir, tmp_path):
     _assert_refused_at_start(proc, out, "no Hugging Face token found. Log in with `hf auth login`")
 
 
+@pytest.mark.slow
 def test_push_to_hub_without_write_access_fails_before_training(data_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--data_dir", str(data_dir), "--output_dir", str(out), "--push_to_hub", "openai/gpt2"]
