@@ -43,3 +43,38 @@ def test_truncate_metrics_drops_redone_steps_and_half_lines(tmp_path):
     ckpt.truncate_metrics(path, 4)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert kept == [r for r in rows if r["step"] <= 4]
+
+
+def test_model_weights_load_back_exactly_from_both_checkpoint_formats(tmp_path):
+    """Today's checkpoints hold save_pretrained's model.safetensors; older ones accelerate's own, whose names carry
+    the wrappers' prefixes (DDP's `module.`, torch.compile's `_orig_mod.`). Both load bit for bit."""
+    import torch
+    from safetensors.torch import save_file
+
+    from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
+
+    config = GPT2ReproConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16)
+    torch.manual_seed(0)
+    trained = GPT2ReproForCausalLM(config)
+    trained.save_pretrained(tmp_path / "new")
+    legacy = {  # accelerate's layout: the tied LM head dropped, every name prefixed
+        f"module._orig_mod.{k}": v.clone()
+        for k, v in trained.state_dict().items()
+        if k != "lm_head.weight"
+    }
+    (tmp_path / "old").mkdir()
+    save_file(legacy, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    for folder in ("new", "old"):
+        torch.manual_seed(1)
+        fresh = GPT2ReproForCausalLM(config)
+        ckpt.load_model_weights(fresh, tmp_path / folder)
+        for (name, a), b in zip(
+            trained.state_dict().items(), fresh.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), (folder, name)
+        assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    other = GPT2ReproForCausalLM(GPT2ReproConfig(n_layer=2, n_head=2, n_embd=32, n_positions=16))
+    with pytest.raises(RuntimeError, match="do not fit this model"):
+        ckpt.load_model_weights(other, tmp_path / "new")
+    with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
+        ckpt.load_model_weights(other, tmp_path)
