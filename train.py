@@ -558,9 +558,8 @@ def main(argv: list[str] | None = None) -> Path:
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars at every checkpoint
     run_dir = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
-    uploader = open_hub(
-        cfg, accelerator, run_dir
-    )  # no token or access: fails now, not at a checkpoint
+    # --push_to_hub without a token or write access fails here, not at the first checkpoint
+    uploader = open_hub(cfg, accelerator, run_dir)
     is_main = accelerator.is_main_process
     log = tqdm.write if is_main else (lambda *_: None)
     record_run(cfg, accelerator, run_dir, log)
