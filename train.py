@@ -211,7 +211,7 @@ def train_step(
             optimizer.zero_grad(set_to_none=True)
     mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean")
     loss_value, norm_value = torch.stack(
-        [mean_loss, grad_norm.detach().float()]
+        [mean_loss, getattr(grad_norm, "full_tensor", lambda: grad_norm)().detach().float()]
     ).tolist()  # one device sync
     return loss_value, norm_value
 
