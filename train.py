@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -115,21 +116,119 @@ def build_model(cfg: TrainConfig) -> GPT2ReproForCausalLM:
     return GPT2ReproForCausalLM(cfg.model_config())
 
 
-def build_optimizer(
+# The matrices torch.optim.Muon trains with optimizer=muon: the blocks' attention and MLP weights.
+MUON_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def muon_param_names(model: torch.nn.Module) -> set[str]:
+    """Names of the 2-D weight matrices inside the transformer blocks (transformer.h.<i>.<MUON_MATRICES>)."""
+    in_block = re.compile(r"(?:.+\.)?h\.\d+\.(.+)")
+    return {
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad
+        and p.dim() == 2
+        and (m := in_block.fullmatch(name))
+        and m[1] in MUON_MATRICES
+    }
+
+
+def build_optimizers(
     model: torch.nn.Module, cfg: TrainConfig, device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW; weight decay on 2-D+ tensors (matmul weights, embeddings) only, not on biases and LayerNorms."""
-    params = [
-        p for p in model.parameters() if p.requires_grad
-    ]  # the tied embedding/LM head appears once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+) -> list[torch.optim.Optimizer]:
+    """[AdamW], or with optimizer=muon [AdamW, Muon]: every trainable parameter in exactly one group.
+
+    AdamW: weight decay on 2-D+ tensors (matmul weights, embeddings) only, not on biases and LayerNorms.
+    Muon (PyTorch's torch.optim.Muon): the blocks' attention and MLP matrices. AdamW keeps the rest, the
+    token embedding included, which is also the tied LM head (named_parameters lists a shared tensor once).
+    """
     optim = cfg.optim
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon_names = muon_param_names(model) if optim.optimizer == "muon" else set()
+    rest = [p for n, p in named if n not in muon_names]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": optim.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
     betas = (optim.beta1, optim.beta2)
     fused = fused_adamw(device) or None  # None: PyTorch's default (foreach) elsewhere
-    return torch.optim.AdamW(groups, lr=lr_at(0, optim), betas=betas, eps=optim.eps, fused=fused)
+    (adamw_peak, _), *muon_peak = schedule_peaks(optim)
+    adamw = torch.optim.AdamW(groups, lr=adamw_peak, betas=betas, eps=optim.eps, fused=fused)
+    if optim.optimizer != "muon":
+        return [adamw]
+    if device.type == "cpu":
+        orthogonalize_in_fp32_on_cpu()
+    muon = torch.optim.Muon(
+        [p for n, p in named if n in muon_names],
+        lr=muon_peak[0][0],
+        weight_decay=optim.muon_weight_decay,
+        momentum=optim.muon_momentum,
+        nesterov=optim.muon_nesterov,
+        ns_steps=optim.muon_ns_steps,
+        adjust_lr_fn=optim.muon_adjust_lr_fn,
+    )
+    return [adamw, muon]
+
+
+def schedule_peaks(optim) -> list[tuple[float, float]]:
+    """(peak, floor) of each optimizer of build_optimizers: AdamW's, then Muon's (the same final fraction).
+
+    Read from the config at every step, not from the param groups (a resume restores those from the
+    checkpoint), so a resume with other LRs takes them.
+    """
+    adamw = (optim.max_lr, optim.min_lr)
+    muon = (optim.muon_lr, optim.muon_lr * optim.min_lr / optim.max_lr)
+    return [adamw, muon] if optim.optimizer == "muon" else [adamw]
+
+
+def set_lrs(optimizers: list, step: int, optim) -> dict[str, float]:
+    """Every param group's LR for optimizer step `step`; returns {"lr": AdamW's, "muon_lr": Muon's}."""
+    lrs = {}
+    for name, optimizer, (peak, floor) in zip(
+        ("lr", "muon_lr"), optimizers, schedule_peaks(optim), strict=False
+    ):
+        lrs[name] = lr_at(step, optim, peak, floor)
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[name]
+    return lrs
+
+
+_TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz
+
+
+def _newton_schulz(grad, ns_coefficients, ns_steps: int, eps: float):
+    """torch.optim.Muon's orthogonalization, the same quintic Newton-Schulz iteration, in fp32 on the CPU.
+
+    PyTorch runs it in bfloat16, which GPUs are fast at. A CPU without native bf16 matrix units is 20-40x
+    slower in bf16 than in fp32 (measured on a 2-core x86 VM: (768, 256) @ (256, 768) 503 ms vs 14 ms), which
+    made a Muon step of a 6x256 GPT-2 cost over a minute. Elsewhere, PyTorch's own function runs unchanged.
+    """
+    if grad.device.type != "cpu":
+        return _TORCH_NEWTON_SCHULZ(grad, ns_coefficients, ns_steps, eps)
+    a, b, c = ns_coefficients
+    x = grad.float()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x  # (rows <= cols): the Gram matrix is the small side
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(grad.dtype)
+
+
+def orthogonalize_in_fp32_on_cpu() -> None:
+    """Make torch.optim.Muon orthogonalize CPU gradients in fp32 (see _newton_schulz); idempotent."""
+    torch.optim._muon._zeropower_via_newtonschulz = _newton_schulz
+
+
+def check_optimizer_support(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse what Muon cannot do: orthogonalizing a weight needs the whole matrix in every process."""
+    if cfg.optim.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "optimizer=muon cannot run under FSDP: Muon orthogonalizes each whole weight matrix, and FSDP "
+            "shards them across processes. Use DDP (distributed_type: MULTI_GPU in the accelerate config) "
+            "or --optimizer adamw."
+        )
 
 
 def fused_adamw(device: torch.device) -> bool:
@@ -185,14 +284,14 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def train_step(
-    accelerator: Accelerator, model, optimizer, loader, lr: float, grad_clip: float
+    accelerator: Accelerator, model, optimizers: list, loader, grad_clip: float
 ) -> tuple[float, float]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches per process.
 
-    Returns (loss averaged over every micro-batch of every process, global gradient norm before clipping).
+    `optimizers` (AdamW, or AdamW + Muon) are stepped and zeroed on the synced micro-step; their LRs are set
+    before (set_lrs). Returns (loss averaged over every micro-batch of every process, global gradient norm
+    before clipping).
     """
-    for group in optimizer.param_groups:  # set per optimizer step, see lr_at
-        group["lr"] = lr
     accum = accelerator.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
     for _ in range(accum):
@@ -207,8 +306,9 @@ def train_step(
             loss_sum += loss.detach()
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-            optimizer.step()  # both no-ops until the gradients are synced
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:  # both no-ops until the gradients are synced
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean")
     loss_value, norm_value = torch.stack(
         [mean_loss, getattr(grad_norm, "full_tensor", lambda: grad_norm)().detach().float()]
@@ -565,11 +665,11 @@ def main(argv: list[str] | None = None) -> Path:
     record_run(cfg, accelerator, run_dir, log)
 
     set_seed(cfg.run.seed)  # the same initial weights on every rank
-    raw_model = build_model(
-        cfg
-    )  # the plain module: evaluation, sampling, export (shares parameters with `model`)
-    optimizer = build_optimizer(raw_model, cfg, accelerator.device)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    # raw_model: the plain module for evaluation, sampling and export (shares parameters with `model`)
+    raw_model = build_model(cfg)
+    check_optimizer_support(cfg, accelerator)
+    optimizers = build_optimizers(raw_model, cfg, accelerator.device)
+    model, *optimizers = accelerator.prepare(raw_model, *optimizers)
     register_weight_hooks(accelerator, raw_model)
     loader = make_loader(cfg, accelerator)
     state = resume(accelerator, loader, cfg, run_dir)
@@ -578,10 +678,8 @@ def main(argv: list[str] | None = None) -> Path:
         k: state.get(k)
         for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")
     }
-    if is_main:
-        ckpt.truncate_metrics(
-            run_dir / "metrics.jsonl", step
-        )  # steps after the checkpoint are redone
+    if is_main:  # the steps logged after the checkpoint are redone
+        ckpt.truncate_metrics(run_dir / "metrics.jsonl", step)
         log(
             f"resumed from step {step} ({run_dir})"
             if step
@@ -606,12 +704,12 @@ def main(argv: list[str] | None = None) -> Path:
     model.train()
     while step < optim.max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, optim)
-        loss, grad_norm = train_step(accelerator, model, optimizer, loader, lr, optim.grad_clip)
+        lrs = set_lrs(optimizers, step, optim)
+        loss, grad_norm = train_step(accelerator, model, optimizers, loader, optim.grad_clip)
         dt = time.perf_counter() - t0
         step, tokens_seen = step + 1, tokens_seen + data.total_batch_tokens
         tokens_per_sec = data.total_batch_tokens / dt
-        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        row = {"step": step, "loss": loss, **lrs, "grad_norm": grad_norm}
         row |= {"tokens_per_sec": tokens_per_sec, "step_time_ms": dt * 1000, "tokens": tokens_seen}
         step_mfu = mfu(flops_per_token, tokens_per_sec, peak, accelerator.num_processes)
         row |= {} if math.isnan(step_mfu) else {"mfu": step_mfu}

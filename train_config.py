@@ -15,6 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cli
 from atomic_io import write_atomic
@@ -58,19 +59,93 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the LR schedule: linear warmup to max_lr, cosine decay to min_lr at max_steps."""
+    """Optimizer and LR schedule.
+
+    optimizer=adamw: AdamW on every parameter (the GPT-2 recipe). optimizer=muon: torch.optim.Muon on the 2-D
+    weight matrices inside the transformer blocks (attention and MLP), AdamW (max_lr, betas, eps,
+    weight_decay) on the rest: token and position embeddings (the tied LM head is the token embedding),
+    LayerNorms and biases. Each group follows the schedule from its own peak LR (max_lr for AdamW, muon_lr for
+    Muon) down to the same fraction min_lr / max_lr of it.
+    """
 
     max_steps: int = opt(
-        19073, "optimizer steps; also where the cosine reaches min_lr (10B tokens at 2**19)"
+        19073, "optimizer steps; also where the schedule reaches min_lr (10B tokens at 2**19)"
     )
-    max_lr: float = opt(6e-4, "peak learning rate")
-    min_lr: float = opt(6e-5, "final learning rate")
-    warmup_steps: int = opt(715, "linear warmup steps")
+    optimizer: Literal["adamw", "muon"] = opt(
+        "adamw", "adamw (every parameter) or muon (the blocks' 2-D weights; AdamW for the rest)"
+    )
+    schedule: Literal["cosine", "wsd"] = opt(
+        "cosine",
+        "cosine: warmup, then cosine to min_lr at max_steps; wsd (warmup-stable-decay): warmup, "
+        "constant, then linear to min_lr over the final decay_fraction of max_steps",
+    )
+    decay_fraction: float = opt(0.2, "wsd: the final fraction of max_steps spent cooling down")
+    max_lr: float = opt(
+        6e-4, "peak learning rate of AdamW (with optimizer=muon: the AdamW group's)"
+    )
+    min_lr: float = opt(6e-5, "final AdamW LR; every group ends at min_lr / max_lr of its own peak")
+    warmup_steps: int = opt(715, "linear warmup steps (every group)")
     weight_decay: float = opt(0.1, "AdamW decay, applied to tensors with 2+ dimensions only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
+    muon_lr: float = opt(
+        0.02, "Muon: peak LR of the blocks' 2-D weights (scaled by muon_adjust_lr_fn)"
+    )
+    muon_momentum: float = opt(0.95, "Muon: momentum of the gradient average it orthogonalizes")
+    muon_nesterov: bool = opt(True, "Muon: Nesterov momentum")
+    muon_ns_steps: int = opt(5, "Muon: Newton-Schulz iterations per step")
+    muon_weight_decay: float = opt(0.0, "Muon: decoupled weight decay (param *= 1 - lr * wd)")
+    muon_adjust_lr_fn: Literal["original", "match_rms_adamw"] = opt(
+        "match_rms_adamw",
+        "Muon: per-matrix LR scale: match_rms_adamw (0.2 * sqrt(max dim): AdamW-sized updates) or "
+        "original (sqrt(max(1, rows / cols)))",
+    )
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for each setting of this section (TrainConfig.validate reports the failures)."""
+        decay_steps = wsd_decay_steps(self) if 0.0 < self.decay_fraction <= 1.0 else 0
+        cooldown = self.max_steps - decay_steps
+        return [
+            (self.max_steps > 0, f"optim.max_steps={self.max_steps} must be positive"),
+            (self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0"),
+            (self.max_lr > 0, f"optim.max_lr={self.max_lr} must be positive"),
+            (
+                0.0 <= self.min_lr <= self.max_lr,
+                f"optim.min_lr={self.min_lr} must be in [0, max_lr={self.max_lr}]",
+            ),
+            (self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0"),
+            (
+                0.0 < self.decay_fraction <= 1.0,
+                f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]",
+            ),
+            (
+                self.schedule != "wsd" or self.warmup_steps <= cooldown,
+                f"optim.warmup_steps={self.warmup_steps} overlaps the wsd cool-down, which starts at "
+                f"step {cooldown} (max_steps={self.max_steps} x (1 - decay_fraction="
+                f"{self.decay_fraction})): lower warmup_steps or decay_fraction, or raise max_steps",
+            ),
+            (
+                0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0,
+                f"optim.beta1={self.beta1} and beta2={self.beta2} must be in [0, 1)",
+            ),
+            (self.eps > 0, f"optim.eps={self.eps} must be positive"),
+            (self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0"),
+            (self.muon_lr > 0, f"optim.muon_lr={self.muon_lr} must be positive"),
+            (
+                0.0 <= self.muon_momentum < 1.0,
+                f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)",
+            ),
+            (
+                1 <= self.muon_ns_steps < 100,
+                f"optim.muon_ns_steps={self.muon_ns_steps} must be in [1, 100)",
+            ),
+            (
+                self.muon_weight_decay >= 0,
+                f"optim.muon_weight_decay={self.muon_weight_decay} must be >= 0",
+            ),
+        ]
 
 
 @dataclass
@@ -161,13 +236,7 @@ class TrainConfig:
                 data.seq_len <= n_positions,
                 f"data.seq_len={data.seq_len} exceeds model.n_positions={n_positions}",
             ),
-            (optim.max_steps > 0, f"optim.max_steps={optim.max_steps} must be positive"),
-            (optim.warmup_steps >= 0, f"optim.warmup_steps={optim.warmup_steps} must be >= 0"),
-            (
-                0.0 <= optim.min_lr <= optim.max_lr,
-                f"optim.min_lr={optim.min_lr} must be in [0, max_lr={optim.max_lr}]",
-            ),
-            (optim.grad_clip >= 0, f"optim.grad_clip={optim.grad_clip} must be >= 0"),
+            *optim.checks(),
             (
                 min(evals.eval_every, ckpt.checkpoint_every, evals.num_samples) >= 0,
                 "eval_every, checkpoint_every and num_samples must be >= 0",
@@ -259,18 +328,38 @@ def grad_accum_steps(
 # ---- learning-rate schedule ------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, optim: OptimConfig) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup to max_lr, cosine to min_lr at max_steps, then flat.
+def wsd_decay_steps(optim: OptimConfig) -> int:
+    """Length of the wsd cool-down: the final decay_fraction of max_steps, rounded, at least one step."""
+    return max(1, round(optim.decay_fraction * optim.max_steps))
+
+
+def lr_at(
+    step: int, optim: OptimConfig, peak: float | None = None, floor: float | None = None
+) -> float:
+    """LR for optimizer step `step` (0-based) of a param group scheduled from `peak` down to `floor`.
+
+    The defaults are AdamW's (max_lr, min_lr); the Muon group passes (muon_lr, muon_lr * min_lr / max_lr).
+    schedule=cosine: linear warmup to peak, cosine to floor at max_steps, then flat.
+    schedule=wsd: linear warmup to peak, constant, then linear to floor over the last `wsd_decay_steps`
+    steps, flat after max_steps. Only the cool-down depends on max_steps, so a run can be extended (resume
+    a checkpoint taken before the cool-down with a larger --max_steps) or cut short the same way.
 
     A pure function of the step, so a resumed run needs nothing but the step count. The trainer sets it on the
-    optimizer's param_groups once per optimizer step rather than through an LR scheduler passed to
-    `accelerator.prepare`, because accelerate steps a prepared scheduler once per process at every optimizer step
-    (with 8 GPUs the warmup would end 8x too early). Warmup reaches max_lr at step warmup_steps - 1, as in
+    optimizers' param_groups once per optimizer step rather than through an LR scheduler passed to
+    `accelerator.prepare`, because accelerate steps a prepared scheduler once per process at every optimizer
+    step (with 8 GPUs the warmup would end 8x too early). Warmup reaches peak at step warmup_steps - 1, as in
     build-nanogpt.
     """
+    peak = optim.max_lr if peak is None else peak
+    floor = optim.min_lr if floor is None else floor
     if step < optim.warmup_steps:
-        return optim.max_lr * (step + 1) / optim.warmup_steps
+        return peak * (step + 1) / optim.warmup_steps
     if step >= optim.max_steps:
-        return optim.min_lr
+        return floor
+    if optim.schedule == "wsd":
+        decay = wsd_decay_steps(optim)
+        if step < optim.max_steps - decay:
+            return peak
+        return floor + (peak - floor) * (optim.max_steps - step) / decay  # peak at its first step
     progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)  # 0 -> 1
-    return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.max_lr - optim.min_lr)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)

@@ -91,9 +91,9 @@ def main() -> None:
     model_a = train.build_model(cfg)
     model_b = train.build_model(cfg)
     model_b.load_state_dict(model_a.state_dict())
-    opt_a = train.build_optimizer(model_a, cfg, accelerator.device)
-    opt_b = train.build_optimizer(model_b, cfg, accelerator.device)
-    model_a, opt_a = accelerator.prepare(model_a, opt_a)
+    opt_a = train.build_optimizers(model_a, cfg, accelerator.device)
+    (opt_b,) = train.build_optimizers(model_b, cfg, accelerator.device)  # the bare loop: AdamW only
+    model_a, *opt_a = accelerator.prepare(model_a, *opt_a)
     loader_a, loader_b = make_loader(), make_loader()
     metrics = work / "metrics.jsonl"
     print(
@@ -105,9 +105,8 @@ def main() -> None:
 
     def run_train_py(step: int) -> tuple[float, float]:
         t0 = time.perf_counter()
-        loss, grad_norm = train.train_step(
-            accelerator, model_a, opt_a, loader_a, lr_at(step, optim), optim.grad_clip
-        )
+        train.set_lrs(opt_a, step, optim)
+        loss, grad_norm = train.train_step(accelerator, model_a, opt_a, loader_a, optim.grad_clip)
         train.append_jsonl(metrics, {"step": step + 1, "loss": loss, "grad_norm": grad_norm})
         return loss, time.perf_counter() - t0
 

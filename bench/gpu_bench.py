@@ -30,7 +30,7 @@ import train  # noqa: E402
 from modeling_gpt2_repro import estimate_flops_per_token  # noqa: E402
 from run_info import mfu, peak_bf16_flops  # noqa: E402
 from token_data import TokenShardLoader, write_shard  # noqa: E402
-from train_config import load_config, lr_at  # noqa: E402
+from train_config import load_config  # noqa: E402
 
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64, "seq_len": 64}
 
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     raw_model = train.build_model(cfg)
-    model, optimizer = accelerator.prepare(
-        raw_model, train.build_optimizer(raw_model, cfg, accelerator.device)
+    model, *optimizers = accelerator.prepare(
+        raw_model, *train.build_optimizers(raw_model, cfg, accelerator.device)
     )
     model.train()
     cuda = accelerator.device.type == "cuda"
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     def step_at(step: int) -> float:
-        lr = lr_at(step, optim)
-        return train.train_step(accelerator, model, optimizer, loader, lr, optim.grad_clip)[0]
+        train.set_lrs(optimizers, step, optim)
+        return train.train_step(accelerator, model, optimizers, loader, optim.grad_clip)[0]
 
     t0 = time.perf_counter()
     loss = step_at(0)  # the first step compiles (forward and backward graphs)

@@ -163,6 +163,90 @@ def reference(tmp_path_factory, data_dir, hellaswag_file):
     return out, proc
 
 
+# The fast recipe on the same tiny model: Muon for the blocks' matrices, AdamW for the rest, wsd schedule.
+MUON_ARGS = ["--optimizer", "muon", "--schedule", "wsd", "--decay_fraction", "0.4"]
+
+
+@pytest.fixture(scope="module")
+def muon_reference(tmp_path_factory, data_dir, hellaswag_file):
+    """One uninterrupted single-process run of the fast recipe, like `reference`."""
+    out = tmp_path_factory.mktemp("muon_reference") / "run"
+    proc = _train(
+        [*MUON_ARGS, "--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)], out
+    )
+    return out, proc
+
+
+RECIPES = {"adamw": ("reference", []), "muon": ("muon_reference", MUON_ARGS)}
+
+
+# ---------------------------------------------------------------------------- optimizers (no runs)
+
+
+def _tiny_model(n_layer=2):
+    from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
+
+    config = GPT2ReproConfig(n_layer=n_layer, n_head=2, n_embd=32, n_positions=16)
+    return GPT2ReproForCausalLM(config)
+
+
+def test_muon_and_adamw_groups_hold_every_parameter_once():
+    import train
+
+    model = _tiny_model()
+    cfg = load_config(ROOT / "configs" / "tiny_fast.yaml")
+    adamw, muon = train.build_optimizers(model, cfg, torch.device("cpu"))
+    groups = [g for opt in (adamw, muon) for g in opt.param_groups]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # the tied weight counts once
+    assert model.lm_head.weight is model.transformer.wte.weight
+    adamw_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)} <= adamw_ids
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = sorted(names[id(p)] for p in muon.param_groups[0]["params"])
+    expected = sorted(f"transformer.h.{i}.{m}" for i in range(2) for m in train.MUON_MATRICES)
+    assert muon_names == expected
+    decayed, plain = adamw.param_groups
+    assert decayed["weight_decay"] == cfg.optim.weight_decay and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(
+        p.dim() == 1 for p in plain["params"]
+    )
+    assert muon.defaults["adjust_lr_fn"] == cfg.optim.muon_adjust_lr_fn
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    (alone,) = train.build_optimizers(model, tiny, torch.device("cpu"))
+    assert isinstance(alone, torch.optim.AdamW) and len(alone.param_groups) == 2
+
+
+def test_each_optimizer_follows_the_schedule_from_its_own_peak():
+    import train
+
+    cfg = load_config(ROOT / "configs" / "tiny_fast.yaml", {"max_steps": 100, "warmup_steps": 10})
+    optimizers = train.build_optimizers(_tiny_model(), cfg, torch.device("cpu"))
+    optim = cfg.optim
+    assert train.set_lrs(optimizers, 30, optim) == {"lr": optim.max_lr, "muon_lr": optim.muon_lr}
+    assert optimizers[1].param_groups[0]["lr"] == optim.muon_lr
+    end = train.set_lrs(optimizers, 100, optim)
+    assert end["lr"] == optim.min_lr
+    assert end["muon_lr"] == pytest.approx(optim.muon_lr * optim.min_lr / optim.max_lr)
+
+
+def test_muon_orthogonalizes_cpu_gradients_in_fp32_like_pytorch_does_in_bf16():
+    """The CPU's fp32 Newton-Schulz is the same function as PyTorch's bf16 one, to bf16 precision."""
+    import train
+
+    coefficients = (3.4445, -4.7750, 2.0315)
+    for shape in [(96, 32), (32, 96), (64, 64)]:
+        grad = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]))
+        ours = train._newton_schulz(grad, coefficients, 5, 1e-7)
+        torch_bf16 = train._TORCH_NEWTON_SCHULZ(grad, coefficients, 5, 1e-7).float()
+        assert ours.dtype == grad.dtype and ours.shape == grad.shape
+        assert (ours - torch_bf16).norm() / torch_bf16.norm() < 2e-2
+    model = _tiny_model()
+    cfg = load_config(ROOT / "configs" / "tiny_fast.yaml")
+    train.build_optimizers(model, cfg, torch.device("cpu"))
+    assert torch.optim._muon._zeropower_via_newtonschulz is train._newton_schulz  # what Muon calls
+
+
 @pytest.mark.slow
 def test_a_short_run_learns_and_logs_everything(reference):
     run, proc = reference
@@ -372,13 +456,18 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(
-    reference, data_dir, hellaswag_file, tmp_path
+    recipe, request, data_dir, hellaswag_file, tmp_path
 ):
+    """Both recipes: every optimizer's state (AdamW's moments, Muon's momentum) is in the checkpoint."""
+    fixture, recipe_args = RECIPES[recipe]
+    reference = request.getfixturevalue(fixture)
     ref_losses, ref_evals = _metrics(reference[0])
     out = tmp_path / "run"
     args = [
         *TINY_ARGS,
+        *recipe_args,
         "--data_dir",
         str(data_dir),
         "--hellaswag_file",
@@ -409,6 +498,7 @@ def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(
 
     resumed = _train(
         [
+            *recipe_args,
             "--data_dir",
             str(data_dir),
             "--hellaswag_file",
@@ -431,11 +521,32 @@ def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(
-    reference, data_dir, hellaswag_file, tmp_path
-):
-    """torchrun + gloo: 2 processes x 1 micro-step of 4 x 32 = 1 process x 2 micro-steps, same windows."""
+def test_a_muon_run_learns_faster_and_exports_a_stock_gpt2(reference, muon_reference):
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    losses, evals = _metrics(muon_reference[0])
     ref_losses, ref_evals = _metrics(reference[0])
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    assert (
+        evals[MAX_STEPS]["val_loss"] < ref_evals[MAX_STEPS]["val_loss"]
+    )  # on this learnable chain
+    first = json.loads((muon_reference[0] / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["muon_lr"] == pytest.approx(0.02 / 2) and first["lr"] == pytest.approx(1e-2 / 2)
+    stock = AutoModelForCausalLM.from_pretrained(muon_reference[0] / "export-gpt2")
+    assert type(stock) is GPT2LMHeadModel and stock.config.model_type == "gpt2"
+    assert torch.isfinite(stock(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_two_processes_match_one_process_with_the_same_global_batch(
+    recipe, request, data_dir, hellaswag_file, tmp_path
+):
+    """torchrun + gloo: 2 processes x 1 micro-step of 4 x 32 = 1 process x 2 micro-steps, same windows.
+
+    With Muon every process orthogonalizes the same all-reduced gradient: the same update everywhere."""
+    fixture, recipe_args = RECIPES[recipe]
+    ref_losses, ref_evals = _metrics(request.getfixturevalue(fixture)[0])
     out = tmp_path / "run"
     launcher = [
         sys.executable,
@@ -446,7 +557,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
         "2",
     ]
     _train(
-        ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)],
+        [*recipe_args, "--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)],
         out,
         launcher,
         ACCELERATE_USE_CPU="true",

@@ -154,3 +154,51 @@ def test_lr_schedule_boundaries():
     assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
     assert lr_at(0, OptimConfig(max_lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=10)) == 1e-3
+
+
+def test_wsd_schedule_boundaries_and_it_follows_max_steps():
+    o = OptimConfig(
+        schedule="wsd", max_steps=100, warmup_steps=10, decay_fraction=0.4, max_lr=1e-2, min_lr=1e-3
+    )
+    assert lr_at(0, o) == pytest.approx(1e-3)  # warmup: peak * 1 / 10
+    assert lr_at(9, o) == 1e-2 and lr_at(10, o) == 1e-2 and lr_at(59, o) == 1e-2  # constant
+    assert lr_at(60, o) == pytest.approx(1e-2)  # the cool-down's first step, then linear
+    assert lr_at(80, o) == pytest.approx((1e-2 + 1e-3) / 2)
+    assert 1e-3 < lr_at(99, o) < 1e-2 and lr_at(100, o) == 1e-3 and lr_at(500, o) == 1e-3
+    assert lr_at(80, o, peak=0.02, floor=0.002) == pytest.approx(0.011)  # another group's own peak
+    longer = OptimConfig(**{**o.__dict__, "max_steps": 200})  # --max_steps 200: cool-down from 120
+    assert lr_at(100, longer) == 1e-2 and lr_at(160, longer) == pytest.approx((1e-2 + 1e-3) / 2)
+    assert [lr_at(s, o) for s in range(60)] == [lr_at(s, longer) for s in range(60)]  # extendable
+
+
+def test_cosine_ignores_the_group_arguments_it_defaults_to():
+    o = OptimConfig(max_steps=50, warmup_steps=5, max_lr=3e-3, min_lr=3e-4)
+    assert all(lr_at(step, o) == lr_at(step, o, 3e-3, 3e-4) for step in range(0, 60, 3))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"optimizer": "sgd"}, "--optimizer: expected one of adamw, muon, got 'sgd'"),
+        ({"schedule": "linear"}, "--schedule: expected one of cosine, wsd, got 'linear'"),
+        ({"decay_fraction": 0}, "decay_fraction=0.0 must be in (0, 1]"),
+        ({"muon_adjust_lr_fn": "rms"}, "expected one of original, match_rms_adamw"),
+        ({"muon_momentum": 1.0}, "muon_momentum=1.0 must be in [0, 1)"),
+        ({"schedule": "wsd", "max_steps": 12, "warmup_steps": 10}, "overlaps the wsd cool-down"),
+    ],
+)
+def test_optimizer_and_schedule_settings_are_checked(overrides, message):
+    escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    with pytest.raises(ConfigError, match=escaped):
+        load_config(ROOT / "configs" / "tiny_fast.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    ("fast", "reference"), [("tiny_fast", "tiny"), ("gpt2_124m_fast", "gpt2_124m")]
+)
+def test_fast_presets_keep_the_reference_model_data_and_batch(fast, reference):
+    a, b = (load_config(ROOT / "configs" / f"{name}.yaml") for name in (fast, reference))
+    assert a.model == b.model and a.data == b.data
+    assert (a.optim.optimizer, a.optim.schedule) == ("muon", "wsd")
+    assert (b.optim.optimizer, b.optim.schedule) == ("adamw", "cosine")
+    assert a.optim.max_steps < b.optim.max_steps

@@ -1,0 +1,811 @@
+"""Tokens to the reference loss: the reference recipe (configs/tiny.yaml: AdamW + cosine) against the fast recipe
+(configs/tiny_fast.yaml: Muon + AdamW, warmup-stable-decay), through the real train.py, on CPU.
+
+The report corpus is GCIDE (the Collaborative International Dictionary of English, ~40 MB of text), from Debian:
+
+    mkdir -p data/corpora && cd data/corpora && apt-get download dict-gcide && dpkg -x dict-gcide_*.deb x
+    # -> x/usr/share/dictd/gcide.dict.dz (+ gcide.index)
+
+    python bench/bench_recipe.py prepare --corpus data/corpora/x/usr/share/dictd/gcide.dict.dz \\
+        --out data/recipe-gcide                       # -> corpus.jsonl (plain-text documents) + shards/
+    python bench/bench_recipe.py compare --data data/recipe-gcide --work runs/recipe-gcide \\
+        --sizes 4x128 6x256 --seeds 0 1 --base_steps 200 --fast_steps 30 40 60 80 --base_lrs 3e-3 6e-3
+    python bench/bench_recipe.py timing --data data/recipe-gcide --sizes 4x128 6x256
+    python bench/bench_recipe.py ablate --data DIR --work DIR --size 4x128 --steps 80 \\
+        --variant "muon_lr=0.04" --variant "schedule=cosine" ...     # tuning runs (on another corpus)
+
+Cost of the `compare` above: 532 optimizer steps per size and seed (baseline 2 x 200; fast budgets chained: 30 +
+22 + 36 + 44), a 6x256 step about 2.5x a 4x128 one; roughly 1.5 hours on 2 idle cores (estimate: the runs made
+while writing it shared 2 cores with other jobs at 3-50x the idle step time). Run it where cores are free.
+
+`prepare` turns a dictd dictionary (.dict / .dict.dz, with its .index beside it: one entry per index offset, the
+dictionary markup stripped) or a folder of reStructuredText / text files (e.g. Debian's python3.11-doc
+`_sources/*.rst.txt`) into plain-text documents of about 3,000 characters (consecutive entries or paragraphs),
+shuffled with a fixed seed so the validation split (the first `--val_tokens` tokens) samples the whole corpus, and
+writes token shards with data_prep.py. A .txt or .jsonl corpus is passed to data_prep.py as it is.
+
+`compare` trains every (size, seed) with both recipes: the baseline for `--base_steps` at each `--base_lrs` (its
+own LR tuning; the best mean final loss over seeds is the reference), the fast recipe at each `--fast_steps`
+budget. A fast budget's run is its own schedule (the cool-down is the final decay_fraction of that budget); since a
+wsd schedule is constant before its cool-down, the longer budgets resume from the shorter budget's checkpoint
+taken before either cool-down starts (exact on CPU: same losses as a fresh run), which saves their shared steps.
+Each run is a subprocess `python train.py --config <preset> ...` with its own folder under --work; a finished
+run (final val_loss in its metrics.jsonl) is reused, so an interrupted comparison continues where it stopped.
+
+The ratio per size and seed: tokens the baseline needs for its final validation loss (its budget) / tokens the
+fast recipe needs for the same loss, found by linear interpolation of the fast recipe's final losses in
+log(tokens) between the two budgets that bracket it (outside the budgets: reported as a bound, '>' or '<').
+`timing` measures the wall-clock of one optimizer step of each optimizer in one process, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_PRESET, FAST_PRESET = ROOT / "configs" / "tiny.yaml", ROOT / "configs" / "tiny_fast.yaml"
+DOC_CHARS = 3000
+
+# ---------------------------------------------------------------------------------------------------- corpora
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(text: str) -> int:
+    """dictd's index numbers: base 64, most significant digit first."""
+    value = 0
+    for ch in text:
+        value = value * 64 + _B64.index(ch)
+    return value
+
+
+def _clean_dict_entry(entry: str) -> str:
+    """GCIDE / dictd markup to plain text: no source tags, pronunciations, cross-reference braces or hard wraps."""
+    entry = re.sub(
+        r"^\s*\[[^\]\n]*\]\s*$", "", entry, flags=re.M
+    )  # [1913 Webster], [WordNet 1.5], [PJC] lines
+    entry = re.sub(
+        r"\s*\[(?:1913 Webster|Webster 1913 Suppl\.|WordNet[^\]]*|PJC|Century Dict\.)\]", "", entry
+    )
+    entry = re.sub(r"\\[^\\\n]{1,80}\\,?", "", entry)  # \Af*fect"\  pronunciations
+    entry = re.sub(r"\[[=.^\"'~`]([a-zA-Z])\]", r"\1", entry)  # [=a] [.e]: letters with accents
+    entry = re.sub(r"[{}]", "", entry)  # {Fact}: cross references
+    paragraphs = [
+        " ".join(p.split()) for p in re.split(r"\n\s*\n", entry)
+    ]  # unwrap the indented lines
+    return "\n".join(p for p in paragraphs if p)
+
+
+def dict_documents(path: Path) -> list[str]:
+    """Entries of a dictd dictionary (.dict or .dict.dz beside its .index), in file order, without the 00-database
+    header entries; consecutive entries are joined into documents of about DOC_CHARS characters."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".dz" else path.read_bytes()
+    index = Path(re.sub(r"\.dict(\.dz)?$", ".index", str(path)))
+    spans = set()
+    for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split("\t")
+        if (
+            len(parts) >= 3
+            and not parts[0].startswith("00-database")
+            and not parts[0].startswith("00database")
+        ):
+            spans.add((_dictd_number(parts[1]), _dictd_number(parts[2])))
+    entries = [
+        _clean_dict_entry(raw[o : o + n].decode("utf-8", errors="replace"))
+        for o, n in sorted(spans)
+    ]
+    return _group([e for e in entries if e])
+
+
+def _clean_rst(text: str) -> str:
+    text = re.sub(r"^\s*\.\. .*$", "", text, flags=re.M)  # directives and comments
+    text = re.sub(r"^\s+:[\w-]+:.*$", "", text, flags=re.M)  # directive options
+    text = re.sub(r"^([=\-~^\"'`#*+])\1{3,}\s*$", "", text, flags=re.M)  # heading underlines
+    text = re.sub(r":[\w:.-]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", text)  # :func:`name` -> name
+    text = re.sub(r"``([^`]*)``", r"\1", text).replace("`_", "").replace("`", "")
+    return text
+
+
+def text_tree_documents(folder: Path) -> list[str]:
+    """Files of a folder (*.rst.txt, *.rst, *.txt) as paragraphs, joined into documents of about DOC_CHARS."""
+    docs = []
+    for path in sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name.endswith((".rst", ".txt"))
+    ):
+        text = _clean_rst(path.read_text(encoding="utf-8", errors="replace"))
+        paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+        docs += _group(paragraphs, sep="\n\n")
+    return docs
+
+
+def _group(parts: list[str], sep: str = "\n\n") -> list[str]:
+    docs, current = [], []
+    for part in parts:
+        current.append(part)
+        if sum(len(p) for p in current) >= DOC_CHARS:
+            docs.append(sep.join(current))
+            current = []
+    return docs + ([sep.join(current)] if current else [])
+
+
+def prepare(corpus: Path, out: Path, val_tokens: int, max_tokens: int | None) -> Path:
+    """corpus -> out/corpus.jsonl (shuffled documents) -> out/shards (data_prep.py). Returns the shard folder."""
+    shards = out / "shards"
+    if (shards / "manifest.json").is_file():
+        print(f"{shards}: already prepared")
+        return shards
+    out.mkdir(parents=True, exist_ok=True)
+    if corpus.suffix in (".txt", ".jsonl") and corpus.is_file():
+        dataset = corpus
+    else:
+        docs = text_tree_documents(corpus) if corpus.is_dir() else dict_documents(corpus)
+        random.Random(0).shuffle(docs)
+        dataset = out / "corpus.jsonl"
+        with open(dataset, "w") as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+        print(f"{len(docs):,} documents, {sum(map(len, docs)):,} characters -> {dataset}")
+    cmd = [
+        sys.executable,
+        "data_prep.py",
+        "--dataset",
+        str(dataset),
+        "--output_dir",
+        str(shards),
+        "--val_tokens",
+        str(val_tokens),
+    ] + (["--max_tokens", str(max_tokens)] if max_tokens else [])
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return shards
+
+
+def shards_of(data: str) -> str:
+    path = Path(data)
+    return str(path / "shards") if (path / "shards" / "manifest.json").is_file() else str(path)
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+
+
+def size_options(size: str) -> list[str]:
+    """'4x128' -> layers x width; 64-wide heads from 256 up (GPT-2's), 32-wide below (configs/tiny.yaml's)."""
+    layers, width = (int(v) for v in size.lower().split("x"))
+    heads = width // 64 if width >= 256 else width // 32
+    return ["--n_layer", str(layers), "--n_embd", str(width), "--n_head", str(heads)]
+
+
+class _External:
+    """A run that another bench process started (its pid file names a live process), polled like a Popen."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    @classmethod
+    def of(cls, run_dir: Path) -> _External | None:
+        try:
+            pid = int((run_dir / "pid").read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return cls(pid)
+
+    def poll(self) -> int | None:
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            self.returncode = 0  # its own log and metrics say how it ended
+        return self.returncode
+
+
+class Runner:
+    """train.py subprocesses, `jobs` at a time, each with `threads` torch threads; finished runs are reused."""
+
+    def __init__(self, work: Path, data: str, val_tokens: int, threads: int, jobs: int):
+        self.work, self.data, self.val_tokens, self.threads, self.jobs = (
+            work,
+            data,
+            val_tokens,
+            threads,
+            jobs,
+        )
+        self.running: list[tuple[subprocess.Popen, str]] = []
+
+    @staticmethod
+    def final(run_dir: Path) -> dict | None:
+        """{"val_loss", "tokens", "step", "seconds"} of a finished run, else None."""
+        cfg_path, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+        if not metrics.is_file() or not cfg_path.is_file():
+            return None
+        import yaml
+
+        max_steps = yaml.safe_load(cfg_path.read_text())["optim"]["max_steps"]
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        evals = [r for r in rows if "val_loss" in r and r["step"] == max_steps]
+        steps = [r for r in rows if "loss" in r]
+        if not evals or not steps:
+            return None
+        step_ms = statistics.median(r["step_time_ms"] for r in steps)
+        return {
+            "val_loss": evals[-1]["val_loss"],
+            "tokens": steps[-1]["tokens"],
+            "step": max_steps,
+            "train_loss": steps[-1]["loss"],
+            "step_ms": step_ms,
+        }
+
+    def start(
+        self, name: str, preset: Path, options: list[str], resume: Path | None = None
+    ) -> Path:
+        run_dir = self.work / name
+        if self.final(run_dir) is not None:
+            return run_dir
+        if (
+            external := _External.of(run_dir)
+        ) is not None:  # another bench process is training it: wait for it
+            self.running.append((external, name))
+            return run_dir
+        self.wait(self.jobs - 1)
+        cmd = [
+            sys.executable,
+            "train.py",
+            "--config",
+            str(preset),
+            "--data_dir",
+            self.data,
+            "--output_dir",
+            str(run_dir),
+            "--log_with",
+            "none",
+            "--hellaswag",
+            "false",
+            "--num_samples",
+            "0",
+            "--val_tokens",
+            str(self.val_tokens),
+            "--eval_batch_size",
+            "8",
+            "--cpu_threads",
+            str(self.threads),
+            *options,
+        ]
+        if resume is not None:
+            cmd += ["--resume", str(resume)]
+        elif (run_dir / "checkpoints").is_dir():
+            cmd += ["--resume", "latest"]  # an interrupted run of ours continues
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(run_dir / "train.log", "a") as log:  # the child keeps its own handle
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        (run_dir / "pid").write_text(str(proc.pid))
+        self.running.append((proc, name))
+        print(f"[{time.strftime('%H:%M:%S')}] started {name}", flush=True)
+        return run_dir
+
+    def run_all(self, tasks: list[dict]) -> None:
+        """Start the tasks in order as slots free up; one with "after" waits for that run, then resumes from its
+        checkpoint at "resume_step" (or starts fresh if there is none)."""
+        pending = list(tasks)
+        while pending or self.running:
+            self.wait(self.jobs - 1)
+            active = {n for _, n in self.running}
+            ready = [
+                t
+                for t in pending
+                if t.get("after") not in active
+                and t.get("after") not in {p["name"] for p in pending}
+            ]
+            if ready and len(self.running) < self.jobs:
+                task = ready[0]
+                pending.remove(task)
+                resume = None
+                if "after" in task:
+                    resume = (
+                        self.work
+                        / task["after"]
+                        / "checkpoints"
+                        / f"step_{task['resume_step']:08d}"
+                    )
+                    resume = resume if (resume / "trainer_state.json").is_file() else None
+                self.start(task["name"], task["preset"], task["options"], resume=resume)
+            elif self.running:
+                self.wait(len(self.running) - 1)
+
+    def wait(self, at_most: int = 0) -> None:
+        while len(self.running) > at_most:
+            for proc, name in list(self.running):
+                if proc.poll() is not None:
+                    self.running.remove((proc, name))
+                    status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                    print(f"[{time.strftime('%H:%M:%S')}] {status} {name}", flush=True)
+            time.sleep(1)
+
+
+def decay_start(steps: int, decay_fraction: float) -> int:
+    return steps - max(1, round(decay_fraction * steps))
+
+
+def fast_budget_tasks(
+    prefix: str, budgets: list[int], common: list[str], extra: list[str], decay_fraction: float
+) -> list[dict]:
+    """The fast recipe at each budget; each longer budget resumes from the previous one's checkpoint at its own
+    cool-down start (before that step both schedules are identical: warmup then constant)."""
+    tasks, previous = [], None
+    for steps in sorted(budgets):
+        opts = [
+            *common,
+            *extra,
+            "--max_steps",
+            str(steps),
+            "--eval_every",
+            "0",
+            "--keep_last",
+            "100",
+            "--checkpoint_every",
+            str(decay_start(steps, decay_fraction)),
+        ]
+        task = {
+            "name": f"{prefix}-fast{steps}",
+            "preset": FAST_PRESET,
+            "options": opts,
+            "steps": steps,
+        }
+        if previous is not None:
+            task["after"] = previous["name"]
+            task["resume_step"] = decay_start(previous["steps"], decay_fraction)
+        tasks.append(task)
+        previous = task
+    return tasks
+
+
+def tokens_to_reach(target: float, points: list[tuple[int, float]]) -> tuple[float, str]:
+    """Tokens at which the loss curve through `points` (tokens, loss; one per budget) reaches `target`: linear in
+    log(tokens) between the bracketing budgets. Outside: the nearest budget and '>' (needs more) or '<' (fewer)."""
+    points = sorted(points)
+    if target < min(loss for _, loss in points):
+        return float(points[-1][0]), ">"  # never reached
+    if points[0][1] <= target:
+        return float(points[0][0]), "<"  # already reached at the smallest budget
+    for (t0, l0), (t1, l1) in zip(points, points[1:], strict=False):
+        if l0 > target >= l1:
+            frac = (l0 - target) / (l0 - l1)
+            return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))), "="
+    return float(points[-1][0]), ">"  # non-monotone and not reached at the largest
+
+
+def base_options(common: list[str], lr: float, args) -> list[str]:
+    """The reference recipe (tiny.yaml: AdamW, warmup 10, cosine to 10% at max_steps) at peak LR `lr`."""
+    return [
+        *common,
+        "--max_steps",
+        str(args.base_steps),
+        "--max_lr",
+        str(lr),
+        "--min_lr",
+        str(lr / 10),
+        "--eval_every",
+        str(args.base_eval_every),
+        "--checkpoint_every",
+        "0",
+    ]
+
+
+def compare(args) -> None:
+    work, data = Path(args.work), shards_of(args.data)
+    runner = Runner(work, data, args.val_tokens, args.threads, args.jobs)
+    fast_extra = args.fast_option or []
+    decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
+    plan, tasks = {}, []  # plan: (size, seed) -> {"base": {lr: dir}, "fast": {steps: dir}}
+    for size_i, size in enumerate(args.sizes):
+        for seed_i, seed in enumerate(args.seeds):
+            common = [*size_options(size), "--seed", str(seed)]
+            tag = f"{size}-s{seed}"
+            plan[(size, seed)] = {"base": {}, "fast": {}}
+            for lr_i, lr in enumerate(args.base_lrs):
+                name = f"{tag}-base-lr{lr:g}"
+                plan[(size, seed)]["base"][lr] = work / name
+                extra = int(
+                    lr_i > 0
+                )  # the LR sweep's other values: after the next seed's first-LR runs
+                prio = (seed_i + 1.5 * extra + int(extra and size_i > 0), size_i)
+                tasks.append(
+                    {
+                        "name": name,
+                        "preset": BASE_PRESET,
+                        "options": base_options(common, lr, args),
+                        "prio": prio,
+                    }
+                )
+            for task in fast_budget_tasks(tag, args.fast_steps, common, fast_extra, decay_fraction):
+                plan[(size, seed)]["fast"][task["steps"]] = work / task["name"]
+                tasks.append({**task, "prio": (seed_i, size_i)})
+    if not args.report_only:
+        runner.run_all(sorted(tasks, key=lambda t: t["prio"]))  # seeds in turn, smaller sizes first
+    report(plan, args)
+
+
+def _preset_optim(preset: Path, extra: list[str]) -> dict:
+    import yaml
+
+    optim = dict(yaml.safe_load(preset.read_text())["optim"])
+    for key, value in zip(extra[::2], extra[1::2], strict=False):
+        if key.lstrip("-") in optim:
+            optim[key.lstrip("-")] = yaml.safe_load(value)
+    return optim
+
+
+def report(plan: dict, args) -> None:
+    rows, results = [], {}
+    for (size, seed), runs in plan.items():
+        base = {lr: r for lr, d in runs["base"].items() if (r := Runner.final(d)) is not None}
+        fast = {steps: r for steps, d in runs["fast"].items() if (r := Runner.final(d)) is not None}
+        if len(base) < len(runs["base"]) or len(fast) < len(runs["fast"]):
+            print(
+                f"{size} seed {seed}: some runs did not finish (see their train.log); using the finished ones"
+            )
+        if not base or not fast:
+            continue
+        results[(size, seed)] = {"base": base, "fast": fast}
+        for lr, r in base.items():
+            rows.append(
+                (size, seed, f"adamw-cosine lr {lr:g}", r["tokens"], r["val_loss"], r["step_ms"])
+            )
+        for steps, r in sorted(fast.items()):
+            rows.append(
+                (size, seed, f"muon-wsd {steps} steps", r["tokens"], r["val_loss"], r["step_ms"])
+            )
+    print(
+        "\n| size | seed | recipe | tokens | val loss | median step ms |\n|---|---|---|---|---|---|"
+    )
+    for size, seed, recipe, tokens, loss, ms in rows:
+        print(f"| {size} | {seed} | {recipe} | {tokens:,} | {loss:.4f} | {ms:.0f} |")
+
+    summary = {}
+    print(
+        "\n| size | seed | baseline LR | baseline tokens | baseline val loss | fast tokens to it | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        seeds = [s for s in args.seeds if (size, s) in results]
+        if not seeds:
+            continue
+        lrs = set.intersection(*(set(results[(size, s)]["base"]) for s in seeds))
+        best = min(
+            lrs,
+            key=lambda lr: statistics.mean(
+                results[(size, s)]["base"][lr]["val_loss"] for s in seeds
+            ),
+        )
+        ratios = []
+        if not args.fast_steps:
+            continue
+        for s in seeds:
+            b = results[(size, s)]["base"][best]
+            points = [(r["tokens"], r["val_loss"]) for r in results[(size, s)]["fast"].values()]
+            tokens, how = tokens_to_reach(b["val_loss"], points)
+            ratio = b["tokens"] / tokens
+            ratios.append((ratio, how))
+            tok_bound, ratio_bound = {"=": ("", ""), ">": ("> ", "< "), "<": ("< ", "> ")}[how]
+            print(
+                f"| {size} | {s} | {best:g} | {b['tokens']:,} | {b['val_loss']:.4f} | {tok_bound}{tokens:,.0f} | "
+                f"{ratio_bound}{ratio:.2f} |"
+            )
+        values = [r for r, _ in ratios]
+        bounded = any(h != "=" for _, h in ratios)
+        summary[size] = {
+            "baseline_lr": best,
+            "ratios": ratios,
+            "mean": statistics.mean(values),
+            "min": min(values),
+            "max": max(values),
+            "bounded": bounded,
+        }
+        note = (
+            " (bounds, not interpolated: widen --fast_steps)"
+            if any(h != "=" for _, h in ratios)
+            else ""
+        )
+        print(
+            f"| {size} | all | | | | | mean {statistics.mean(values):.2f} (min {min(values):.2f}, "
+            f"max {max(values):.2f}, {len(values)} seeds){note} |"
+        )
+    out = Path(args.work)
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "ratio": summary}, indent=2))
+    plot(plan, results, summary, out / "bench_recipe.png")
+
+
+def plot(plan: dict, results: dict, summary: dict, path: Path) -> None:
+    """Val loss vs tokens per size: each baseline run's evaluation curve, each fast budget's final loss; faint: the
+    training loss (10-step mean) of the reference baseline and of the longest fast budget."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sizes = list(dict.fromkeys(size for size, _ in results))
+    fig = Figure(figsize=(6.5 * len(sizes), 4.8))
+    FigureCanvasAgg(fig)
+    for i, size in enumerate(sizes):
+        ax = fig.add_subplot(1, len(sizes), i + 1)
+        for (sz, seed), runs in plan.items():
+            if sz != size or (sz, seed) not in results:
+                continue
+            for lr, run_dir in runs["base"].items():
+                if lr not in results[(sz, seed)]["base"]:
+                    continue
+                evals = [
+                    json.loads(line)
+                    for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                ]
+                evals = [r for r in evals if "val_loss" in r]
+                final = results[(sz, seed)]["base"][lr]
+                toks = [r["step"] * final["tokens"] / final["step"] for r in evals]
+                best = lr == summary.get(size, {}).get("baseline_lr")
+                if best:  # the loss the fast recipe has to reach
+                    ax.axhline(final["val_loss"], color="tab:blue", lw=0.6, ls="--", alpha=0.5)
+                ax.plot(
+                    toks,
+                    [r["val_loss"] for r in evals],
+                    "-" if best else ":",
+                    color="tab:blue",
+                    alpha=0.9 if best else 0.4,
+                    label=f"AdamW cosine lr {lr:g}, seed {seed}",
+                )
+                ax.plot(
+                    [toks[-1]],
+                    [evals[-1]["val_loss"]],
+                    "o",
+                    color="tab:blue",
+                    alpha=0.9 if best else 0.4,
+                )
+            for run_dir, color in [
+                (runs["base"].get(summary.get(size, {}).get("baseline_lr")), "tab:blue"),
+                (runs["fast"].get(max(results[(sz, seed)]["fast"])), "tab:red"),
+            ]:
+                rows = [
+                    json.loads(line)
+                    for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                ]
+                rows = [r for r in rows if "loss" in r]
+                smooth = [
+                    statistics.mean(r["loss"] for r in rows[max(0, i - 9) : i + 1])
+                    for i in range(len(rows))
+                ]
+                ax.plot([r["tokens"] for r in rows], smooth, color=color, lw=0.7, alpha=0.35)
+            fast = sorted(results[(sz, seed)]["fast"].values(), key=lambda r: r["tokens"])
+            ax.plot(
+                [r["tokens"] for r in fast],
+                [r["val_loss"] for r in fast],
+                "s--",
+                color="tab:red",
+                label=f"Muon + WSD, final loss per budget, seed {seed}",
+            )
+        if size in summary:
+            s = summary[size]
+            at_least = ">= " if s["bounded"] else ""
+            ax.set_title(
+                f"{size}: ratio {at_least}{s['mean']:.2f} (seeds: {s['min']:.2f}-{s['max']:.2f})"
+            )
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("validation loss (faint: training loss)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 8.0))
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+# --------------------------------------------------------------------------------------------------- ablation
+
+
+def ablate(args) -> None:
+    """The fast recipe (or, with 'base:' first, the baseline preset) at one budget with option overrides each:
+    --variant "muon_lr=0.04,schedule=cosine". Prints final val loss per variant and seed."""
+    work, data = Path(args.work), shards_of(args.data)
+    runner = Runner(work, data, args.val_tokens, args.threads, args.jobs)
+    runs = []
+    for variant in args.variant:
+        preset, spec = (
+            (BASE_PRESET, variant[5:]) if variant.startswith("base:") else (FAST_PRESET, variant)
+        )
+        options = []
+        for item in filter(None, spec.split(",")):
+            key, value = item.split("=", 1)
+            options += [f"--{key.strip()}", value.strip()]
+        steps = next(
+            (v for k, v in zip(options[::2], options[1::2], strict=False) if k == "--max_steps"),
+            None,
+        )
+        for seed in args.seeds:
+            name = re.sub(r"[^\w.=,:-]", "_", f"{args.size}-s{seed}-{variant or 'fast'}")
+            opts = [
+                *size_options(args.size),
+                "--seed",
+                str(seed),
+                "--eval_every",
+                "0",
+                "--checkpoint_every",
+                "0",
+            ]
+            opts += [] if steps else ["--max_steps", str(args.steps)]
+            runs.append((variant, seed, runner.start(name, preset, [*opts, *options])))
+    runner.wait()
+    print("\n| variant | seed | tokens | val loss |\n|---|---|---|---|")
+    for variant, seed, run_dir in runs:
+        r = Runner.final(run_dir)
+        loss = f"{r['val_loss']:.4f}" if r else "FAILED"
+        print(f"| {variant or '(preset)'} | {seed} | {r['tokens'] if r else '-':,} | {loss} |")
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+
+
+def timing(args) -> None:
+    """Wall-clock of one optimizer step (train.train_step: forward, backward, clip, optimizer) per optimizer, the
+    two models (same init) stepping in alternation in this process, so machine load hits both alike."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import train
+    from data_prep import TokenShardLoader
+    from train_config import parse_args
+
+    torch.set_num_threads(args.threads)
+    data = shards_of(args.data)
+    for size in args.sizes:
+        setups = {}
+        for name, preset in (("adamw", BASE_PRESET), ("muon", FAST_PRESET)):
+            cfg = parse_args(
+                [
+                    "--config",
+                    str(preset),
+                    "--data_dir",
+                    data,
+                    *size_options(size),
+                    "--log_with",
+                    "none",
+                    "--cpu_threads",
+                    str(args.threads),
+                ]
+            )
+            accelerator = train.make_accelerator(cfg, Path(args.work) / "timing")
+            torch.set_num_threads(args.threads)
+            torch.manual_seed(0)
+            raw = train.build_model(cfg)
+            model, *opts = accelerator.prepare(
+                raw, *train.build_optimizers(raw, cfg, accelerator.device)
+            )
+            d = cfg.data
+            loader = TokenShardLoader(
+                d.data_dir, split="train", batch_size=d.micro_batch_size, seq_len=d.seq_len
+            )
+            setups[name] = {
+                "cfg": cfg,
+                "acc": accelerator,
+                "model": model,
+                "opts": opts,
+                "loader": loader,
+                "step": [],
+                "update": [],
+            }
+        for step in range(args.warmup + args.steps):
+            for st in setups.values():
+                train.set_lrs(st["opts"], 20, st["cfg"].optim)
+                t0 = time.perf_counter()
+                train.train_step(
+                    st["acc"],
+                    st["model"],
+                    st["opts"],
+                    st["loader"],
+                    None,
+                    st["cfg"].optim.grad_clip,
+                )
+                if step >= args.warmup:
+                    st["step"].append(time.perf_counter() - t0)
+        for st in setups.values():  # the optimizer update alone: one set of gradients left in place
+            x, y = st["loader"].next_batch()
+            st["model"](input_ids=x, shift_labels=y, return_logits=False).loss.backward()
+        for _ in range(args.steps):
+            for st in setups.values():
+                t0 = time.perf_counter()
+                for opt in st["opts"]:
+                    opt.step()
+                st["update"].append(time.perf_counter() - t0)
+        for name, st in setups.items():
+            times, updates = st["step"], st["update"]
+            print(
+                f"{size} {name:5s}: train step median {1000 * statistics.median(times):7.1f} ms "
+                f"(p25 {1000 * _q(times, 0.25):.1f}, p75 {1000 * _q(times, 0.75):.1f}, n={len(times)}); "
+                f"optimizer.step() alone median {1000 * statistics.median(updates):.2f} ms",
+                flush=True,
+            )
+
+
+def _q(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="corpus -> plain-text documents -> token shards")
+    p.add_argument(
+        "--corpus",
+        required=True,
+        help="dictd .dict(.dz), a folder of .rst/.txt files, a .txt or .jsonl",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--val_tokens", type=int, default=131072)
+    p.add_argument("--max_tokens", type=int, default=None)
+    for name in ("compare", "ablate", "timing"):
+        q = sub.add_parser(name)
+        q.add_argument("--data", required=True, help="a prepare --out folder, or a shard folder")
+        q.add_argument(
+            "--work", default="/tmp/bench_recipe", help="run folders (reused when finished)"
+        )
+        q.add_argument(
+            "--val_tokens", type=int, default=65536, help="validation tokens per evaluation"
+        )
+        q.add_argument("--threads", type=int, default=1, help="torch threads per run")
+        q.add_argument("--jobs", type=int, default=2, help="runs at a time")
+        q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    c = sub.choices["compare"]
+    c.add_argument("--sizes", nargs="+", default=["4x128", "6x256"], help="LAYERSxWIDTH")
+    c.add_argument("--base_steps", type=int, default=200)
+    c.add_argument(
+        "--base_lrs",
+        type=float,
+        nargs="+",
+        default=[3e-3],
+        help="baseline peak LRs (min_lr = 10%%)",
+    )
+    c.add_argument("--base_eval_every", type=int, default=100)
+    c.add_argument(
+        "--fast_steps", type=int, nargs="*", default=[60, 80, 100], help="none: baselines only"
+    )
+    c.add_argument(
+        "--report_only",
+        action="store_true",
+        help="tables and plot of the finished runs; train none",
+    )
+    c.add_argument(
+        "--fast_option",
+        nargs="*",
+        help="extra train.py options for the fast recipe (--muon_lr 0.03)",
+    )
+    a = sub.choices["ablate"]
+    a.add_argument("--size", default="4x128")
+    a.add_argument("--steps", type=int, default=80)
+    a.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="'key=value,...' over tiny_fast.yaml; "
+        "'base:key=value,...' over tiny.yaml; '' = the preset",
+    )
+    t = sub.choices["timing"]
+    t.add_argument("--sizes", nargs="+", default=["4x128", "6x256"])
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(Path(args.corpus), Path(args.out), args.val_tokens, args.max_tokens)
+    else:
+        {"compare": compare, "ablate": ablate, "timing": timing}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
