@@ -221,9 +221,9 @@ def orthogonalize_in_fp32_on_cpu() -> None:
     torch.optim._muon._zeropower_via_newtonschulz = _newton_schulz
 
 
-def check_optimizer_support(cfg: TrainConfig, accelerator: Accelerator) -> None:
+def check_optimizer_support(cfg: TrainConfig, distributed_type: DistributedType) -> None:
     """Refuse what Muon cannot do: orthogonalizing a weight needs the whole matrix in every process."""
-    if cfg.optim.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
+    if cfg.optim.optimizer == "muon" and distributed_type == DistributedType.FSDP:
         raise ConfigError(
             "optimizer=muon cannot run under FSDP: Muon orthogonalizes each whole weight matrix, and FSDP "
             "shards them across processes. Use DDP (distributed_type: MULTI_GPU in the accelerate config) "
@@ -667,7 +667,7 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(cfg.run.seed)  # the same initial weights on every rank
     # raw_model: the plain module for evaluation, sampling and export (shares parameters with `model`)
     raw_model = build_model(cfg)
-    check_optimizer_support(cfg, accelerator)
+    check_optimizer_support(cfg, accelerator.distributed_type)
     optimizers = build_optimizers(raw_model, cfg, accelerator.device)
     model, *optimizers = accelerator.prepare(raw_model, *optimizers)
     register_weight_hooks(accelerator, raw_model)

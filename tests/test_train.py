@@ -230,6 +230,21 @@ def test_each_optimizer_follows_the_schedule_from_its_own_peak():
     assert end["muon_lr"] == pytest.approx(optim.muon_lr * optim.min_lr / optim.max_lr)
 
 
+def test_muon_is_refused_under_fsdp_and_allowed_with_ddp():
+    """FSDP shards the matrices Muon orthogonalizes whole (FSDP itself cannot start on a CPU)."""
+    from accelerate import DistributedType
+
+    import train
+
+    fast = load_config(ROOT / "configs" / "tiny_fast.yaml")
+    with pytest.raises(
+        ConfigError, match="optimizer=muon cannot run under FSDP.*--optimizer adamw"
+    ):
+        train.check_optimizer_support(fast, DistributedType.FSDP)
+    train.check_optimizer_support(fast, DistributedType.MULTI_GPU)
+    train.check_optimizer_support(load_config(ROOT / "configs" / "tiny.yaml"), DistributedType.FSDP)
+
+
 def test_muon_orthogonalizes_cpu_gradients_in_fp32_like_pytorch_does_in_bf16():
     """The CPU's fp32 Newton-Schulz is the same function as PyTorch's bf16 one, to bf16 precision."""
     import train
