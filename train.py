@@ -426,6 +426,14 @@ def save_model_files(model, folder: Path, tokenizer, card: dict, state_dict=None
     converted from the folder just written (not from the live module), which also proves that it loads,
     whatever wraps the live module (DDP, FSDP).
     """
+    if type(model) is not GPT2ReproForCausalLM:
+        # FSDP2 swaps the module's class for a subclass of its own, whose source file (torch's FSDP code)
+        # transformers would copy as the remote code. Save the gathered weights through a plain model.
+        plain = GPT2ReproForCausalLM(model.config)
+        missing, unexpected = plain.load_state_dict(state_dict or model.state_dict(), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head may be left out
+            raise RuntimeError(f"saving the model: missing {missing}, unexpected {unexpected}")
+        model, state_dict = plain, None
     model.save_pretrained(folder, state_dict=state_dict)
     tokenizer_files = [Path(f).name for f in tokenizer.save_pretrained(folder)]
     write_model_card(folder, **card)
