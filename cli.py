@@ -21,6 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
+import os
+import re
 import sys
 import types
 import typing
@@ -30,9 +33,24 @@ from typing import Any, Literal
 
 import yaml
 
+DEBUG_ENV = "GPT2_REPRO_DEBUG"  # =1: tracebacks for expected errors too (like --debug)
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and what to use instead."""
+
+
+class RunError(RuntimeError):
+    """The run cannot go on for a reason outside the code (divergence, a full disk, another run in the folder);
+    the message names the problem and the fix."""
+
+
+class Stop(Exception):
+    """An orderly early end that is not a bug: `run` prints the message (no traceback) and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = ""):
@@ -234,6 +252,12 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
         description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False
     )
     parser.add_argument("--config", help="YAML preset; options given here override it")
+    parser.add_argument(
+        "--debug",
+        nargs="?",
+        const="true",
+        help=f"show the traceback of expected errors too (same as {DEBUG_ENV}=1)",
+    )
     for name, (section, f, tp) in option_index(cls).items():
         default = _default(f)
         where = f"{section}; " if section else ""
@@ -267,7 +291,17 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
         hint = f" Did you mean --{close[0]}?" if close else ""
         parser.error(f"unknown option {flag!r}.{hint} See --help for the full list.")
     values = vars(args)
+    values.pop("debug", None)  # read by `run` from the command line itself
     return build(cls, values.pop("config", None), values)
+
+
+def flat_options(values: dict) -> dict:
+    """{"optim": {"max_lr": 1e-3}, ...} -> {"max_lr": 1e-3, ...}: a config's values by option name (option names
+    are unique across sections, see option_index)."""
+    flat = {}
+    for key, value in values.items():
+        flat.update(flat_options(value) if isinstance(value, dict) else {key: value})
+    return flat
 
 
 def to_yaml(cfg) -> str:
@@ -275,10 +309,102 @@ def to_yaml(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
+# ---------------------------------------------------------------------------------------- running scripts
+
+# errno values that mean "the environment", not the code: full disk or quota, a file-size limit, read-only or
+# forbidden paths, a file where a folder should be (or the reverse), a name too long.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file-size limit (ulimit -f) or the file system",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EISDIR: "a folder stands where a file is needed",
+    errno.EEXIST: "a file stands where a folder is needed",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def environment_errno(exc: BaseException) -> int | None:
+    """The errno of an environment failure behind `exc` (an OSError, or a Rust I/O error that safetensors and
+    tokenizers report as "os error N"), following its causes; None when `exc` is something else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            return exc.errno
+        found = re.search(r"os error (\d+)", str(exc))
+        if found and int(found.group(1)) in ENVIRONMENT_ERRNOS:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_environment_error(exc: BaseException) -> str | None:
+    """One line naming an environment failure (what, where, the fix), or None when `exc` is not one."""
+    code = environment_errno(exc)
+    if code is None:
+        return None
+    where = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
+    what = ENVIRONMENT_ERRNOS[code]
+    place = f" at {where}" if where else ""
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free some space (or raise the limit), or choose a folder on another disk"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "choose a folder you can write to, or fix its permissions"
+    else:
+        fix = "choose another path"
+    return f"{what}{place} ({os.strerror(code)}): {fix}"
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def debugging(argv: list[str] | None = None) -> bool:
+    """Whether tracebacks of expected errors are wanted: `--debug` (or `--debug true`) or GPT2_REPRO_DEBUG=1."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--debug":
+            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            return following not in ("false", "0", "no", "off")
+        if arg.startswith("--debug="):
+            return arg.split("=", 1)[1].lower() not in ("false", "0", "no", "off")
+    return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
 def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
-    """Run a script's `main()`; a ConfigError (or one of `errors`) ends it with one `error: ...` line, exit code 2."""
+    """Run a script's `main()` the way every script ends.
+
+    A ConfigError, RunError or one of `errors` (bad input, hostile environment), or an OSError caused by the
+    environment (full disk, read-only folder, a file in the way), ends it with one `error: ...` line and exit
+    code 2; a `Stop` with its message and exit code; Ctrl-C with exit code 130. Anything else is a bug and keeps
+    its traceback. `--debug` or GPT2_REPRO_DEBUG=1 shows the traceback of the expected ones too.
+    """
+    if debugging():
+        main()
+        return
     try:
         main()
-    except (ConfigError, *errors) as e:
+    except Stop as e:
+        if str(e):  # processes other than the main one may stop silently
+            print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (ConfigError, RunError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        described = describe_environment_error(e)
+        if described is None:
+            raise
+        print(f"error: {described}", file=sys.stderr)
         sys.exit(2)

@@ -88,3 +88,65 @@ def test_help_lists_each_option_with_its_type_and_default():
         )
         assert proc.returncode == 0 and option in proc.stdout and "--config" in proc.stdout
         assert option.replace("_", "-") in proc.stdout  # the dashed alias
+
+
+def _exit_of(main, **env):
+    """(exit code, stderr) of cli.run(main) in this process."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.setattr(sys, "argv", ["script.py"])
+        with pytest.raises(SystemExit) as e:
+            cli.run(main)
+    return e.value.code, err.getvalue()
+
+
+def test_expected_errors_end_in_one_error_line_and_exit_code_2():
+    import errno
+
+    def config_error():
+        raise ConfigError("--x must be positive")
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/optimizer.bin")
+
+    def rust_io_error():  # how safetensors reports a full disk
+        raise RuntimeError("Error while serializing: I/O error: File too large (os error 27)")
+
+    def stop():
+        raise cli.Stop("stopped at step 7: continue with --resume latest", 75)
+
+    assert _exit_of(config_error) == (2, "error: --x must be positive\n")
+    code, err = _exit_of(disk_full)
+    assert code == 2 and err.startswith(
+        "error: no space left on the device at /runs/x/optimizer.bin"
+    )
+    assert "free some space" in err and err.count("\n") == 1
+    code, err = _exit_of(rust_io_error)
+    assert code == 2 and "file-size limit" in err
+    assert _exit_of(stop) == (75, "stopped at step 7: continue with --resume latest\n")
+
+
+def test_bugs_keep_their_traceback_and_debug_shows_every_traceback(monkeypatch):
+    def bug():
+        raise KeyError("a real bug")
+
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    with pytest.raises(KeyError):
+        cli.run(bug)
+
+    def config_error():
+        raise ConfigError("bad")
+
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ConfigError):
+        cli.run(config_error)
+    monkeypatch.delenv(cli.DEBUG_ENV)
+    monkeypatch.setattr(sys, "argv", ["script.py", "--debug"])
+    with pytest.raises(ConfigError):
+        cli.run(config_error)
+    assert cli.debugging(["--debug", "false"]) is False and cli.debugging(["--debug=true"]) is True
