@@ -10,26 +10,42 @@ each document); the shards are token_data.py's format. The first shard (`*_val_0
 while a run is unfinished, the point to resume from: the `datasets` stream state before the batch of documents
 that crossed the last shard boundary plus how many of that batch's tokens are already written. Rerunning the same
 command resumes there, so the finished shards are byte-identical to an uninterrupted run.
+
+The manifest also records a fingerprint of the source (local files: size, modification time and a hash of their
+first and last MiB; a Hub dataset: the commit it was read at, which a resume reads again), so a resume onto a
+changed source is refused. A rerun checks every finished shard against its SHA-256 before trusting it;
+`python data_prep.py --verify DIR` does the same on demand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import sys
+import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 import cli
 from atomic_io import is_temporary, write_json_atomic
-from cli import ConfigError, opt
+from cli import ConfigError, Stop, opt
 from gpt2_tokenizer import EOT_ID, get_gpt2_encoding
-from hub import FINEWEB_EDU
-from text_stream import encoded_batches, open_text_stream
-from token_data import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, read_shard, write_shard
+from hub import FINEWEB_EDU, hub_reachable
+from text_stream import encoded_batches, is_local_source, open_text_stream
+from token_data import (
+    HEADER_INTS,
+    MANIFEST,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    DataError,
+    verify_shards,
+    write_shard,
+)
 
 logger = logging.getLogger("data_prep")
 
@@ -40,7 +56,9 @@ DELIMITER = "eot_before_each_document"
 class PrepConfig:
     """Command line of data_prep.py (each field is an option)."""
 
-    output_dir: str = opt(help="folder for the shards and manifest.json")
+    output_dir: str | None = opt(
+        None, "folder for the shards and manifest.json (required, unless --verify)"
+    )
     dataset: str = opt(
         FINEWEB_EDU, "Hub dataset id, or local parquet/jsonl/txt: a file, a folder or a glob"
     )
@@ -59,6 +77,13 @@ class PrepConfig:
     )
     vocab_file: str | None = opt(None, "r50k_base.tiktoken for offline use")
     progress: bool = opt(True, "show a progress bar with tokens/s")
+    verify: str | None = opt(
+        None, "check the shards in this folder against its manifest.json's SHA-256s, and exit"
+    )
+
+    def validate(self) -> None:
+        if self.output_dir is None and self.verify is None:
+            raise ConfigError("missing required option --output_dir (see --help)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,10 +112,96 @@ def _differences(old: dict, new: dict, where: str = "") -> list[str]:
     return diffs
 
 
-def _open_manifest(out: Path, identity: dict) -> dict:
-    """The manifest to continue (same source and settings), a fresh one, or a DataError that destroys nothing."""
-    path = out / "manifest.json"
+# ----------------------------------------------------------------------------------------------------------------
+# What the shards come from, and whether they are still what was written
+
+SAMPLE_BYTES = 1 << 20  # hashed at each end of a local source file
+
+
+def _sample_sha256(path: str) -> str:
+    """SHA-256 of the first and last MiB of a file: catches a rewrite that kept the size, without reading it all."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLE_BYTES))
+        size = os.fstat(f.fileno()).st_size
+        if size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def hub_revision(dataset: str) -> str | None:
+    """The commit a Hub dataset's main branch is at now, or None when the Hub cannot be asked (offline)."""
+    if not hub_reachable():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(dataset).sha
+    except Exception as e:  # gated, removed, network trouble: the stream itself will say more
+        logger.warning("Could not look up the revision of %s: %s", dataset, e)
+        return None
+
+
+def source_fingerprint(files: list[str] | None, revision: str | None) -> dict:
+    """Local files: size, modification time and a sample hash of each; a Hub dataset: its commit (may be None)."""
+    if files is None:
+        return {"revision": revision}
+    found = []
+    for f in files:
+        stat = os.stat(f)
+        found.append(
+            {
+                "file": f,
+                "bytes": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "sample_sha256": _sample_sha256(f),
+            }
+        )
+    return {"files": found}
+
+
+def _source_changes(before: dict, now: dict) -> list[str]:
+    """How a local source differs from its recorded fingerprint (empty: the same)."""
+    old = {f["file"]: f for f in before.get("files") or []}
+    new = {f["file"]: f for f in now.get("files") or []}
+    changes = [f"{f}: gone" for f in old if f not in new]
+    changes += [f"{f}: new" for f in new if f not in old]
+    for f in sorted(old.keys() & new.keys()):
+        diffs = [k for k in ("bytes", "mtime_ns", "sample_sha256") if old[f][k] != new[f][k]]
+        if diffs:
+            then, now_ = old[f], new[f]
+            what = (
+                f"{then['bytes']:,} bytes then, {now_['bytes']:,} now"
+                if "bytes" in diffs
+                else ", ".join(diffs)
+            )
+            changes.append(f"{f}: changed ({what})")
+    revisions = before.get("revision"), now.get("revision")
+    if None not in revisions and revisions[0] != revisions[1]:
+        changes.append(f"revision {revisions[0]} then, {revisions[1]} now")
+    return changes
+
+
+def _read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
     if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e}). Choose another --output_dir.") from e
+    if not isinstance(manifest, dict) or manifest.get("created_by") != "data_prep.py":
+        raise DataError(
+            f"{path} was not written by data_prep.py. Nothing was changed: choose another --output_dir."
+        )
+    return manifest
+
+
+def _open_manifest(out: Path, manifest: dict | None, identity: dict, fingerprint: dict) -> dict:
+    """The manifest to continue (same source and settings, finished shards intact), a fresh one, or a DataError
+    that changes nothing."""
+    if manifest is None:
         foreign = sorted(p.name for ext in ("bin", "npy") for p in out.glob(f"*.{ext}"))
         if foreign:
             raise DataError(
@@ -98,41 +209,116 @@ def _open_manifest(out: Path, identity: dict) -> dict:
                 "but no manifest.json from data_prep.py, so they may come from another source. "
                 "Choose an empty --output_dir (nothing was changed)."
             )
-        return {"created_by": "data_prep.py", **identity, "complete": False, "shards": []}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e}). Choose another --output_dir.") from e
+        return {
+            "created_by": "data_prep.py",
+            **identity,
+            "source_fingerprint": fingerprint,
+            "complete": False,
+            "shards": [],
+        }
     diffs = _differences(manifest, identity)
-    if manifest.get("created_by") != "data_prep.py" or diffs:
+    if diffs:
         raise DataError(
-            f"{out} holds shards of another source or with other settings ({'; '.join(diffs) or 'foreign manifest'}). "
+            f"{out} holds shards of another source or with other settings ({'; '.join(diffs)}). "
             "Nothing was changed: choose another --output_dir, or rerun with the original options to resume."
         )
-    for shard in manifest[
-        "shards"
-    ]:  # finished shards must still be intact before we continue after them
-        path = out / shard["file"]
-        if not path.is_file() or len(read_shard(path)) != shard["tokens"]:
-            raise DataError(
-                f"{path}: missing, or not the {shard['tokens']} tokens manifest.json records. "
-                "Rerun into a new --output_dir (nothing was changed)."
-            )
+    problems = verify_shards(out)  # every finished shard, by its SHA-256
+    if problems:
+        raise DataError(
+            f"{out}: {len(problems)} finished shard(s) do not match manifest.json ({'; '.join(problems[:3])}). "
+            "Nothing was changed: prepare the data again into a new --output_dir."
+        )
+    recorded = manifest.get("source_fingerprint")
+    changes = _source_changes(recorded, fingerprint) if recorded else []
+    if changes and not manifest["complete"]:
+        raise DataError(
+            f"The source changed since {out} was started ({'; '.join(changes[:3])}), so continuing would mix old "
+            "and new content. Nothing was changed: prepare into a new --output_dir."
+        )
+    if changes:
+        logger.warning(
+            "Note: the source changed since these shards were written (%s)", "; ".join(changes[:3])
+        )
+    elif recorded is None:
+        logger.warning("%s predates source fingerprints: the source cannot be checked", out)
     return manifest
 
 
-def prepare(cfg: PrepConfig) -> dict:
-    """Tokenize `cfg.dataset` into shards in `cfg.output_dir` (resuming an unfinished run). Returns the manifest."""
+# ----------------------------------------------------------------------------------------------------------------
+# Refusing up front what cannot work
+
+
+def check_settings(cfg: PrepConfig) -> None:
+    """Positive sizes, a validation share that leaves tokens for training, shards that fit in memory."""
     if (
         cfg.shard_tokens < 1
         or cfg.val_tokens < 1
         or (cfg.max_tokens is not None and cfg.max_tokens < 1)
     ):
         raise DataError("--shard_tokens, --val_tokens and --max_tokens must be positive")
+    if cfg.max_tokens is not None and cfg.val_tokens >= cfg.max_tokens:
+        raise DataError(
+            f"--val_tokens {cfg.val_tokens:,} takes all of --max_tokens {cfg.max_tokens:,}: nothing would be left "
+            f"for training. Pass a smaller --val_tokens (e.g. {max(1, cfg.max_tokens // 10):,})."
+        )
+    largest = max(cfg.val_tokens, cfg.shard_tokens)
+    if cfg.max_tokens is not None:
+        largest = min(largest, cfg.max_tokens)
+    available = psutil.virtual_memory().available
+    if 2 * largest > available:  # one shard is assembled in memory (uint16) before it is written
+        raise DataError(
+            f"a shard of {largest:,} tokens needs {2 * largest / 2**30:.1f} GiB of memory while it is filled, and "
+            f"{available / 2**30:.1f} GiB are available. Pass a smaller --shard_tokens / --val_tokens (the default "
+            "100,000,000 needs 0.2 GiB)."
+        )
+
+
+def _new_buffer(tokens: int) -> np.ndarray:
+    try:
+        return np.empty(tokens, dtype=np.uint16)
+    except MemoryError:
+        raise DataError(
+            f"cannot allocate a shard of {tokens:,} tokens ({2 * tokens / 2**30:.1f} GiB). Pass a smaller "
+            "--shard_tokens / --val_tokens."
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preparation: stream -> shards, resumable
+
+
+def prepare(cfg: PrepConfig) -> dict:
+    """Tokenize `cfg.dataset` into shards in `cfg.output_dir` (resuming an unfinished run). Returns the manifest.
+
+    A failure leaves the finished shards and the manifest as they were (a rerun continues after them) and no
+    temporary file; a folder this call created and left empty is removed.
+    """
+    check_settings(cfg)
+    out = Path(cfg.output_dir)
+    created = not out.exists()
+    try:
+        return _prepare(cfg, out)
+    except BaseException:
+        if out.is_dir():
+            for stale in filter(is_temporary, out.iterdir()):
+                stale.unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _prepare(cfg: PrepConfig, out: Path) -> dict:
     from tqdm.auto import tqdm
 
     encoding = get_gpt2_encoding(cfg.vocab_file)
-    src = open_text_stream(cfg.dataset, cfg.name, cfg.split, cfg.text_column, cfg.text_sample_by)
+    recorded = _read_manifest(out) if out.is_dir() else None
+    # A Hub dataset is read at one commit: the one a resumed run started at, else main's newest.
+    revision = ((recorded or {}).get("source_fingerprint") or {}).get("revision")
+    if revision is None and not is_local_source(cfg.dataset):
+        revision = hub_revision(cfg.dataset)
+    src = open_text_stream(
+        cfg.dataset, cfg.name, cfg.split, cfg.text_column, cfg.text_sample_by, revision
+    )
     identity = {
         "source": src.identity,
         "tokenizer": {
@@ -154,12 +340,14 @@ def prepare(cfg: PrepConfig) -> dict:
             "max_tokens": cfg.max_tokens,
         },
     }
-    out = Path(cfg.output_dir)
+    fingerprint = source_fingerprint(src.files, None if src.files else revision)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _open_manifest(out, identity)
+    manifest = _open_manifest(out, recorded, identity, fingerprint)
     if manifest["complete"]:
         logger.info(
-            "%s is already complete (%s tokens); nothing to do", out, f"{manifest['tokens']:,}"
+            "%s is already complete (%s tokens, every shard matches its SHA-256); nothing to do",
+            out,
+            f"{manifest['tokens']:,}",
         )
         return manifest
     for stale in filter(
@@ -194,7 +382,7 @@ def prepare(cfg: PrepConfig) -> dict:
         written += len(tokens)
 
     workers = _default_workers(cfg.num_workers)
-    buf = np.empty(capacity(len(shards)), dtype=np.uint16)  # the shard being filled
+    buf = _new_buffer(capacity(len(shards)))  # the shard being filled
     fill = 0
     start = resume and resume["dataset_state"]
     stream = encoded_batches(src.dataset, cfg.text_column, encoding, workers, cfg.batch_docs, start)
@@ -225,7 +413,7 @@ def prepare(cfg: PrepConfig) -> dict:
                         "skipped_documents": skipped,
                     }
                     write_json_atomic(out / "manifest.json", manifest)
-                    buf, fill = np.empty(capacity(len(shards)), dtype=np.uint16), 0
+                    buf, fill = _new_buffer(capacity(len(shards))), 0
             skipped += n_skipped
             bar.set_postfix(shards=len(shards), skipped_docs=skipped, refresh=False)
             if not len(buf):  # --max_tokens reached
@@ -233,17 +421,19 @@ def prepare(cfg: PrepConfig) -> dict:
     finally:
         stream.close()
         bar.close()
-    if fill:
-        finish_shard(buf[:fill])
-    if not shards:
+    if not shards and not fill:
         raise DataError(
             f"{cfg.dataset}: no tokens: every document was empty or not text ({skipped} skipped)"
         )
-    if len(shards) == 1:
-        logger.warning(
-            "Only %s tokens: everything went to the validation shard, none to training",
-            f"{written:,}",
+    if len(shards) + bool(fill) < 2:  # the validation shard took everything
+        total = written + fill
+        raise DataError(
+            f"{cfg.dataset} holds only {total:,} tokens and --val_tokens is {cfg.val_tokens:,}: nothing would be "
+            f"left for training. Rerun with a smaller --val_tokens (e.g. {max(1, total // 10):,})"
+            + (" into a new --output_dir." if shards else " (nothing was written).")
         )
+    if fill:
+        finish_shard(buf[:fill])
     manifest.pop("resume", None)
     manifest.update(
         complete=True,
@@ -264,25 +454,66 @@ def prepare(cfg: PrepConfig) -> dict:
     return manifest
 
 
+def verify(folder: str) -> dict:
+    """`--verify DIR`: every shard manifest.json lists against its size and SHA-256; DataError on any mismatch."""
+    out = Path(folder)
+    manifest = _read_manifest(out) if out.is_dir() else None
+    if manifest is None:
+        raise DataError(
+            f"{out}: no manifest.json from data_prep.py, so nothing to verify the shards against."
+        )
+    start = time.perf_counter()
+    problems = verify_shards(out)
+    if problems:
+        raise DataError(
+            f"{out}: {len(problems)} of {len(manifest['shards'])} shard(s) do not match manifest.json: "
+            + "; ".join(problems)
+            + ". Prepare the data again into a new --output_dir (or restore these files)."
+        )
+    done = "complete" if manifest["complete"] else "incomplete (rerun data_prep.py to finish it)"
+    tokens = sum(s["tokens"] for s in manifest["shards"])
+    logger.info(
+        "%s: all %d shards match manifest.json (%s tokens, %.1fs); the dataset is %s",
+        out,
+        len(manifest["shards"]),
+        f"{tokens:,}",
+        time.perf_counter() - start,
+        done,
+    )
+    return manifest
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
-def main(argv: list[str] | None = None) -> int:
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM too unwinds, so temporary files are removed on the way out
+
+
+def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = cli.parse(PrepConfig, argv, __doc__.split("\n\n")[0])
+    if cfg.verify is not None:
+        return verify(cfg.verify)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        cfg = cli.parse(PrepConfig, argv, __doc__.split("\n\n")[0])
         manifest = prepare(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        done = (_read_manifest(Path(cfg.output_dir)) or {}).get("shards", [])
+        hint = (
+            f"{len(done)} finished shard(s) kept: rerun the same command to continue after them"
+            if done
+            else "no shard was finished: rerun the same command to start over"
+        )
+        raise Stop(f"interrupted: {hint}", 130) from None
     print(
         json.dumps(
             {k: manifest[k] for k in ("tokens", "documents", "skipped_documents")} | asdict(cfg)
         )
     )
-    return 0
+    return manifest
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main, errors=(DataError, FileNotFoundError))

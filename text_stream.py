@@ -76,6 +76,11 @@ def _local_files(spec: str) -> list[str] | None:
     return sorted(str(Path(f).resolve()) for f in files)
 
 
+def is_local_source(spec: str) -> bool:
+    """Whether --dataset names local files (a path, folder or glob) rather than a Hub dataset id."""
+    return _local_files(spec) is not None
+
+
 def _builder_of(name: str) -> str | None:
     name = name.lower()
     for c in COMPRESSIONS:
@@ -106,8 +111,12 @@ def open_text_stream(
     split: str = "train",
     text_column: str = "text",
     text_sample_by: str = "document",
+    revision: str | None = None,
 ) -> TextSource:
-    """Open a Hub dataset or local files as a streaming `datasets.IterableDataset` of the text column."""
+    """Open a Hub dataset or local files as a streaming `datasets.IterableDataset` of the text column.
+
+    `revision` pins a Hub dataset to one commit (None: the newest); local files ignore it.
+    """
     import datasets
 
     files = _local_files(dataset)
@@ -116,7 +125,9 @@ def open_text_stream(
         ident = {"dataset": dataset, "name": name, "split": split, "text_column": text_column}
         prefix = dataset.rsplit("/", 1)[-1]
         try:
-            ds = datasets.load_dataset(dataset, name, split=split, streaming=True)
+            ds = datasets.load_dataset(
+                dataset, name, split=split, streaming=True, revision=revision
+            )
         except (
             Exception
         ) as e:  # DatasetNotFoundError, ConnectionError (offline), ValueError (config/split)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 import data_prep as dp
@@ -94,8 +95,22 @@ def test_jsonl_text_folder_and_glob_take_the_same_path(fineweb, gpt2_encoding, t
         assert np.array_equal(shard_stream(tmp_path / f"out{i}", m), ref), dataset
 
 
-def test_interrupted_run_resumes_byte_identical(gpt2_encoding, tmp_path):
-    """SIGKILL a real CLI run once it has written training shards, rerun, compare with an uninterrupted run."""
+def _run_until(cmd: list[str], shard: str, out: Path, sig: int) -> tuple[int, str]:
+    """Start data_prep.py, send `sig` once `shard` exists; (exit code, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while not list(out.glob(shard)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate()
+    return proc.returncode, err.decode()
+
+
+def test_interrupted_run_resumes_byte_identical_and_refuses_a_changed_source(
+    gpt2_encoding, tmp_path
+):
+    """SIGTERM a real CLI run, rerun it and SIGKILL it, change the source (refused), restore it, resume; compare
+    with an uninterrupted run."""
     texts = make_texts(1500, seed=1, words=(50, 400))
     data = write_fineweb_parquet(tmp_path / "big.parquet", texts)
     args = [
@@ -109,30 +124,17 @@ def test_interrupted_run_resumes_byte_identical(gpt2_encoding, tmp_path):
         "4",
     ]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "data_prep.py"),
-            *args,
-            "--output_dir",
-            str(out),
-            "--num_workers",
-            "1",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    cmd = [sys.executable, str(ROOT / "data_prep.py"), *args, "--output_dir", str(out)]
+    code, err = _run_until([*cmd, "--num_workers", "1"], "*_train_000002.bin", out, signal.SIGTERM)
+    assert code == 130, err[-2000:]
+    assert (
+        "finished shard(s) kept: rerun the same command to continue" in err
+        and "Traceback" not in err
     )
-    deadline = time.monotonic() + 90
-    while (
-        not list(out.glob("*_train_000002.bin"))
-        and proc.poll() is None
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+    code, err = _run_until([*cmd, "--num_workers", "1"], "*_train_000004.bin", out, signal.SIGKILL)
+    assert code == -signal.SIGKILL, err[-2000:]
+    assert "Resuming" in err
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and "resume" in manifest, (
         "the run finished before it could be interrupted"
@@ -140,12 +142,76 @@ def test_interrupted_run_resumes_byte_identical(gpt2_encoding, tmp_path):
     finished = {s["file"] for s in manifest["shards"]}
 
     cfg = dict(val_tokens=5000, shard_tokens=1500, batch_docs=4)
+    original, stat = data.read_bytes(), data.stat()
+    write_fineweb_parquet(
+        data, texts[:700] + texts[701:] + texts[700:701]
+    )  # rewritten: other content
+    before = folder_bytes(out)
+    with pytest.raises(
+        DataError, match=r"source changed since .*big\.parquet: changed.*new --output_dir"
+    ):
+        prep(data, out, num_workers=2, **cfg)
+    assert folder_bytes(out) == before
+    data.write_bytes(original)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the very same file again
     m_resumed = prep(data, out, num_workers=2, **cfg)
     m_clean = prep(data, tmp_path / "clean", num_workers=1, **cfg)
     assert len(finished) < len(m_clean["shards"])
     assert m_resumed == m_clean
     assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
     assert np.array_equal(shard_stream(out, m_resumed), reference_tokens(gpt2_encoding, texts))
+
+
+def test_a_corrupted_shard_is_found_by_a_rerun_and_by_verify(fineweb, tmp_path):
+    path, _ = fineweb
+    out = tmp_path / "out"
+    m = prep(path, out, max_tokens=40_000)
+    assert dp.main(["--verify", str(out)]) == m  # intact
+    shard = out / m["shards"][2]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[2000] ^= 0x10  # one token changes; the header and the size stay valid
+    shard.write_bytes(raw)
+    before = folder_bytes(out)
+    with pytest.raises(DataError, match=rf"{shard.name}: its SHA-256 differs from manifest.json"):
+        prep(path, out, max_tokens=40_000)  # "already complete" is no longer taken on trust
+    assert folder_bytes(out) == before
+    r = subprocess.run(
+        [sys.executable, "data_prep.py", "--verify", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
+    assert f"1 of {len(m['shards'])} shard(s) do not match" in r.stderr and shard.name in r.stderr
+
+
+def test_what_cannot_work_is_refused_up_front(fineweb, gpt2_encoding, tmp_path):
+    path, texts = fineweb
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"--val_tokens 5,000 takes all of --max_tokens 5,000"):
+        prep(path, out, val_tokens=5000, max_tokens=5000)
+    total = len(reference_tokens(gpt2_encoding, texts))
+    with pytest.raises(DataError, match=rf"holds only {total:,} tokens.*nothing was written"):
+        prep(path, out, val_tokens=10 * total)
+    assert not out.exists()  # created by the failed run, and removed since it stayed empty
+    huge = (
+        psutil.virtual_memory().total
+    )  # tokens: a shard of them needs twice this machine's memory
+    r = subprocess.run(
+        [sys.executable, "data_prep.py", "--dataset", str(path), "--output_dir", str(out)]
+        + ["--shard_tokens", str(huge)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith(
+        f"error: a shard of {huge:,} tokens needs {2 * huge / 2**30:.1f} GiB"
+    )
+    assert r.stderr.count("\n") == 1 and "smaller --shard_tokens" in r.stderr
+    assert not out.exists()
 
 
 def test_output_dir_of_another_source_is_refused_untouched(gpt2_encoding, fineweb, tmp_path):

@@ -34,6 +34,39 @@ def test_shard_header_layout_and_roundtrip(tmp_path):
         td.write_shard(tmp_path / "bad.bin", np.array([70000]))
 
 
+def test_verify_shards_checks_presence_size_and_sha256(tmp_path):
+    shards = []
+    for i, n in enumerate((300, 500, 700)):
+        name = f"d_{'val' if i == 0 else 'train'}_{i:06d}.bin"
+        sha = td.write_shard(tmp_path / name, np.arange(n) % 50000)
+        shards.append({"file": name, "tokens": n, "sha256": sha})
+    assert td.verify_shards(tmp_path) is None  # no manifest: nothing to check against
+    (tmp_path / td.MANIFEST).write_text(json.dumps({"shards": shards}))
+    assert td.verify_shards(tmp_path) == [] and td.check_shards(tmp_path) is True
+    flipped = tmp_path / shards[1]["file"]
+    raw = bytearray(flipped.read_bytes())
+    raw[1024 + 333] ^= 0x01  # one bit of one token: the size and the header stay valid
+    flipped.write_bytes(raw)
+    (tmp_path / shards[2]["file"]).unlink()
+    problems = td.verify_shards(tmp_path, threads=2)
+    assert len(problems) == 2
+    assert shards[1]["file"] in problems[0] and "SHA-256 differs" in problems[0]
+    assert shards[2]["file"] in problems[1] and "missing" in problems[1]
+    with pytest.raises(
+        td.DataError, match=r"2 shard\(s\) do not match manifest.json.*data_prep.py"
+    ):
+        td.check_shards(tmp_path)
+
+
+def test_data_fingerprint_is_what_the_loader_saves(tmp_path):
+    td.write_shard(tmp_path / "d_train_000001.bin", np.arange(1000))
+    td.write_shard(tmp_path / "d_train_000002.bin", np.arange(900))
+    loader = td.TokenShardLoader(tmp_path, batch_size=2, seq_len=16)
+    assert td.data_fingerprint(tmp_path) == loader.state_dict()["shards"]
+    td.write_shard(tmp_path / "d_train_000002.bin", np.arange(901))
+    assert td.data_fingerprint(tmp_path) != loader.state_dict()["shards"]
+
+
 def test_read_shard_names_file_and_problem(tmp_path):
     good = tmp_path / "a_train_000001.bin"
     td.write_shard(good, np.arange(100))
