@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 
 from atomic_io import remove_tree, write_atomic
+from cli import flat_options
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 STOCK_EXPORT = (
@@ -80,6 +81,51 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
 
 def read_trainer_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+
+
+# What a checkpoint's state is bound to: the model's shapes, the batch per optimizer step (the LR schedule and the
+# data position count steps of that many tokens), how the data is cut into windows and in which order (seq_len,
+# seed, shuffle), and the data itself. Everything else (LR, intervals, micro-batch, process count) may change.
+RESUME_MUST_MATCH = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
+    "vocab_size",
+    "seq_len",
+    "total_batch_tokens",
+    "seed",
+    "shuffle",
+)
+
+
+def resume_mismatches(
+    state: dict, config: dict, saved_data: str | None, current_data: str | None
+) -> list[str]:
+    """Each setting of `config` (a TrainConfig as a dict) that differs from the checkpoint whose trainer state is
+    `state`, as "name: saved in the checkpoint, now"; the data is compared by the fingerprints of the training
+    shards (token_data.data_fingerprint, saved in the checkpoint's loader state)."""
+    saved, now = flat_options(state.get("config") or {}), flat_options(config)
+    saved.setdefault("seq_len", state.get("seq_len"))  # checkpoints that predate the saved config
+    problems = [
+        f"{key}: {saved[key]!r} in the checkpoint, {now.get(key)!r} now"
+        for key in RESUME_MUST_MATCH
+        if saved.get(key) is not None and saved[key] != now.get(key)
+    ]
+    if saved_data and current_data and saved_data != current_data:
+        where = saved.get("data_dir")
+        moved = f" (data_dir {where!r} then, {now.get('data_dir')!r} now)" if where else ""
+        problems.append(f"data: the training shards are not the checkpoint's{moved}")
+    return problems
+
+
+def resume_hint(root: str | Path) -> str:
+    """What a user can resume from `root` (a checkpoints folder), said truthfully."""
+    found = list_checkpoints(root)
+    if not found:
+        return "no checkpoint was written yet, so there is nothing to resume: rerun the command to start over"
+    step, path = found[-1]
+    return f"the newest complete checkpoint is {path} (step {step}): continue with --resume latest"
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
-from atomic_io import atomic_write, write_atomic
+from atomic_io import atomic_write, write_atomic, write_json_atomic
 from cli import ConfigError, opt
 from gpt2_tokenizer import EOT_ID, GPT2_VOCAB_SIZE
 from hub import (
@@ -48,7 +48,8 @@ from hub import (
     manifest_source,
     update_model_card,
 )
-from token_data import iter_val_batches
+from stopping import nonfinite_parameters
+from token_data import DataError, iter_val_batches
 
 logger = logging.getLogger("evaluate_gpt2")
 
@@ -133,6 +134,10 @@ class HellaSwagUnavailable(RuntimeError):
     """The HellaSwag validation file could not be found or downloaded."""
 
 
+class EvaluationInputError(ValueError):
+    """A model, data file or setting this evaluation cannot use; the message names it and the fix."""
+
+
 def _cache_dir() -> Path:
     root = (
         os.environ.get(CACHE_ENV)
@@ -191,30 +196,32 @@ def _parse_example(line: str, where: str) -> dict:
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(
+        raise EvaluationInputError(
             f"{where}: not valid JSON ({e.msg}). Each line must be one JSON object."
         ) from None
     if not isinstance(raw, dict):
-        raise ValueError(
+        raise EvaluationInputError(
             f"{where}: expected a JSON object with ctx, endings and label, got {type(raw).__name__}."
         )
     missing = [k for k in ("ctx", "endings", "label") if k not in raw]
     if missing:
-        raise ValueError(
+        raise EvaluationInputError(
             f"{where}: missing field(s) {missing}; each example needs ctx (str), endings (4 str) and label (0-3). "
             "Use the validation file hellaswag_val.jsonl (the test split has no labels)."
         )
     ctx, endings, label = raw["ctx"], raw["endings"], raw["label"]
     if not isinstance(ctx, str) or not ctx:
-        raise ValueError(f"{where}: ctx must be a non-empty string, got {ctx!r}.")
+        raise EvaluationInputError(f"{where}: ctx must be a non-empty string, got {ctx!r}.")
     if not (
         isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)
     ):
-        raise ValueError(f"{where}: endings must be a list of 4 strings, got {endings!r}.")
+        raise EvaluationInputError(
+            f"{where}: endings must be a list of 4 strings, got {endings!r}."
+        )
     if isinstance(label, str) and label.strip().isdigit():  # the Hub copy stores "0".."3"
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4:
-        raise ValueError(
+        raise EvaluationInputError(
             f"{where}: label must be the index 0-3 of the right ending, got {label!r}."
         )
     return {"ctx": ctx, "endings": endings, "label": label}
@@ -226,7 +233,7 @@ def load_hellaswag(path: str | os.PathLike | None = None, limit: int | None = No
     Raises HellaSwagUnavailable when there is no file and no network, ValueError on a malformed line.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of examples, got {limit}.")
+        raise EvaluationInputError(f"limit must be a positive number of examples, got {limit}.")
     if path is None:
         path = download_hellaswag()
     path = Path(path)
@@ -242,7 +249,7 @@ def load_hellaswag(path: str | os.PathLike | None = None, limit: int | None = No
             if limit is not None and len(examples) >= limit:
                 break
     if not examples:
-        raise ValueError(f"{path} holds no examples: expected one JSON object per line.")
+        raise EvaluationInputError(f"{path} holds no examples: expected one JSON object per line.")
     return examples
 
 
@@ -259,7 +266,7 @@ def render_example(
     if max_len is not None:
         longest = max(len(e) for e in endings)
         if longest > max_len:
-            raise ValueError(
+            raise EvaluationInputError(
                 f"An ending of {longest} tokens does not fit the model's context of {max_len} tokens."
             )
         ctx = ctx[max(0, len(ctx) + longest - 1 - max_len) :]
@@ -294,7 +301,7 @@ def check_vocab(net, n_vocab: int = GPT2_VOCAB_SIZE) -> None:
     head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
     vocab = head.weight.shape[0] if head is not None else net.config.vocab_size
     if vocab < n_vocab:
-        raise ValueError(
+        raise EvaluationInputError(
             f"The model's vocabulary has {vocab} ids but the GPT-2 tokenizer has {n_vocab}: its logits cannot "
             "score GPT-2 tokens. Evaluate a model trained with GPT-2's BPE (vocab_size 50257, or padded to 50304)."
         )
@@ -469,7 +476,7 @@ def validation_loss(
     check_vocab(net)
     device = accelerator.device if accelerator else next(net.parameters()).device
     if (max_len := context_length(net)) is not None and seq_len > max_len:
-        raise ValueError(
+        raise EvaluationInputError(
             f"seq_len={seq_len} is longer than the model's context ({max_len}): pass seq_len<={max_len}."
         )
     loss_sum, n_tokens = (
@@ -489,7 +496,7 @@ def validation_loss(
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals.to(device), reduction="sum").cpu()
     if totals[1] == 0:
-        raise ValueError(f"No validation tokens were read from {data_dir}.")
+        raise EvaluationInputError(f"No validation tokens were read from {data_dir}.")
     return (totals[0] / totals[1]).item()
 
 
@@ -512,10 +519,17 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
             or not hub_reachable(),  # offline: no ~25 s of retries
         )
     except OSError as e:
-        raise OSError(
-            f"Could not load a causal LM from {name_or_path!r}: {e}\nPass a checkpoint folder (config.json + "
-            "model.safetensors) or a Hub id; offline, the Hub id must already be in the Hugging Face cache."
+        raise EvaluationInputError(
+            f"Could not load a causal LM from {name_or_path!r}: {' '.join(str(e).split())} Pass a checkpoint "
+            "folder (config.json + model.safetensors) or a Hub id; offline, the Hub id must already be in the "
+            "Hugging Face cache."
         ) from e
+    broken = nonfinite_parameters(model)
+    if broken:
+        raise EvaluationInputError(
+            f"{name_or_path}: {len(broken)} weight tensor(s) hold NaN or inf (e.g. {broken[0]}): the training run "
+            "diverged before this was saved. Evaluate an earlier checkpoint."
+        )
     return model.eval()
 
 
@@ -741,7 +755,7 @@ def main(argv: list[str] | None = None) -> dict:
     from gpt2_tokenizer import get_gpt2_encoding
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
+        raise ConfigError(
             "--device cuda: no CUDA device is visible here. Use --device cpu (or auto)."
         )
     accelerator = Accelerator(cpu=args.device == "cpu")
@@ -822,7 +836,7 @@ def _report(args: EvaluateArgs, results: dict) -> None:
     if metrics_file is not None:
         png = plot_training_curves(metrics_file, args.plot or output.with_suffix(".png"), results)
         results["plot"] = None if png is None else str(png)
-    write_atomic(output, json.dumps(results, indent=2) + "\n")
+    write_json_atomic(output, results)  # strict JSON: a NaN loss is written as null
     print("\n" + comparison_table(results))
     for note in results["notes"]:
         print(f"- {note}")
@@ -832,4 +846,4 @@ def _report(args: EvaluateArgs, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, errors=(EvaluationInputError, HellaSwagUnavailable, DataError, FileNotFoundError))

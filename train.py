@@ -11,21 +11,29 @@ folder that AutoModelForCausalLM loads), and export/ + export-gpt2/ (the newest 
 
 accelerate owns devices, mixed precision, gradient accumulation, clipping, distribution and the training state;
 the data loader shards by rank itself (it is never passed to `prepare`) and its position is saved per rank.
+
+A long run survives (stopping.py, run_folder.py): a non-finite loss or gradient norm never reaches the weights and
+a streak of them stops the run; SIGTERM/SIGUSR1 (or the launcher's exit) save a checkpoint at the current step and
+exit with code 75; one run per folder (a lock); a resume is checked against the checkpoint's settings before
+anything is written, and may use another number of processes when the tokens per step stay the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
 import os
 import re
+import resource
 import secrets
 import shutil
-import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import psutil
 import torch
 import transformers
@@ -39,8 +47,9 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 import checkpointing as ckpt
+import cli
 from atomic_io import link_or_copy, link_tree, strict_json, write_atomic, write_json_atomic
-from cli import ConfigError
+from cli import ConfigError, RunError, Stop, describe_environment_error
 from evaluate_gpt2 import HellaSwagUnavailable, load_hellaswag, score_hellaswag, validation_loss
 from gpt2_tokenizer import build_hf_tokenizer, get_gpt2_encoding
 from hub import (
@@ -51,8 +60,10 @@ from hub import (
     write_model_card,
 )
 from modeling_gpt2_repro import GPT2ReproForCausalLM, estimate_flops_per_token
+from run_folder import RunLock, read_previous, record_attempt
 from run_info import collect_run_info, mfu, peak_bf16_flops
-from token_data import DataError, TokenShardLoader, iter_val_batches
+from stopping import PREEMPTED_EXIT_CODE, DivergenceGuard, StopRequest, nonfinite_parameters
+from token_data import DataError, TokenShardLoader, check_shards, data_fingerprint, iter_val_batches
 from train_config import TrainConfig, grad_accum_steps, lr_at, parse_args, save_config
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -249,8 +260,12 @@ def check_data_dir(cfg: TrainConfig) -> None:
     )  # DataError if short
 
 
-def record_run(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, log) -> None:
-    """Print and save the resolved config and the facts of this run (versions, commit, hardware, batch)."""
+def record_run(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, log, **attempt) -> None:
+    """Print and save the resolved config and the facts of this run (versions, commit, hardware, batch).
+
+    Called once every check has passed, so a refused run leaves the folder as it was. run_info.json keeps a history:
+    `attempt` (start step, checkpoint resumed from) and what changed since the previous attempt are appended.
+    """
     data, accum = cfg.data, accelerator.gradient_accumulation_steps
     if accelerator.is_main_process:
         info = collect_run_info(
@@ -263,10 +278,14 @@ def record_run(cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, log) -
                 "optimizer_fused": fused_adamw(accelerator.device),
             }
         )
-        run_dir.mkdir(parents=True, exist_ok=True)
+        previous_config, previous_info = read_previous(run_dir)
+        info = record_attempt(info, previous_info, previous_config, cfg.to_dict(), **attempt)
         save_config(cfg, run_dir / "config.yaml")
         write_json_atomic(run_dir / "run_info.json", info)
-        log((run_dir / "config.yaml").read_text() + json.dumps(info, indent=2))
+        shown = {k: v for k, v in info.items() if k != "attempts"}
+        log((run_dir / "config.yaml").read_text() + json.dumps(shown, indent=2))
+        if info["attempts"][-1]["changed"]:
+            log(f"changed since the previous attempt: {info['attempts'][-1]['changed']}")
         log(
             f"batch: {data.total_batch_tokens:,} tokens/step = {data.micro_batch_size} x {data.seq_len} x "
             f"{accelerator.num_processes} processes x {accum} accumulation steps"
@@ -283,14 +302,32 @@ def append_jsonl(path: Path, row: dict) -> None:
 # ----------------------------------------------------------------------------------------------- one step
 
 
+class StepResult(NamedTuple):
+    loss: float  # mean over every micro-batch of every process; NaN or inf when the step diverged
+    grad_norm: float  # global gradient norm before clipping
+    skipped: (
+        bool  # the update was not applied (non-finite loss or norm, or a gradient-scaler overflow)
+    )
+    bad: bool  # skipped for a non-finite loss or norm: what the divergence guard counts
+    stop: bool  # some process was asked to stop (StopRequest); the same value on every process
+
+
 def train_step(
-    accelerator: Accelerator, model, optimizers: list, loader, grad_clip: float
-) -> tuple[float, float]:
+    accelerator: Accelerator,
+    model,
+    optimizers: list,
+    loader,
+    grad_clip: float,
+    stop: StopRequest | None = None,
+) -> StepResult:
     """One optimizer step over `gradient_accumulation_steps` micro-batches per process.
 
-    `optimizers` (AdamW, or AdamW + Muon) are stepped and zeroed on the synced micro-step; their LRs are set
-    before (set_lrs). Returns (loss averaged over every micro-batch of every process, global gradient norm
-    before clipping).
+    `optimizers` (AdamW, or AdamW + Muon) have their LRs set before (set_lrs). The update is applied only when the
+    loss and the gradient norm are finite. Both are known after the step's one device sync (placed before the
+    optimizers' step, so the guard costs no extra sync), and both are the same on every process (the loss is
+    reduced, the norm is that of the all-reduced gradients): every process decides alike. Whether `stop` was
+    requested (by now, on any process) rides along in the loss reduction, so all processes agree to stop after the
+    same step.
     """
     accum = accelerator.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -304,16 +341,25 @@ def train_step(
             loss = model(input_ids=x, shift_labels=y, return_logits=False).loss  # fp32 scalar
             accelerator.backward(loss)  # scaled by 1 / accum inside
             loss_sum += loss.detach()
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-            for optimizer in optimizers:  # both no-ops until the gradients are synced
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean")
-    loss_value, norm_value = torch.stack(
-        [mean_loss, getattr(grad_norm, "full_tensor", lambda: grad_norm)().detach().float()]
-    ).tolist()  # one device sync
-    return loss_value, norm_value
+    # The last micro-step synced the gradients (accelerator.sync_gradients stays True until the next accumulate).
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    flag = torch.full((), float(stop is not None and stop.requested), device=accelerator.device)
+    mean_loss, stop_flag = accelerator.reduce(torch.stack([loss_sum / accum, flag]), "mean")
+    grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # FSDP2: a DTensor
+    loss_value, norm_value, stop_value = torch.stack(
+        [mean_loss, grad_norm.detach().float(), stop_flag]
+    ).tolist()  # the step's one device sync
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    # fp16: a GradScaler skips overflowing steps itself and lowers its scale
+    scaler = accelerator.scaler is not None
+    skipped = not finite
+    for optimizer in optimizers:
+        if finite or scaler:
+            optimizer.step()
+        skipped = skipped or (scaler and optimizer.step_was_skipped)
+        optimizer.zero_grad(set_to_none=True)  # the gradients of a skipped step go too
+    bad = not math.isfinite(loss_value) or (not finite and not scaler)
+    return StepResult(loss_value, norm_value, skipped, bad, stop_value > 0)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -373,7 +419,13 @@ class Evaluator:
             accelerator=accelerator,
         )
         results = {"val_loss": val_loss}
-        if self.hellaswag is not None:
+        broken = not math.isfinite(val_loss)  # the same on every process (reduced)
+        if broken:
+            self.log(
+                f"step {step}: validation loss {val_loss}: the model's outputs are not finite, so HellaSwag and "
+                "samples are skipped"
+            )
+        if self.hellaswag is not None and not broken:
             scores = score_hellaswag(
                 model,
                 self.encoding,
@@ -386,7 +438,9 @@ class Evaluator:
         if accelerator.is_main_process:
             append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **results})
             self.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-            for i, text in enumerate(self.sample(model, step) if evals.num_samples else []):
+            for i, text in enumerate(
+                self.sample(model, step) if evals.num_samples and not broken else []
+            ):
                 self.log(f"--- sample {i} at step {step}:\n{text}")
         if self.hellaswag is not None:  # for the model card: a subset's score is labelled as one
             results["hellaswag_examples"] = len(self.hellaswag)
@@ -409,9 +463,11 @@ class Evaluator:
                 max_new_tokens=evals.sample_tokens,
                 do_sample=True,
                 top_k=50,
+                remove_invalid_values=True,  # NaN/inf logits of a bad model: sample anyway, no crash
             )  # (n, P + sample_tokens)
         model.train(was_training)
-        return [self.encoding.decode(row.tolist()) for row in out]
+        n_vocab = self.encoding.n_vocab  # a bad model may even sample the padding ids
+        return [self.encoding.decode([t for t in row.tolist() if t < n_vocab]) for row in out]
 
 
 # ------------------------------------------------------------------------------------------- checkpointing
@@ -570,8 +626,9 @@ class Checkpointer:
             self.uploader.close()
 
 
-def resume(accelerator: Accelerator, loader, cfg: TrainConfig, run_dir: Path) -> dict:
-    """Restore the newest (or the given) checkpoint. Returns its trainer state ({} for a fresh start)."""
+def find_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), refused before anything is written when it does not
+    fit: an earlier run's checkpoints without --resume, or settings that differ from the checkpoint's."""
     found = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir / "checkpoints")
     if found is None:
         if cfg.checkpoint.resume is None and ckpt.list_checkpoints(run_dir / "checkpoints"):
@@ -579,21 +636,220 @@ def resume(accelerator: Accelerator, loader, cfg: TrainConfig, run_dir: Path) ->
                 f"{run_dir} already holds checkpoints of an earlier run. Continue it with --resume latest, "
                 f"or train from scratch in another --output_dir."
             )
+        return None
+    state = ckpt.read_trainer_state(found)
+    saved_data = json.loads((found / "loader_rank0.json").read_text()).get("shards")
+    now_data = data_fingerprint(cfg.data.data_dir)
+    problems = ckpt.resume_mismatches(state, cfg.to_dict(), saved_data, now_data)
+    if problems:
+        config = found.parent.parent / "config.yaml"
+        raise ConfigError(
+            f"{found} cannot be resumed with these settings: "
+            + "; ".join(problems)
+            + ". Nothing was changed. "
+            f"Resume with the checkpoint's values (`--config {config} --resume latest` has them), or train from "
+            "scratch in another --output_dir."
+        )
+    return found
+
+
+def resume(accelerator: Accelerator, loader, cfg: TrainConfig, found: Path | None) -> dict:
+    """Restore checkpoint `found` (None: a fresh start). Returns its trainer state ({} for a fresh start).
+
+    Another number of processes than the checkpoint's is fine (find_checkpoint made sure the tokens per step are
+    the same): the data position is global, so every process continues from it, and the weights, optimizer state
+    and step are the checkpoint's. Only the per-process RNG streams (dropout, if any) cannot carry over; they are
+    re-seeded from (seed, step, rank).
+    """
+    if found is None:
         return {}
     state = ckpt.read_trainer_state(found)
-    if state["num_processes"] != accelerator.num_processes:
-        raise ConfigError(
-            f"{found} was written by {state['num_processes']} processes, this run has {accelerator.num_processes}. "
-            f"RNG states and data positions are saved per process: resume with the same number."
-        )
+    # A rank without random_states_<rank>.pkl (more processes than the checkpoint's) keeps its RNGs: see below.
     accelerator.load_state(str(found))
     accelerator.step = (
         0  # accelerate's micro-step counter: saves happen on optimizer-step boundaries
     )
-    loader.load_state_dict(
-        json.loads((found / f"loader_rank{accelerator.process_index}.json").read_text())
-    )
+    loader_state = found / f"loader_rank{accelerator.process_index}.json"
+    if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+        seed = np.random.SeedSequence([cfg.run.seed, state["step"], accelerator.process_index])
+        set_seed(int(seed.generate_state(1)[0]))
+        loader_state = found / "loader_rank0.json"  # every rank saved the same global position
+    loader.load_state_dict(json.loads(loader_state.read_text()))
     return state
+
+
+def trainer_state(
+    cfg: TrainConfig, accelerator: Accelerator, step: int, tokens_seen: int, last_eval: dict
+) -> dict:
+    """trainer_state.json of a checkpoint: where training stands, and the settings it is bound to."""
+    data = cfg.data
+    state = {"step": step, "tokens_seen": tokens_seen, "num_processes": accelerator.num_processes}
+    state |= {"micro_batch_size": data.micro_batch_size, "seq_len": data.seq_len, **last_eval}
+    return state | {"config": cfg.to_dict()}
+
+
+def save_checkpoint(
+    checkpointer: Checkpointer, accelerator: Accelerator, raw_model, state: dict, run_dir: Path, cfg
+) -> Path | None:
+    """`checkpointer.save`, guarded: never for non-finite weights (RunError naming the last good checkpoint),
+    not without the disk space for it, and a failed or interrupted save removes its temporary folder (the previous
+    checkpoints are untouched: they are replaced only by a complete new one)."""
+    step, device = state["step"], accelerator.device
+    bad = nonfinite_parameters(raw_model)
+    count = accelerator.reduce(torch.tensor(float(len(bad)), device=device), reduction="sum")
+    if count.item():  # FSDP: each process checked its own shards
+        names = f" (e.g. {', '.join(bad[:3])})" if bad else ""
+        raise diverged(f"the weights at step {step} hold NaN or inf{names}", run_dir, cfg)
+    need = checkpoint_bytes(raw_model)
+    on_main_process(accelerator, lambda: check_room(run_dir, need, f"checkpoint step {step}"))
+    try:
+        return checkpointer.save(state)
+    except BaseException as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(
+                ckpt.temp_checkpoint_dir(run_dir / "checkpoints", step), ignore_errors=True
+            )
+        # torch.save reports a short write as "unexpected pos", without an errno: look at the disk itself.
+        problem = None
+        if isinstance(e, Exception) and describe_environment_error(e) is None:
+            problem = room_problem(run_dir, need, f"checkpoint step {step}")
+        if problem:
+            raise RunError(
+                f"checkpoint step {step} could not be written ({type(e).__name__}: {e}): {problem} Then "
+                f"{ckpt.resume_hint(run_dir / 'checkpoints')}"
+            ) from e
+        raise
+
+
+def diverged(what: str, run_dir: Path, cfg: TrainConfig) -> RunError:
+    """The error that ends a diverged run: what happened, what can be resumed, what to try."""
+    lower = f"--max_lr {cfg.optim.max_lr / 2:g}"
+    saved = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if not saved:
+        return RunError(
+            f"training diverged: {what}. No checkpoint was written, so there is nothing to resume: start over "
+            f"with a lower learning rate (e.g. {lower}) or other optimizer settings."
+        )
+    (step, newest), older = saved[-1], [p for _, p in saved[:-1]]
+    fallback = f" If it diverges again, resume from {older[-1]} instead." if older else ""
+    return RunError(
+        f"training diverged: {what}. Nothing was saved after that: the newest checkpoint, {newest} (step {step}), "
+        f"holds finite weights. Resume it with a lower learning rate: --resume latest {lower}.{fallback} If it "
+        "always happens at the same step, check the data there."
+    )
+
+
+# ------------------------------------------------------------------------------------------- the run folder
+
+
+def on_main_process(accelerator: Accelerator, check) -> None:
+    """Run `check()` on the main process; when it raises an expected error every process raises it, so none is
+    left waiting for the others in a collective."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            check()
+        except (ConfigError, RunError, DataError) as e:
+            error = (type(e).__name__, str(e))
+        except OSError as e:
+            described = describe_environment_error(e)
+            if described is None:
+                raise
+            error = ("RunError", described)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        kind = {"ConfigError": ConfigError, "RunError": RunError, "DataError": DataError}[error[0]]
+        raise kind(error[1])
+
+
+def claim_run_dir(run_dir: Path, accelerator: Accelerator, log) -> RunLock | None:
+    """The main process locks the run folder for the whole run (run_folder.RunLock); a folder in use, read-only or
+    not a folder stops every process at once."""
+    lock = RunLock(run_dir)
+
+    def acquire():
+        try:
+            lock.acquire()
+        except OSError as e:
+            described = describe_environment_error(e)
+            if described is None:
+                raise
+            raise RunError(f"cannot use --output_dir {run_dir}: {described}") from None
+        if lock.warning:
+            log(lock.warning)
+
+    on_main_process(accelerator, acquire)
+    return lock if accelerator.is_main_process else None
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About the disk space of one checkpoint: fp32 weights, AdamW's two moments, and the two exports."""
+    return 5 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def room_problem(run_dir: Path, need: int, what: str) -> str | None:
+    """What keeps the disk from holding `need` bytes (a whole checkpoint) in files of up to 2/5 of that (the
+    optimizer state): too little free space, or a file-size limit; None when it fits."""
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        return (
+            f"{run_dir} has {free / 1e9:.2f} GB free, but {what} needs about {need / 1e9:.2f} GB. Free some "
+            "space or choose --output_dir on another disk."
+        )
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < need // 2:  # with a margin over the 2/5
+        return (
+            f"the file-size limit (ulimit -f) is {limit:,} bytes, but {what} writes files of up to about "
+            f"{need * 2 // 5:,} bytes. Raise it (ulimit -f unlimited) before training."
+        )
+    return None
+
+
+def check_room(run_dir: Path, need: int, what: str) -> None:
+    """Refuse up front what the disk cannot hold (room_problem)."""
+    problem = room_problem(run_dir, need, what)
+    if problem:
+        raise RunError(problem)
+
+
+def verify_data(cfg: TrainConfig, accelerator: Accelerator, log) -> None:
+    """The main process checks every shard against the SHA-256 in the data's manifest.json (data_prep.py wrote
+    it), once per start: about 1 s per 2 GB on one core, several cores in parallel (README)."""
+
+    def check():
+        if not Path(cfg.data.data_dir).is_dir():
+            return  # a glob or a single file: no manifest to check against
+        start = time.perf_counter()
+        if check_shards(cfg.data.data_dir):
+            log(f"data: every shard matches manifest.json ({time.perf_counter() - start:.1f}s)")
+
+    if cfg.data.verify_data:
+        on_main_process(accelerator, check)
+
+
+@contextlib.contextmanager
+def explained_failures(run_dir: Path):
+    """Ctrl-C, and failures of the environment (disk, permissions), end with a message that says truthfully what
+    can be resumed; other errors pass unchanged."""
+    checkpoints = run_dir / "checkpoints"
+    try:
+        yield
+    except KeyboardInterrupt:
+        speaker = os.environ.get("RANK", "0") == "0"  # one message, not one per process
+        raise Stop(
+            f"interrupted: {ckpt.resume_hint(checkpoints)}" if speaker else "", 130
+        ) from None
+    except (ConfigError, RunError, DataError):
+        raise
+    except Exception as e:
+        described = describe_environment_error(e)
+        if described is None:
+            raise
+        saved = ckpt.list_checkpoints(checkpoints)
+        raise RunError(
+            described + (f". Nothing is lost: {ckpt.resume_hint(checkpoints)}" if saved else "")
+        ) from e
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -655,8 +911,14 @@ def peak_flops(cfg: TrainConfig, accelerator: Accelerator) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    t_start = time.time()
     cfg = parse_args(argv)
+    with explained_failures(Path(cfg.run.output_dir)), contextlib.ExitStack() as cleanup:
+        return train(cfg, cleanup)
+
+
+def train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
+    """The run itself; `cleanup` releases the run folder's lock and the signal handlers when it ends."""
+    t_start = time.time()
     data, optim = cfg.data, cfg.optim
     check_data_dir(cfg)
     try:
@@ -670,7 +932,12 @@ def main(argv: list[str] | None = None) -> Path:
     uploader = open_hub(cfg, accelerator, run_dir)
     is_main = accelerator.is_main_process
     log = tqdm.write if is_main else (lambda *_: None)
-    record_run(cfg, accelerator, run_dir, log)
+    lock = claim_run_dir(run_dir, accelerator, log)  # one run per folder, refused at once
+    if lock is not None:
+        cleanup.callback(lock.release)
+    found = find_checkpoint(cfg, run_dir)  # refused before anything is written
+    verify_data(cfg, accelerator, log)
+    stop = cleanup.enter_context(StopRequest())  # SIGTERM, SIGUSR1, launcher exit: save and stop
 
     set_seed(cfg.run.seed)  # the same initial weights on every rank
     # raw_model: the plain module for evaluation, sampling and export (shares parameters with `model`)
@@ -679,13 +946,17 @@ def main(argv: list[str] | None = None) -> Path:
     optimizers = build_optimizers(raw_model, cfg, accelerator.device)
     model, *optimizers = accelerator.prepare(raw_model, *optimizers)
     register_weight_hooks(accelerator, raw_model)
+    on_main_process(
+        accelerator, lambda: check_room(run_dir, checkpoint_bytes(raw_model), "a checkpoint")
+    )
     loader = make_loader(cfg, accelerator)
-    state = resume(accelerator, loader, cfg, run_dir)
+    state = resume(accelerator, loader, cfg, found)
     step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
     last_eval = {
         k: state.get(k)
         for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")
     }
+    record_run(cfg, accelerator, run_dir, log, start_step=step, resumed_from=found and str(found))
     if is_main:  # the steps logged after the checkpoint are redone
         ckpt.truncate_metrics(run_dir / "metrics.jsonl", step)
         log(
@@ -708,41 +979,87 @@ def main(argv: list[str] | None = None) -> Path:
     bar = tqdm(
         total=optim.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True
     )
+    cleanup.callback(bar.close)  # an error message then starts on a line of its own
+    guard = DivergenceGuard(optim.max_bad_steps)
+    if step and evaluator.due(step) and last_eval.get("val_step") != step:
+        last_eval = {
+            **evaluator(raw_model, step),
+            "val_step": step,
+        }  # a stop saved before evaluating
 
     model.train()
     while step < optim.max_steps:
         t0 = time.perf_counter()
         lrs = set_lrs(optimizers, step, optim)
-        loss, grad_norm = train_step(accelerator, model, optimizers, loader, optim.grad_clip)
+        result = train_step(accelerator, model, optimizers, loader, optim.grad_clip, stop)
         dt = time.perf_counter() - t0
         step, tokens_seen = step + 1, tokens_seen + data.total_batch_tokens
         tokens_per_sec = data.total_batch_tokens / dt
-        row = {"step": step, "loss": loss, **lrs, "grad_norm": grad_norm}
+        row = {"step": step, "loss": result.loss, **lrs, "grad_norm": result.grad_norm}
         row |= {"tokens_per_sec": tokens_per_sec, "step_time_ms": dt * 1000, "tokens": tokens_seen}
         step_mfu = mfu(flops_per_token, tokens_per_sec, peak, accelerator.num_processes)
         row |= {} if math.isnan(step_mfu) else {"mfu": step_mfu}
+        row |= {"skipped": True} if result.skipped else {}
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if is_main:
             append_jsonl(run_dir / "metrics.jsonl", row)
             bar.set_postfix_str(progress_line(row), refresh=False)
             bar.update(1)
+        in_streak = check_divergence(guard, result, step, log, run_dir, cfg)
+        if result.stop and step < optim.max_steps:  # preemption: save this step at once, then exit
+            saved = save_checkpoint(
+                checkpointer,
+                accelerator,
+                raw_model,
+                trainer_state(cfg, accelerator, step, tokens_seen, last_eval),
+                run_dir,
+                cfg,
+            )
+            raise preempted(stop, step, saved, is_main)
+        if in_streak:
+            continue  # no evaluation or checkpoint in the middle of a streak of bad steps
 
         if evaluator.due(step):
             last_eval = {**evaluator(raw_model, step), "val_step": step}
         if checkpointer.due(step):
-            trainer_state = {"step": step, "tokens_seen": tokens_seen}
-            trainer_state |= {
-                "num_processes": accelerator.num_processes,
-                "micro_batch_size": data.micro_batch_size,
-            }
-            trainer_state |= {"seq_len": data.seq_len, **last_eval}
-            log(f"checkpoint {checkpointer.save(trainer_state)}")
+            state = trainer_state(cfg, accelerator, step, tokens_seen, last_eval)
+            log(
+                f"checkpoint {save_checkpoint(checkpointer, accelerator, raw_model, state, run_dir, cfg)}"
+            )
 
     bar.close()
+    stop.close()  # from here on SIGTERM ends the process as usual (the final checkpoint is written)
     accelerator.end_training()
     checkpointer.close(log)
     log(f"done: {step} steps in {time.time() - t_start:.0f}s; model in {run_dir / 'export'}")
     return run_dir
+
+
+def check_divergence(
+    guard: DivergenceGuard, result: StepResult, step: int, log, run_dir, cfg
+) -> bool:
+    """Count the step in the divergence guard and report a bad one. True while a streak of bad steps goes on
+    (before the last step); RunError once the streak reaches --max_bad_steps."""
+    guard.update(step, result.bad, result.loss)
+    if not result.bad:
+        return False
+    log(
+        f"step {step}: loss {result.loss}, gradient norm {result.grad_norm}: not finite, update skipped "
+        f"({guard.streak} in a row; the run stops at {guard.max_bad_steps})"
+    )
+    if guard.exhausted:
+        raise diverged(guard.describe(step), run_dir, cfg)
+    return step < cfg.optim.max_steps
+
+
+def preempted(stop: StopRequest, step: int, saved: Path | None, is_main: bool) -> Stop:
+    """The orderly end after a stop request: the checkpoint at this step is complete."""
+    reason = stop.reason or "another process was asked to stop"
+    message = (
+        f"stopped at step {step} ({reason}): checkpoint {saved} is complete. Continue with --resume latest "
+        f"(exit code {PREEMPTED_EXIT_CODE})."
+    )
+    return Stop(message if is_main else "", PREEMPTED_EXIT_CODE)
 
 
 def progress_line(row: dict) -> str:
@@ -753,15 +1070,4 @@ def progress_line(row: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (
-        ConfigError,
-        DataError,
-        FileNotFoundError,
-    ) as e:  # bad settings or data: the message says what to do
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: continue with --resume latest", file=sys.stderr)
-        sys.exit(130)
+    cli.run(main, errors=(DataError, FileNotFoundError))

@@ -55,6 +55,10 @@ class DataConfig:
         524288, "tokens per optimizer step, all processes together (2**19 for GPT-2)"
     )
     shuffle: bool = opt(True, "shuffle shard order and windows each epoch (seeded)")
+    verify_data: bool = opt(
+        True,
+        "check each shard's SHA-256 against the data's manifest.json at start-up (main process)",
+    )
 
 
 @dataclass
@@ -102,6 +106,11 @@ class OptimConfig:
         "original (sqrt(max(1, rows / cols)))",
     )
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    max_bad_steps: int = opt(
+        10,
+        "stop after this many optimizer steps in a row with a non-finite loss or gradient norm (each one's "
+        "update is skipped)",
+    )
 
     def checks(self) -> list[tuple[bool, str]]:
         """(holds, message) for each setting of this section (TrainConfig.validate reports the failures)."""
@@ -237,6 +246,10 @@ class TrainConfig:
                 f"data.seq_len={data.seq_len} exceeds model.n_positions={n_positions}",
             ),
             *optim.checks(),
+            (
+                optim.max_bad_steps >= 1,
+                f"optim.max_bad_steps={optim.max_bad_steps} must be >= 1 (1: stop at the first bad step)",
+            ),
             (
                 min(evals.eval_every, ckpt.checkpoint_every, evals.num_samples) >= 0,
                 "eval_every, checkpoint_every and num_samples must be >= 0",

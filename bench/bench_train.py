@@ -1,4 +1,4 @@
-"""Framework overhead of train.py's step against a bare PyTorch loop (CPU, one process).
+"""Framework overhead of train.py's step against a bare PyTorch loop (one process, CPU or one GPU).
 
     python bench/bench_train.py                       # the tiny preset's model and batch
     python bench/bench_train.py --rounds 8 --steps 4
@@ -6,11 +6,13 @@
                                                       # any train.py option: a smaller step shows overhead more
 
 Both variants train their own copy of the same model (same initial weights) on the same token stream with the same
-batch and accumulation: variant "train.py" is `train.train_step` on accelerate-prepared model and optimizer, plus
-the per-step metrics line train.py writes; variant "bare" is the loop everyone writes by hand (loss / accum,
-backward, clip, AdamW step, one .item()). They alternate in rounds (interleaved, so load changes on a shared
-machine hit both), and the per-round tokens/s ratios are summarised by their median. Their losses must agree:
-the comparison is only fair if both do the same work.
+batch and accumulation: variant "train.py" is `train.train_step` on accelerate-prepared model and optimizer (with
+its divergence guard and stop flag), plus the guard's bookkeeping and the per-step metrics line train.py writes;
+variant "bare" is the loop everyone writes by hand (loss / accum, backward, clip, AdamW step, one .item()). They
+alternate in rounds (interleaved, so load changes on a shared machine hit both), and the per-round tokens/s ratios
+are summarised by their median. Their losses must agree: the comparison is only fair if both do the same work.
+On a GPU both run what train.py runs there (its mixed precision as autocast, torch.compile when it compiles,
+fused AdamW); the data and the timers include the host-to-device copies and the step's synchronisation.
 """
 
 from __future__ import annotations
@@ -31,17 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from stopping import DivergenceGuard, StopRequest  # noqa: E402
 from token_data import TokenShardLoader, write_shard  # noqa: E402
 from train_config import lr_at, parse_args  # noqa: E402
 
 
-def bare_step(model, optimizer, loader, lr: float, accum: int, grad_clip: float) -> float:
+def bare_step(
+    model, optimizer, loader, lr: float, accum: int, grad_clip: float, device, bf16: bool
+) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_accum = torch.zeros(())
+    loss_accum = torch.zeros((), device=device)
     for _ in range(accum):
-        x, y = loader.next_batch()
-        loss = model(input_ids=x, shift_labels=y, return_logits=False).loss / accum
+        x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, shift_labels=y, return_logits=False).loss / accum
         loss_accum += loss.detach()
         loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -94,27 +100,35 @@ def main() -> None:
     opt_a = train.build_optimizers(model_a, cfg, accelerator.device)
     (opt_b,) = train.build_optimizers(model_b, cfg, accelerator.device)  # the bare loop: AdamW only
     model_a, *opt_a = accelerator.prepare(model_a, *opt_a)
+    model_b.to(accelerator.device)
+    bf16 = accelerator.mixed_precision == "bf16"
+    if str(accelerator.state.dynamo_plugin.backend.value) != "NO":
+        model_b = torch.compile(model_b)  # what prepare() did to model_a
     loader_a, loader_b = make_loader(), make_loader()
     metrics = work / "metrics.jsonl"
     print(
-        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, device {accelerator.device}"
+        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, device {accelerator.device}, "
+        f"precision {accelerator.mixed_precision}, compile {accelerator.state.dynamo_plugin.backend.value}"
     )
     print(
         f"# model {cfg.model}, batch {data.micro_batch_size} x {data.seq_len} x {accum} accumulation"
     )
 
+    guard, stop = DivergenceGuard(optim.max_bad_steps), StopRequest()
+
     def run_train_py(step: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         train.set_lrs(opt_a, step, optim)
-        loss, grad_norm = train.train_step(accelerator, model_a, opt_a, loader_a, optim.grad_clip)
-        train.append_jsonl(metrics, {"step": step + 1, "loss": loss, "grad_norm": grad_norm})
-        return loss, time.perf_counter() - t0
+        result = train.train_step(accelerator, model_a, opt_a, loader_a, optim.grad_clip, stop)
+        guard.update(step + 1, result.bad, result.loss)
+        row = {"step": step + 1, "loss": result.loss, "grad_norm": result.grad_norm}
+        train.append_jsonl(metrics, row)
+        return result.loss, time.perf_counter() - t0
 
     def run_bare(step: int) -> tuple[float, float]:
         t0 = time.perf_counter()
-        loss = bare_step(
-            model_b, opt_b, loader_b, lr_at(step, optim), accum, optim.grad_clip or math.inf
-        )
+        lr, clip = lr_at(step, optim), optim.grad_clip or math.inf
+        loss = bare_step(model_b, opt_b, loader_b, lr, accum, clip, accelerator.device, bf16)
         return loss, time.perf_counter() - t0
 
     variants = {"train.py": run_train_py, "bare": run_bare}

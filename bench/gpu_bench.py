@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def step_at(step: int) -> float:
         train.set_lrs(optimizers, step, optim)
-        return train.train_step(accelerator, model, optimizers, loader, optim.grad_clip)[0]
+        return train.train_step(accelerator, model, optimizers, loader, optim.grad_clip).loss
 
     t0 = time.perf_counter()
     loss = step_at(0)  # the first step compiles (forward and backward graphs)

@@ -78,3 +78,41 @@ def test_model_weights_load_back_exactly_from_both_checkpoint_formats(tmp_path):
         ckpt.load_model_weights(other, tmp_path / "new")
     with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
         ckpt.load_model_weights(other, tmp_path)
+
+
+def test_resume_mismatches_name_each_differing_setting():
+    config = {
+        "model": {"n_layer": 12, "n_embd": 768},
+        "data": {"data_dir": "data/a", "seq_len": 1024, "total_batch_tokens": 524288},
+        "optim": {"max_lr": 6e-4},
+        "run": {"seed": 1337},
+    }
+    state = {"step": 10, "config": config}
+    assert ckpt.resume_mismatches(state, config, "f1", "f1") == []
+    changed = {
+        **config,
+        "model": {"n_layer": 6, "n_embd": 768},
+        "data": {"data_dir": "data/b", "seq_len": 512, "total_batch_tokens": 524288},
+        "optim": {"max_lr": 3e-4},  # may change on resume
+    }
+    assert ckpt.resume_mismatches(state, changed, "f1", "f2") == [
+        "n_layer: 12 in the checkpoint, 6 now",
+        "seq_len: 1024 in the checkpoint, 512 now",
+        "data: the training shards are not the checkpoint's (data_dir 'data/a' then, 'data/b' now)",
+    ]
+    moved = {**config, "data": {**config["data"], "data_dir": "/scratch/a"}}
+    assert ckpt.resume_mismatches(state, moved, "f1", "f1") == []  # same shards elsewhere: fine
+    old = {"step": 10, "seq_len": 1024}  # a checkpoint from before the config was saved in it
+    assert ckpt.resume_mismatches(old, changed, None, "f2") == [
+        "seq_len: 1024 in the checkpoint, 512 now"
+    ]
+
+
+def test_resume_hint_tells_the_truth(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert "nothing to resume" in ckpt.resume_hint(root)
+    tmp = ckpt.temp_checkpoint_dir(root, 4)
+    tmp.mkdir(parents=True)
+    assert "nothing to resume" in ckpt.resume_hint(root)  # a half-written checkpoint does not count
+    ckpt.commit_checkpoint(tmp, keep_last=2)
+    assert ckpt.resume_hint(root).endswith("step_00000004 (step 4): continue with --resume latest")

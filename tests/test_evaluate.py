@@ -545,3 +545,39 @@ def test_two_processes_equal_one(saved, val_dir, tmp_path):
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
     for key in ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_examples"):
         assert two[key] == one[key]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["no_model", "bad_hellaswag", "seq_len", "nan_weights"])
+def test_cli_input_errors_exit_2_with_one_line(case, saved, val_dir, tmp_path):
+    """Input errors end with one `error:` line naming the problem and the fix, exit code 2, no traceback."""
+    args = ["--model", saved / "export", "--device", "cpu", "--output", tmp_path / "r.json"]
+    if case == "no_model":
+        args[1], expected = tmp_path / "nowhere", "Could not load a causal LM from"
+    elif case == "bad_hellaswag":
+        bad = tmp_path / "hs.jsonl"
+        bad.write_text('{"ctx": "A man", "endings": ["a", "b"], "label": 0}\n')
+        args += ["--hellaswag_file", bad]
+        expected = "hs.jsonl:1: endings must be a list of 4 strings"
+    elif case == "seq_len":
+        args += ["--data_dir", val_dir, "--seq_len", 4096]
+        expected = "seq_len=4096 is longer than the model's context (128)"
+    else:
+        broken = tiny_repro()
+        with torch.no_grad():
+            broken.lm_head.weight[7, 3] = float("nan")  # tied: the embedding too
+        broken.save_pretrained(tmp_path / "diverged")
+        args[1], expected = tmp_path / "diverged", "weight tensor(s) hold NaN or inf"
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "GPT2_REPRO_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate_gpt2.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environ | {"GPT2_REPRO_HELLASWAG_URL": "http://127.0.0.1:9/x.jsonl"},
+        timeout=600,
+        cwd=ROOT,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert expected in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r.json").exists()

@@ -6,9 +6,12 @@ compare against it. Only the Hub is a stand-in (a fake `HfApi` at the network bo
 GPU tests (marked `gpu`) run the CUDA defaults (bf16, compile, fused AdamW, TF32) and skip on CPU.
 """
 
+import contextlib
 import json
 import os
 import random
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -16,11 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 import checkpointing as ckpt
 from cli import ConfigError
+from stopping import PREEMPTED_EXIT_CODE
 from synthetic import hellaswag_examples, learnable_tokens, write_jsonl
 from token_data import write_shard
 from train_config import load_config, parse_args
@@ -890,3 +895,371 @@ def test_gpu_bench_script_runs_on_cpu_with_tiny():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in ("tokens/s:", "MFU:", "peak memory:", "B=4 T=64"):
         assert line in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long runs that survive: divergence, stop signals, one run per folder, refused resumes, elastic resume.
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@contextlib.contextmanager
+def _running(args: list[str], out: Path, launcher: list[str] | None = None, **env):
+    """A training run in the background (its own process group, killed whole if the test fails)."""
+    cmd = (launcher or [sys.executable]) + [
+        str(ROOT / "train.py"),
+        *TINY_ARGS,
+        *args,
+        "--output_dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a no-op when everything ended
+        proc.communicate()
+
+
+def _wait_for_step(out: Path, step: int, proc, timeout: float = 240) -> None:
+    metrics, deadline = out / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"loss"') >= step:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the run ended or stalled before step {step}")
+
+
+def _stopped_at(out: Path, output: str) -> int:
+    """The step a stop request saved: named in the message, the run's last step and its newest checkpoint.
+
+    No traceback of train.py; torchrun's agent prints its own for the signal that reached it (not ours to change).
+    """
+    found = re.search(r"stopped at step (\d+) \(.*\): checkpoint (\S+) is complete", output)
+    assert found, output[-3000:]
+    step = int(found.group(1))
+    assert (
+        max(_metrics(out)[0]) == step
+    )  # the step it was on when it agreed to stop, not a later one
+    assert ckpt.list_checkpoints(out / "checkpoints")[-1] == (step, Path(found.group(2)))
+    assert not list((out / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
+    assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
+    return step
+
+
+def _expect_exit_2(proc_or_result, stderr: str | None = None) -> str:
+    """Exit code 2 with exactly one `error:` line and no traceback; returns that line."""
+    err = proc_or_result.stderr if stderr is None else stderr
+    assert proc_or_result.returncode == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def _run(args: list[str], out: Path, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY_ARGS, *args, "--output_dir", str(out)]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, **kw
+    )
+
+
+def _tensors_finite(folder: Path) -> int:
+    """Asserts that every tensor of every weights file and optimizer state under `folder` is finite; returns
+    how many files it read."""
+    from safetensors.torch import load_file
+
+    weights, optimizers = list(folder.rglob("*.safetensors")), list(folder.rglob("optimizer.bin"))
+    for f in weights:
+        assert all(torch.isfinite(t).all() for t in load_file(f).values()), f
+    for f in optimizers:
+        moments = torch.load(f, weights_only=True)["state"].values()  # {param: {exp_avg, ...}}
+        assert all(torch.isfinite(t).all() for m in moments for t in m.values()), f
+    return len(weights) + len(optimizers)
+
+
+@pytest.mark.slow
+def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(
+    reference, data_dir, hellaswag_file, tmp_path
+):
+    """LR 1e6 on a trained model: updates with a non-finite loss or gradient norm are skipped, the run stops after
+    --max_bad_steps of them naming the last good checkpoint, and nothing non-finite is ever written."""
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out, symlinks=True)
+    export_before = (out / "export" / "model.safetensors").read_bytes()
+    args = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    args += ["--resume", "latest", "--max_steps", "24", "--max_lr", "1e6", "--min_lr", "1"]
+    args += ["--max_bad_steps", "3", "--checkpoint_every", "2", "--eval_every", "2"]
+    line = _expect_exit_2(_run(args, out))
+    assert "training diverged: the loss or gradient norm was not finite at steps" in line
+    assert f"the newest checkpoint, {out / 'checkpoints' / 'step_00000016'} (step 16)" in line
+    assert "--resume latest --max_lr 500000" in line
+    assert "checkpoints/step_00000012" in line  # the older one to try next
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [
+        12,
+        16,
+    ]  # none rotated away
+    assert (out / "export" / "model.safetensors").read_bytes() == export_before
+    assert _tensors_finite(out) >= 6
+    rows = [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    bad = [r for r in rows if r.get("skipped")]
+    assert len(bad) == 3 and all(r["loss"] is None or r["grad_norm"] is None for r in bad)
+    attempts = json.loads((out / "run_info.json").read_text())["attempts"]
+    assert attempts[-1]["changed"]["max_lr"] == [1e-2, 1e6] and attempts[-1]["start_step"] == 16
+
+    # Weights that turn non-finite within a finite step (a decay factor of -inf) are never saved either.
+    args = ["--data_dir", str(data_dir), "--hellaswag", "false"]
+    fresh = _run([*args, "--weight_decay", "1e45", "--checkpoint_every", "1"], tmp_path / "fresh")
+    line = _expect_exit_2(fresh)
+    assert "the weights at step 1 hold NaN or inf" in line and "nothing to resume" in line
+    assert (
+        not (tmp_path / "fresh" / "checkpoints").exists()
+        and not (tmp_path / "fresh" / "export").exists()
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(
+    reference, data_dir, hellaswag_file, tmp_path
+):
+    """One process. SIGTERM that reaches only `accelerate launch` (it does not forward it; train.py sees its
+    launcher exit), then SIGTERM to train.py itself: each time a checkpoint at the current step and exit code 75;
+    the resumed losses and evaluations are bit-identical to the uninterrupted reference."""
+    ref_losses, ref_evals = _metrics(reference[0])
+    out = tmp_path / "run"
+    data = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    with _running(data, out, accelerate) as proc:
+        _wait_for_step(out, random.randint(3, 5), proc)
+        proc.send_signal(signal.SIGTERM)  # the launcher only
+        _, err = proc.communicate(timeout=240)  # returns when train.py, too, closed the pipes
+    assert proc.returncode == -signal.SIGTERM and f"the launcher (pid {proc.pid}) exited" in err
+    first = _stopped_at(out, err)
+
+    with _running([*data, "--resume", "latest"], out) as proc:
+        _wait_for_step(out, random.randint(first + 2, 12), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    second = _stopped_at(out, err)
+    assert first < second < MAX_STEPS
+
+    _train([*data, "--resume", "latest"], out)
+    losses, evals = _metrics(out)
+    assert losses == ref_losses, (first, second)
+    assert {s: e["val_loss"] for s, e in evals.items()} == {
+        s: e["val_loss"] for s, e in ref_evals.items()
+    }
+    attempts = json.loads((out / "run_info.json").read_text())["attempts"]
+    assert [a["start_step"] for a in attempts] == [0, first, second]
+
+
+@pytest.mark.slow
+def test_sigterm_with_two_processes_and_elastic_resume(
+    reference, data_dir, hellaswag_file, tmp_path
+):
+    """Two gloo processes. SIGTERM to every process (as srun sends it) stops both at the same step; the run
+    continues with one process (2 -> 1); its checkpoint continues with two (1 -> 2), stopped by SIGTERM to
+    torchrun's agent alone (which forwards it). Losses match the one-process reference to float noise."""
+    ref_losses, _ = _metrics(reference[0])
+    out = tmp_path / "run"
+    data = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    with _running(data, out, TORCHRUN, ACCELERATE_USE_CPU="true") as proc:
+        _wait_for_step(out, random.randint(3, 6), proc)
+        for p in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children())]:
+            os.kill(p, signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    first = _stopped_at(out, err)
+    saved = out / "checkpoints" / ckpt.checkpoint_name(first)
+    assert sorted(p.name for p in saved.glob("loader_rank*.json")) == [
+        "loader_rank0.json",
+        "loader_rank1.json",
+    ]
+    assert ckpt.read_trainer_state(saved)["num_processes"] == 2
+
+    _train([*data, "--resume", "latest"], out)  # 2 -> 1
+    losses, _ = _metrics(out)
+    assert sorted(losses) == sorted(ref_losses)
+    for step, loss in ref_losses.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+    attempts = json.loads((out / "run_info.json").read_text())["attempts"]
+    assert attempts[-1]["changed"]["num_processes"] == [2, 1]
+
+    other = tmp_path / "other"  # 1 -> 2, from the one-process checkpoint of step 12
+    resume = ["--resume", str(out / "checkpoints" / "step_00000012")]
+    with _running([*data, *resume], other, TORCHRUN, ACCELERATE_USE_CPU="true") as proc:
+        _wait_for_step(other, 1, proc)  # its first line is step 13
+        proc.send_signal(signal.SIGTERM)  # torchrun's agent only
+        _, err = proc.communicate(timeout=240)
+    last = _stopped_at(other, err)
+    assert 13 <= last < MAX_STEPS
+    for step, loss in _metrics(other)[0].items():
+        assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_stop_checkpoint_keeps_the_previous_one(data_dir, tmp_path):
+    """SIGTERM, then SIGINT while that checkpoint is being written: exit 130, the half-written checkpoint is gone,
+    the previous one is whole, and the message says so."""
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--max_steps", "60", "--hellaswag", "false"]
+    args += ["--eval_every", "0", "--num_samples", "0", "--log_with", "none"]
+    with _running(args, out) as proc:
+        _wait_for_step(out, 5, proc)  # checkpoint 4 is whole
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 120
+        while not list((out / "checkpoints").glob(".tmp-*")) and time.time() < deadline:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    newest = out / "checkpoints" / "step_00000004"
+    assert f"interrupted: the newest complete checkpoint is {newest} (step 4)" in err
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [4]
+    assert not list((out / "checkpoints").glob(".*"))
+    assert ckpt.read_trainer_state(newest)["step"] == 4 and _tensors_finite(newest) >= 3
+
+
+@pytest.mark.slow
+def test_two_runs_cannot_share_a_folder(data_dir, tmp_path):
+    """A second run into a busy folder is refused at once, naming the first, and changes nothing; Ctrl-C on the
+    first says truthfully that there is nothing to resume yet; then the folder is free."""
+    from run_folder import RunLock
+
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--max_steps", "500", "--checkpoint_every", "0"]
+    args += ["--eval_every", "0", "--hellaswag", "false", "--num_samples", "0"]
+    with _running(args, out) as first:
+        _wait_for_step(out, 2, first)
+        written = {name: (out / name).read_bytes() for name in ("config.yaml", "run_info.json")}
+        second = _run([*args, "--max_steps", "7"], out)
+        line = _expect_exit_2(second)
+        assert f"is in use by another run (pid {first.pid} on host" in line
+        assert {name: (out / name).read_bytes() for name in written} == written
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err[-3000:]
+    assert "interrupted: no checkpoint was written yet, so there is nothing to resume" in err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # one writer
+    with RunLock(out):  # released with the process
+        pass
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_settings_is_refused_before_anything_is_written(
+    reference, data_dir, tmp_path
+):
+    run, _ = reference
+    names = ("config.yaml", "run_info.json", "metrics.jsonl")
+    before = {name: (run / name).read_bytes() for name in names}
+    other = tmp_path / "other_data"
+    shutil.copytree(data_dir, other)
+    tokens = learnable_tokens(30000)
+    write_shard(other / "test_train_000001.bin", tokens[4096:-100])
+    args = ["--data_dir", str(other), "--resume", "latest", "--n_layer", "3", "--seq_len", "16"]
+    line = _expect_exit_2(_run(args, run))
+    assert (
+        "step_00000016 cannot be resumed with these settings: n_layer: 2 in the checkpoint, 3 now;"
+        in line
+    )
+    assert (
+        "seq_len: 32 in the checkpoint, 16 now; data: the training shards are not the checkpoint's"
+        in line
+    )
+    assert f"--config {run / 'config.yaml'} --resume latest" in line
+    assert {name: (run / name).read_bytes() for name in names} == before
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [12, 16]
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder this process cannot write: chmod 555, or for root (whom chmod does not stop) a read-only tmpfs."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(
+            "running as root and cannot mount a read-only tmpfs: no read-only folder to test"
+        )
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def corrupted_data(data_dir, tmp_path):
+    """The test shards with a manifest.json, and one bit of the training shard flipped afterwards."""
+    from token_data import file_sha256
+
+    folder = tmp_path / "corrupted"
+    shutil.copytree(data_dir, folder)
+    files = sorted(folder.glob("*.bin"))
+    shards = [
+        {"file": f.name, "tokens": (f.stat().st_size - 1024) // 2, "sha256": file_sha256(f)}
+        for f in files
+    ]
+    (folder / "manifest.json").write_text(
+        json.dumps({"created_by": "data_prep.py", "shards": shards})
+    )
+    raw = bytearray(files[-1].read_bytes())
+    raw[5000] ^= 0x01
+    files[-1].write_bytes(raw)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    ["bad_yaml", "output_is_file", "output_under_file", "readonly", "file_size_limit", "corrupted"],
+)
+def test_input_and_environment_errors_exit_2_with_one_line(case, data_dir, tmp_path, request):
+    """Each ends with one `error:` line naming the problem and the fix, exit code 2, no traceback, and destroys
+    nothing. A full disk is simulated with a file-size limit (ulimit -f): the run refuses up front when a
+    checkpoint file would not fit."""
+    args, out, preexec = ["--data_dir", str(data_dir)], tmp_path / "run", None
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    if case == "bad_yaml":
+        (tmp_path / "bad.yaml").write_text("optim:\n  max_steps: [12\n")
+        args += ["--config", str(tmp_path / "bad.yaml")]
+        expected = "bad.yaml is not valid YAML"
+    elif case == "output_is_file":
+        out, expected = a_file, "a file stands where a folder is needed"
+    elif case == "output_under_file":
+        out, expected = a_file / "run", "a file stands where a folder is needed"
+    elif case == "readonly":
+        out = request.getfixturevalue("readonly_dir") / "run"
+        expected = "choose a folder you can write to"
+    elif case == "file_size_limit":
+
+        def preexec():  # what a full disk does to the largest file, without filling a disk
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (10_000_000, 10_000_000))
+
+        expected = "the file-size limit (ulimit -f) is 10,000,000 bytes"
+    else:
+        args = ["--data_dir", str(request.getfixturevalue("corrupted_data"))]
+        expected = "its SHA-256 differs from manifest.json"
+    line = _expect_exit_2(_run(args, out, preexec_fn=preexec))
+    assert expected in line, line
+    assert a_file.read_text() == "keep me"
+    assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()

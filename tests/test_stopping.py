@@ -1,0 +1,57 @@
+"""stopping.py: stop requests (signals, launcher exit), the divergence guard, the finite-weights check."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from stopping import DivergenceGuard, StopRequest, launcher_pid, nonfinite_parameters
+
+
+def test_stop_request_catches_sigterm_and_sigusr1_and_restores_the_handlers():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        with StopRequest() as stop:
+            assert not stop.requested
+            os.kill(os.getpid(), sig)  # delivered to this (main) thread before the next bytecode
+            assert stop.requested and signal.Signals(sig).name in stop.reason
+            os.kill(os.getpid(), sig)  # a repeat changes nothing
+            assert signal.Signals(sig).name in stop.reason
+        assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_only_launchers_are_watched():
+    assert launcher_pid(env={}) is None  # pytest's parent is a shell or a CI runner, not a launcher
+    assert launcher_pid(env={"TORCHELASTIC_RUN_ID": "x"}) == os.getppid()
+
+
+def test_divergence_guard_counts_consecutive_bad_steps():
+    guard = DivergenceGuard(max_bad_steps=3)
+    guard.update(1, bad=False, loss=5.0)
+    for step in (2, 3):
+        guard.update(step, bad=True, loss=float("nan"))
+    assert guard.streak == 2 and not guard.exhausted
+    guard.update(4, bad=False, loss=4.0)  # one good step ends the streak
+    assert guard.streak == 0 and guard.last_good == (4, 4.0)
+    for step in (5, 6, 7):
+        guard.update(step, bad=True, loss=float("inf"))
+    assert guard.exhausted
+    assert "steps 5-7 (3 in a row" in guard.describe(7) and "4.0000 at step 4" in guard.describe(7)
+
+
+def test_nonfinite_parameters_names_them():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    assert nonfinite_parameters(model) == []
+    with torch.no_grad():
+        model[0].bias[1] = float("nan")
+        model[1].weight[0] = float("inf")
+    assert nonfinite_parameters(model) == ["0.bias", "1.weight"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_nonfinite_parameters_one_value_is_enough(bad):
+    model = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        model.weight[63, 63] = bad
+    assert nonfinite_parameters(model) == ["weight"]
