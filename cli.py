@@ -352,8 +352,10 @@ def describe_environment_error(exc: BaseException) -> str | None:
     place = f" at {where}" if where else ""
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = "free some space (or raise the limit), or choose a folder on another disk"
-    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "choose a folder you can write to, or fix its permissions"
+    elif code == errno.EROFS:
+        fix = "choose a folder on a writable file system"
+    elif code in (errno.EACCES, errno.EPERM):
+        fix = "fix its permissions, or choose a path you may use"
     else:
         fix = "choose another path"
     return f"{what}{place} ({os.strerror(code)}): {fix}"

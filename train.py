@@ -50,7 +50,13 @@ import checkpointing as ckpt
 import cli
 from atomic_io import link_or_copy, link_tree, strict_json, write_atomic, write_json_atomic
 from cli import ConfigError, RunError, Stop, describe_environment_error
-from evaluate_gpt2 import HellaSwagUnavailable, load_hellaswag, score_hellaswag, validation_loss
+from evaluate_gpt2 import (
+    EvaluationInputError,
+    HellaSwagUnavailable,
+    load_hellaswag,
+    score_hellaswag,
+    validation_loss,
+)
 from gpt2_tokenizer import build_hf_tokenizer, get_gpt2_encoding
 from hub import (
     STOCK_GPT2_BRANCH,
@@ -956,6 +962,8 @@ def train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
         k: state.get(k)
         for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")
     }
+    # Loading the HellaSwag file is a check too: before anything is written.
+    evaluator = Evaluator(cfg, accelerator, encoding, run_dir, log)
     record_run(cfg, accelerator, run_dir, log, start_step=step, resumed_from=found and str(found))
     if is_main:  # the steps logged after the checkpoint are redone
         ckpt.truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -965,7 +973,6 @@ def train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
             else f"training from scratch in {run_dir}"
         )
 
-    evaluator = Evaluator(cfg, accelerator, encoding, run_dir, log)
     checkpointer = Checkpointer(
         cfg, accelerator, model, raw_model, loader, run_dir, encoding, uploader
     )
@@ -1070,4 +1077,4 @@ def progress_line(row: dict) -> str:
 
 
 if __name__ == "__main__":
-    cli.run(main, errors=(DataError, FileNotFoundError))
+    cli.run(main, errors=(DataError, EvaluationInputError, FileNotFoundError))

@@ -1248,7 +1248,9 @@ def test_input_and_environment_errors_exit_2_with_one_line(case, data_dir, tmp_p
         out, expected = a_file / "run", "a file stands where a folder is needed"
     elif case == "readonly":
         out = request.getfixturevalue("readonly_dir") / "run"
-        expected = "choose a folder you can write to"
+        expected = f"cannot use --output_dir {out}: " + (
+            "read-only file system" if os.geteuid() == 0 else "permission denied"
+        )
     elif case == "file_size_limit":
 
         def preexec():  # what a full disk does to the largest file, without filling a disk
