@@ -51,8 +51,10 @@ def launcher_pid(env=os.environ) -> int | None:
         cmdline = psutil.Process(parent).cmdline()
     except psutil.Error:
         return None
-    names = [Path(arg).name for arg in cmdline[:3]]
-    if "accelerate" in names or any(a.startswith("accelerate.commands") for a in cmdline[:3]):
+    names = {Path(arg).name for arg in cmdline[:3]}
+    if names & {"accelerate", "accelerate-launch"} or any(
+        a.startswith("accelerate.commands") for a in cmdline[:3]
+    ):
         return parent
     return None
 
