@@ -729,7 +729,9 @@ def save_checkpoint(
 
 def diverged(what: str, run_dir: Path, cfg: TrainConfig) -> RunError:
     """The error that ends a diverged run: what happened, what can be resumed, what to try."""
-    lower = f"--max_lr {cfg.optim.max_lr / 2:g}"
+    optim = cfg.optim
+    lower = f"--max_lr {optim.max_lr / 2:g}"
+    lower += f" --muon_lr {optim.muon_lr / 2:g}" if optim.optimizer == "muon" else ""
     saved = ckpt.list_checkpoints(run_dir / "checkpoints")
     if not saved:
         return RunError(

@@ -126,6 +126,10 @@ class OptimConfig:
             ),
             (self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0"),
             (
+                self.max_bad_steps >= 1,
+                f"optim.max_bad_steps={self.max_bad_steps} must be >= 1 (1: stop at the first bad step)",
+            ),
+            (
                 0.0 < self.decay_fraction <= 1.0,
                 f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]",
             ),
@@ -246,10 +250,6 @@ class TrainConfig:
                 f"data.seq_len={data.seq_len} exceeds model.n_positions={n_positions}",
             ),
             *optim.checks(),
-            (
-                optim.max_bad_steps >= 1,
-                f"optim.max_bad_steps={optim.max_bad_steps} must be >= 1 (1: stop at the first bad step)",
-            ),
             (
                 min(evals.eval_every, ckpt.checkpoint_every, evals.num_samples) >= 0,
                 "eval_every, checkpoint_every and num_samples must be >= 0",

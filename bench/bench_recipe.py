@@ -703,12 +703,7 @@ def timing(args) -> None:
                 train.set_lrs(st["opts"], 20, st["cfg"].optim)
                 t0 = time.perf_counter()
                 train.train_step(
-                    st["acc"],
-                    st["model"],
-                    st["opts"],
-                    st["loader"],
-                    None,
-                    st["cfg"].optim.grad_clip,
+                    st["acc"], st["model"], st["opts"], st["loader"], st["cfg"].optim.grad_clip
                 )
                 if step >= args.warmup:
                     st["step"].append(time.perf_counter() - t0)
