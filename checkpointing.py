@@ -83,10 +83,12 @@ def read_trainer_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
 
 
-# What a checkpoint's state is bound to: the model's shapes, the batch per optimizer step (the LR schedule and the
-# data position count steps of that many tokens), how the data is cut into windows and in which order (seq_len,
-# seed, shuffle), and the data itself. Everything else (LR, intervals, micro-batch, process count) may change.
+# What a checkpoint's state is bound to: the model's shapes, the optimizer (its state is saved), the batch per
+# optimizer step (the LR schedule and the data position count steps of that many tokens), how the data is cut into
+# windows and in which order (seq_len, seed, shuffle), and the data itself. Everything else (LRs, schedule,
+# intervals, micro-batch, process count) may change.
 RESUME_MUST_MATCH = (
+    "optimizer",
     "n_layer",
     "n_head",
     "n_embd",
