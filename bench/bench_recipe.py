@@ -657,7 +657,7 @@ def timing(args) -> None:
 
     sys.path.insert(0, str(ROOT))
     import train
-    from data_prep import TokenShardLoader
+    from token_data import TokenShardLoader
     from train_config import parse_args
 
     torch.set_num_threads(args.threads)
