@@ -28,7 +28,16 @@ from atomic_io import is_temporary, write_json_atomic
 from cli import ConfigError, opt
 from gpt2_tokenizer import EOT_ID, get_gpt2_encoding
 from hub import FINEWEB_EDU
-from text_stream import encoded_batches, open_text_stream
+from text_stream import (
+    RETRIES,
+    SHARD_TOKENS,
+    VAL_TOKENS,
+    StreamReadError,
+    cut_shards,
+    encoded_batches,
+    open_text_stream,
+    shard_capacity,
+)
 from token_data import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, read_shard, write_shard
 
 logger = logging.getLogger("data_prep")
@@ -50,12 +59,15 @@ class PrepConfig:
     split: str = opt("train", "dataset split")
     text_column: str = opt("text", "column holding the documents")
     max_tokens: int | None = opt(None, "stop after this many tokens (val + train)")
-    shard_tokens: int = opt(100_000_000, "tokens per training shard")
-    val_tokens: int = opt(100_000_000, "tokens in the validation shard (the first)")
+    shard_tokens: int = opt(SHARD_TOKENS, "tokens per training shard")
+    val_tokens: int = opt(VAL_TOKENS, "tokens in the validation shard (the first)")
     num_workers: int = opt(0, "tokenizer threads; 0 = one per CPU core")
     batch_docs: int = opt(512, "documents per tokenizer task")
     text_sample_by: str = opt(
         "document", "plain-text files: one document per 'document' (file), 'paragraph' or 'line'"
+    )
+    retries: int = opt(
+        RETRIES, "retries after a transient read error (waiting 1 s, 2 s, ... up to 60 s)"
     )
     vocab_file: str | None = opt(None, "r50k_base.tiktoken for offline use")
     progress: bool = opt(True, "show a progress bar with tokens/s")
@@ -173,13 +185,10 @@ def prepare(cfg: PrepConfig) -> dict:
         logger.info(
             "Resuming %s after %d finished shards (%s tokens)", out, len(shards), f"{written:,}"
         )
-        if resume["dataset_state"] is not None:  # None: the boundary batch was the stream's first
-            src.dataset.load_state_dict(resume["dataset_state"])
     skipped = resume["skipped_documents"] if resume else 0
 
     def capacity(index: int) -> int:
-        size = cfg.val_tokens if index == 0 else cfg.shard_tokens
-        return size if cfg.max_tokens is None else min(size, cfg.max_tokens - written)
+        return shard_capacity(index, cfg.val_tokens, cfg.shard_tokens, cfg.max_tokens)
 
     def finish_shard(tokens: np.ndarray) -> None:
         nonlocal written
@@ -193,11 +202,23 @@ def prepare(cfg: PrepConfig) -> dict:
         )
         written += len(tokens)
 
+    def counted(batches):
+        """The batches, adding each one's skipped documents to `skipped` once it is fully used."""
+        nonlocal skipped
+        for batch in batches:
+            yield batch
+            skipped += batch.skipped
+
     workers = _default_workers(cfg.num_workers)
     buf = np.empty(capacity(len(shards)), dtype=np.uint16)  # the shard being filled
     fill = 0
-    start = resume and resume["dataset_state"]
-    stream = encoded_batches(src.dataset, cfg.text_column, encoding, workers, cfg.batch_docs, start)
+    start = resume and resume["dataset_state"]  # None: the boundary batch was the stream's first
+    stream = encoded_batches(
+        src.dataset, cfg.text_column, encoding, workers, cfg.batch_docs, start, cfg.retries
+    )
+    pieces = cut_shards(
+        counted(stream), capacity, len(shards), skip=resume["skip_tokens"] if resume else 0
+    )
     desc = f"tokenizing ({workers} threads)"
     bar = tqdm(
         total=cfg.max_tokens,
@@ -208,28 +229,25 @@ def prepare(cfg: PrepConfig) -> dict:
         disable=not cfg.progress,
     )
     try:
-        for i, (state, tokens, n_skipped) in enumerate(stream):
-            pos = (
-                resume["skip_tokens"] if (resume and i == 0) else 0
-            )  # tokens of this batch already in shards
-            while pos < len(tokens) and len(buf):
-                take = min(len(buf) - fill, len(tokens) - pos)
-                buf[fill : fill + take] = tokens[pos : pos + take]
-                fill, pos = fill + take, pos + take
-                bar.update(take)
-                if fill == len(buf):
-                    finish_shard(buf)
-                    manifest["resume"] = {
-                        "dataset_state": state,
-                        "skip_tokens": pos,
-                        "skipped_documents": skipped,
-                    }
-                    write_json_atomic(out / "manifest.json", manifest)
-                    buf, fill = np.empty(capacity(len(shards)), dtype=np.uint16), 0
-            skipped += n_skipped
+        for piece in pieces:
+            buf[fill : fill + len(piece.tokens)] = piece.tokens
+            fill += len(piece.tokens)
+            bar.update(len(piece.tokens))
             bar.set_postfix(shards=len(shards), skipped_docs=skipped, refresh=False)
-            if not len(buf):  # --max_tokens reached
-                break
+            if piece.shard_end:
+                finish_shard(buf)
+                manifest["resume"] = {
+                    "dataset_state": piece.batch.state,
+                    "skip_tokens": piece.offset + len(piece.tokens),
+                    "skipped_documents": skipped,
+                }
+                write_json_atomic(out / "manifest.json", manifest)
+                buf, fill = np.empty(capacity(len(shards)), dtype=np.uint16), 0
+    except StreamReadError as e:
+        raise StreamReadError(
+            f"{e}: rerun the same command to continue after the last finished shard "
+            f"({len(shards)} so far; nothing half-written was kept)"
+        ) from e
     finally:
         stream.close()
         bar.close()

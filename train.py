@@ -36,11 +36,19 @@ from atomic_io import link_tree, strict_json, write_json_atomic
 from cli import ConfigError
 from evaluate_gpt2 import HellaSwagUnavailable, load_hellaswag, score_hellaswag, validation_loss
 from gpt2_tokenizer import build_hf_tokenizer, get_gpt2_encoding
-from hub import HubUploader, write_model_card
+from hub import DEFAULT_DATASET_CONFIGS, HubUploader, write_model_card
 from modeling_gpt2_repro import GPT2ReproForCausalLM, estimate_flops_per_token
 from run_info import collect_run_info, mfu, peak_bf16_flops
-from token_data import DataError, TokenShardLoader, iter_val_batches
-from train_config import TrainConfig, grad_accum_steps, lr_at, parse_args, save_config
+from text_stream import open_text_stream
+from token_data import DataError, StreamingTokenLoader, TokenShardLoader, iter_val_batches
+from train_config import (
+    DataConfig,
+    TrainConfig,
+    grad_accum_steps,
+    lr_at,
+    parse_args,
+    save_config,
+)
 
 # ---------------------------------------------------------------------------------------------------- setup
 
@@ -124,7 +132,14 @@ def fused_adamw(device: torch.device) -> bool:
 
 
 def check_data_dir(cfg: TrainConfig) -> None:
-    """Fail before anything starts when there is no prepared data or too little validation data for val_tokens."""
+    """Fail before anything starts when there is no prepared data or too little validation data for val_tokens.
+
+    A stream (--dataset) is opened: its id, files and text column are checked; its length is known only once read.
+    """
+    if cfg.data.dataset is not None:
+        data = cfg.data
+        open_text_stream(data.dataset, data.dataset_name, data.dataset_split, data.text_column)
+        return
     if not glob.glob(cfg.data.data_dir):
         raise ConfigError(
             f"no training shards in data_dir={cfg.data.data_dir!r}. Prepare them first, e.g. "
@@ -167,10 +182,14 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(strict_json(row)) + "\n")
 
 
-def describe_data(data_dir: str) -> str | None:
-    """The dataset named in data_prep.py's manifest.json ("HuggingFaceFW/fineweb-edu (sample-10BT)"), if any."""
+def describe_data(data: DataConfig) -> str | None:
+    """The dataset trained on ("HuggingFaceFW/fineweb-edu (sample-10BT)"): the stream's, else the one named in
+    data_prep.py's manifest.json, if any."""
+    if data.dataset is not None:
+        name = data.dataset_name or DEFAULT_DATASET_CONFIGS.get(data.dataset)
+        return data.dataset + (f" ({name})" if name else "")
     try:
-        source = json.loads((Path(data_dir) / "manifest.json").read_text())["source"]
+        source = json.loads((Path(data.data_dir) / "manifest.json").read_text())["source"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     name = source.get("name") or source.get("config")
@@ -223,7 +242,9 @@ class Evaluator:
     which would hang when ranks run different numbers of batches.
     """
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, encoding, run_dir: Path, log):
+    def __init__(
+        self, cfg: TrainConfig, accelerator: Accelerator, encoding, run_dir: Path, log, loader
+    ):
         self.cfg, self.accelerator, self.encoding, self.run_dir, self.log = (
             cfg,
             accelerator,
@@ -231,6 +252,7 @@ class Evaluator:
             run_dir,
             log,
         )
+        self.loader = loader
         self.hellaswag = None
         self.enabled = accelerator.distributed_type != DistributedType.FSDP
         if not self.enabled:
@@ -262,7 +284,7 @@ class Evaluator:
         batch_size = evals.eval_batch_size or data.micro_batch_size
         val_loss = validation_loss(
             model,
-            data.data_dir,
+            validation_data(self.cfg, self.loader),
             evals.val_tokens,
             batch_size,
             data.seq_len,
@@ -357,7 +379,7 @@ class Checkpointer:
         if settings.push_to_hub and is_main:
             staging = run_dir / ".hub-staging"
             self.uploader = HubUploader(settings.push_to_hub, staging, settings.hub_private)
-        self.card = {"config": cfg.to_dict(), "data_source": describe_data(cfg.data.data_dir)}
+        self.card = {"config": cfg.to_dict(), "data_source": describe_data(cfg.data)}
 
     def due(self, step: int) -> bool:
         every = self.cfg.checkpoint.checkpoint_every
@@ -439,9 +461,31 @@ def resume(accelerator: Accelerator, loader, cfg: TrainConfig, run_dir: Path) ->
 # ------------------------------------------------------------------------------------------------- the run
 
 
-def make_loader(cfg: TrainConfig, accelerator: Accelerator) -> TokenShardLoader:
+def make_loader(
+    cfg: TrainConfig, accelerator: Accelerator
+) -> TokenShardLoader | StreamingTokenLoader:
     """This process's training batches: the loader shards by rank itself (never passed to `prepare`)."""
     data = cfg.data
+    if data.dataset is not None:
+        return StreamingTokenLoader(
+            data.dataset,
+            data.dataset_name,
+            data.dataset_split,
+            data.text_column,
+            batch_size=data.micro_batch_size,
+            seq_len=data.seq_len,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=cfg.run.seed,
+            shuffle=data.shuffle,
+            val_tokens=data.stream_val_tokens,
+            shard_tokens=data.stream_shard_tokens,
+            shuffle_windows=data.stream_shuffle_windows,
+            keep_val_tokens=cfg.eval.val_tokens // data.seq_len * data.seq_len + 1,
+            num_workers=data.stream_workers,
+            batch_docs=data.stream_batch_docs,
+            retries=data.stream_retries,
+        )
     return TokenShardLoader(
         data.data_dir,
         split="train",
@@ -452,6 +496,12 @@ def make_loader(cfg: TrainConfig, accelerator: Accelerator) -> TokenShardLoader:
         seed=cfg.run.seed,
         shuffle=data.shuffle,
     )
+
+
+def validation_data(cfg: TrainConfig, loader):
+    """What evaluate_gpt2.validation_loss reads: the shards' folder, or a stream's first tokens (the same tokens
+    as the val shard data_prep.py would write from it)."""
+    return loader.validation_tokens if cfg.data.dataset is not None else cfg.data.data_dir
 
 
 def tracker_config(cfg: TrainConfig) -> dict:
@@ -512,7 +562,7 @@ def main(argv: list[str] | None = None) -> Path:
             else f"training from scratch in {run_dir}"
         )
 
-    evaluator = Evaluator(cfg, accelerator, encoding, run_dir, log)
+    evaluator = Evaluator(cfg, accelerator, encoding, run_dir, log, loader)
     checkpointer = Checkpointer(cfg, accelerator, model, raw_model, loader, run_dir, encoding)
     wandb_run = {"wandb": {"name": run_dir.name}}
     accelerator.init_trackers(
@@ -554,6 +604,7 @@ def main(argv: list[str] | None = None) -> Path:
             log(f"checkpoint {checkpointer.save(trainer_state)}")
 
     bar.close()
+    loader.close()  # a stream's reader threads
     accelerator.end_training()
     checkpointer.close(log)
     log(f"done: {step} steps in {time.time() - t_start:.0f}s; model in {run_dir / 'export'}")
