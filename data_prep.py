@@ -245,8 +245,8 @@ def prepare(cfg: PrepConfig) -> dict:
                 buf, fill = np.empty(capacity(len(shards)), dtype=np.uint16), 0
     except StreamReadError as e:
         raise StreamReadError(
-            f"{e}: rerun the same command to continue after the last finished shard "
-            f"({len(shards)} so far; nothing half-written was kept)"
+            f"{e}. Once it can be read again, rerun the same command: it continues after the last "
+            f"finished shard ({len(shards)} so far; nothing half-written was kept)."
         ) from e
     finally:
         stream.close()

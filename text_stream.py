@@ -317,55 +317,58 @@ def encoded_batches(
     """Tokenized consecutive batches of `batch_docs` documents of the stream `ds`, from `start_state` (None: start).
 
     The calling thread reads the stream (so its `state_dict()` stays exact) while `num_workers` threads tokenize up
-    to 2 * num_workers batches ahead. A transient read error (`is_transient`) reopens the stream at the state after
-    the last batch read and retries, waiting `retry_delay` between attempts; after `retries` failures in a row, or
-    on any other read error, it raises StreamReadError (a DataError). Batches already yielded stay valid.
+    to 2 * num_workers batches ahead. A read error is dealt with once the batches read before it are yielded: a
+    transient one (`is_transient`) reopens the stream at the state after the last batch read and retries, waiting
+    `retry_delay` between attempts; after `retries` failures in a row, or on any other read error, it raises
+    StreamReadError (a DataError).
     """
     if start_state is not None:
         ds.load_state_dict(start_state)
     restart = start_state if start_state is not None else ds.state_dict()
-    state, failures, exhausted = start_state, 0, False
+    state, failures, exhausted, error = start_state, 0, False, None
     rows = ds.iter(batch_size=batch_docs)
     pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenizer")
     pending: deque = deque()
     try:
         while True:
-            while not exhausted and len(pending) < 2 * num_workers:
+            while error is None and not exhausted and len(pending) < 2 * num_workers:
                 try:
                     batch = next(rows)
                 except StopIteration:
                     exhausted = True
                     break
-                except Exception as e:
-                    what = f"{type(e).__name__}: {e}"
-                    if not is_transient(e):
-                        raise StreamReadError(f"Reading the dataset failed: {what}") from e
-                    if failures >= retries:
-                        raise StreamReadError(
-                            f"Reading the dataset failed {failures + 1} times in a row, the last time with "
-                            f"{what}. Check the connection (or the files) and run again"
-                        ) from e
-                    delay = retry_delay(failures)
-                    failures += 1
-                    logger.warning(
-                        "Reading the dataset failed (%s); retry %d/%d in %.0f s",
-                        what,
-                        failures,
-                        retries,
-                        delay,
-                    )
-                    time.sleep(delay)
-                    rows.close()
-                    ds.load_state_dict(state if state is not None else restart)
-                    rows = ds.iter(batch_size=batch_docs)
-                    continue
+                except Exception as e:  # handled once the batches read before it are yielded
+                    error = e
+                    break
                 failures = 0
                 pending.append((state, pool.submit(encode_documents, encoding, batch[column])))
                 state = ds.state_dict()
-            if not pending:
+            if pending:
+                batch_state, future = pending.popleft()
+                yield EncodedBatch(batch_state, *future.result())
+                continue
+            if error is None:
                 return
-            batch_state, future = pending.popleft()
-            yield EncodedBatch(batch_state, *future.result())
+            what = f"{type(error).__name__}: {error}"
+            if not is_transient(error):
+                raise StreamReadError(f"Reading the dataset failed: {what}") from error
+            if failures >= retries:
+                raise StreamReadError(
+                    f"Reading the dataset failed {failures + 1} times in a row, the last time with {what}"
+                ) from error
+            delay = retry_delay(failures)
+            failures += 1
+            logger.warning(
+                "Reading the dataset failed (%s); retry %d/%d in %.0f s",
+                what,
+                failures,
+                retries,
+                delay,
+            )
+            time.sleep(delay)
+            rows.close()
+            ds.load_state_dict(state if state is not None else restart)
+            rows, error = ds.iter(batch_size=batch_docs), None
     finally:
         rows.close()  # an unfinished datasets parquet iterator left to the garbage collector can hang at exit
         pool.shutdown(wait=True, cancel_futures=True)
@@ -403,10 +406,13 @@ def cut_shards(
 ) -> Iterator[Piece]:
     """Cut the token stream of `batches` into consecutive shards of `capacity(index)` tokens; stop at capacity 0.
 
-    To continue inside a stream: the first batch's first `skip` tokens are not part of it, and shard `shard`
-    already holds `filled` tokens. The stream's last shard may end short (no piece has shard_end then).
+    To continue inside a stream: its first `skip` tokens are not part of it, and shard `shard` already holds
+    `filled` tokens. The stream's last shard may end short (no piece has shard_end then).
     """
     for batch in batches:
+        if skip >= len(batch.tokens):  # resuming past this batch
+            skip -= len(batch.tokens)
+            continue
         pos, skip = skip, 0
         while pos < len(batch.tokens):
             room = capacity(shard) - filled

@@ -395,12 +395,31 @@ class _Block:
         if self.shuffled:
             at = {"block": self.index, "block_served": self.served_before + j}
             return {**self.starts[0], "epoch": self.epoch, **at}
-        return {**self.starts[j], "epoch": self.epoch, "block": 0, "block_served": 0}
+        if j < len(self.starts):
+            start = self.starts[j]
+        else:  # all served: T tokens after the last window's start, where the next one would start
+            T, last = self.windows.shape[1] - 1, self.starts[-1]
+            start = {
+                **last,
+                "skip_tokens": last["skip_tokens"] + T,
+                "shard_filled": last["shard_filled"] + T,
+            }
+        return {**start, "epoch": self.epoch, "block": 0, "block_served": 0}
 
 
 @dataclass
 class _Failure:
     error: BaseException
+
+
+def _resumable(error: BaseException) -> BaseException:
+    """A read error that outlasted the retries, with what to do next; other errors as they are."""
+    if not isinstance(error, _text_stream().StreamReadError):
+        return error
+    return DataError(
+        f"{error}. Once it can be read again, continue with --resume latest: training goes on from the "
+        "last checkpoint, exactly where it was."
+    )
 
 
 _LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
@@ -551,16 +570,11 @@ class StreamingTokenLoader:
         ts = _text_stream()
         n = self.val_tokens if find_boundary else self.keep_val_tokens
         ds = ts.open_text_stream(*self._source).dataset
-        head, boundary = ts.read_stream_head(
-            ds,
-            self.text_column,
-            self.encoding,
-            n,
-            self.keep_val_tokens,
-            self.num_workers,
-            self.batch_docs,
-            self.retries,
-        )
+        args = (self.keep_val_tokens, self.num_workers, self.batch_docs, self.retries)
+        try:
+            head, boundary = ts.read_stream_head(ds, self.text_column, self.encoding, n, *args)
+        except ts.StreamReadError as e:
+            raise _resumable(e) from e
         if len(head) < self.keep_val_tokens or (find_boundary and boundary is None):
             raise DataError(
                 f"{self._source[0]}: the stream holds no more than {n:,} tokens, so nothing would be left to train "
@@ -705,14 +719,9 @@ class StreamingTokenLoader:
                 if not thread.is_alive() and ready.empty():
                     raise RuntimeError("the stream reader thread ended without a word") from None
         if isinstance(item, _Failure):
-            self._failure = item.error
+            self._failure = _resumable(item.error)
             self.close()
-            if isinstance(item.error, _text_stream().StreamReadError):
-                raise DataError(
-                    f"{item.error}; then continue with --resume latest: training goes on from the last "
-                    "checkpoint, exactly where it was."
-                ) from item.error
-            raise item.error
+            raise self._failure
         self._block, self._served = item, 0
 
     def _current(self) -> _Block:
