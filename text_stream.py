@@ -439,7 +439,7 @@ def read_stream_head(
     """The first n_tokens tokens of a stream: data_prep.py's validation shard when n_tokens is its --val_tokens.
 
     Returns (the first min(keep, n_tokens) of them, where the stream goes on after them: (row, tokens of that row
-    already taken)), the second None when the stream holds no more than n_tokens tokens.
+    already taken)); the second is None when the stream holds fewer than n_tokens tokens.
     """
     keep = n_tokens if keep is None else min(keep, n_tokens)
     head, got, rows_before = np.empty(keep, dtype=np.uint16), 0, 0

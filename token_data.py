@@ -577,7 +577,7 @@ class StreamingTokenLoader:
             raise _resumable(e) from e
         if len(head) < self.keep_val_tokens or (find_boundary and boundary is None):
             raise DataError(
-                f"{self._source[0]}: the stream holds no more than {n:,} tokens, so nothing would be left to train "
+                f"{self._source[0]}: the stream holds fewer than {n:,} tokens, so nothing would be left to train "
                 f"on after the validation set (--stream_val_tokens {self.val_tokens:,}) or it cannot hold the "
                 f"validation budget ({self.keep_val_tokens:,} tokens). Lower --stream_val_tokens or --val_tokens."
             )

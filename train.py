@@ -626,7 +626,7 @@ if __name__ == "__main__":
         DataError,
         FileNotFoundError,
     ) as e:  # bad settings or data: the message says what to do
-        print(f"error: {e}", file=sys.stderr)
+        tqdm.write(f"error: {e}", file=sys.stderr)  # on its own line, also under a progress bar
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: continue with --resume latest", file=sys.stderr)

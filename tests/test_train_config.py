@@ -154,3 +154,28 @@ def test_lr_schedule_boundaries():
     assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
     assert lr_at(0, OptimConfig(max_lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=10)) == 1e-3
+
+
+def test_one_data_source_shards_or_a_stream():
+    """--dataset streams instead of the preset's shards; both on the command line (or in one YAML) is refused;
+    a stream must hold the validation budget in its validation part."""
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    cfg = parse_args(["--config", tiny, "--dataset", "data/tinyshakespeare.txt"])
+    assert (
+        cfg.data.dataset == "data/tinyshakespeare.txt"
+        and cfg.data.data_dir == "data/fineweb-edu-10BT"
+    )
+    streamed = parse_args(["--config", str(ROOT / "configs" / "gpt2_124m.yaml"), "--dataset", "x"])
+    assert streamed.data.stream_val_tokens == 100_000_000 == streamed.data.stream_shard_tokens
+    with pytest.raises(ConfigError, match="not both"):
+        parse_args(["--dataset", "my.parquet", "--data_dir", "data/mine"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, {"dataset": "my.parquet", "data_dir": "data/mine"})
+    back = parse_args(
+        ["--config", tiny, "--dataset", "none"]
+    )  # a preset's dataset can be unset too
+    assert back.data.dataset is None and back.data.data_dir == "data/tinyshakespeare"
+    with pytest.raises(ConfigError, match="lower --val_tokens or raise --stream_val_tokens"):
+        parse_args(["--config", tiny, "--dataset", "x.txt", "--stream_val_tokens", "16000"])
+    ok = parse_args(["--config", tiny, "--dataset", "x.txt", "--stream_val_tokens", "16513"])
+    assert ok.eval.val_tokens == 16384  # 128 windows of 128 tokens, plus the last target
