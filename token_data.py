@@ -338,14 +338,14 @@ def iter_val_batches(
         raise ValueError(f"val_tokens ({val_tokens}) must be at least seq_len ({seq_len})")
     need = n_windows * seq_len + 1
     if isinstance(source, np.ndarray):
-        shards, where, fix = [source], "The stream's validation tokens", "--stream_val_tokens"
+        shards, where, fix = [source], "The stream's validation set", "--stream_val_tokens"
     else:
         shards = [read_shard(f) for f in find_shards(source, "val")]
         where, fix = f"The val split at {source}", "data_prep.py --val_tokens"
     have = sum(len(s) for s in shards)
     if have < need:
         raise DataError(
-            f"{where} hold {have:,} tokens, fewer than the {need:,} needed for val_tokens={val_tokens:,} at "
+            f"{where} has {have:,} tokens, fewer than the {need:,} needed for val_tokens={val_tokens:,} at "
             f"seq_len={seq_len} (+1 for the last target). Ask for fewer val tokens or a larger validation set "
             f"({fix})."
         )

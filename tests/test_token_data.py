@@ -230,17 +230,24 @@ def test_val_windows_continue_across_val_shards(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Streaming loader: a text stream cut like data_prep.py's shards
 
-V, S, T = 2048, 1000, 32  # validation tokens, shard tokens, seq_len: several shards, tails dropped
+VAL, SHARD, SEQ = 2048, 1000, 32  # the stream's validation tokens, shard tokens, seq_len
 
 
 def stream_loader(folder, **kw) -> td.StreamingTokenLoader:
-    kw = {"batch_size": 4, "seq_len": T, "val_tokens": V, "shard_tokens": S, "batch_docs": 4, **kw}
+    kw = {
+        "batch_size": 4,
+        "seq_len": SEQ,
+        "val_tokens": VAL,
+        "shard_tokens": SHARD,
+        "batch_docs": 4,
+        **kw,
+    }
     return td.StreamingTokenLoader(str(folder), **kw)
 
 
 def served_windows(loader, n_batches: int) -> np.ndarray:
-    """(n_batches * B, T+1): the windows behind the next n_batches batches."""
-    out = [np.zeros((0, T + 1), dtype=np.uint16)]
+    """(n_batches * B, SEQ+1): the windows behind the next n_batches batches."""
+    out = [np.zeros((0, SEQ + 1), dtype=np.uint16)]
     for _ in range(n_batches):
         x, y = loader.next_batch()
         out.append(torch.cat([x, y[:, -1:]], dim=1).numpy().astype(np.uint16))
@@ -252,11 +259,15 @@ def test_stream_serves_what_shards_of_the_same_source_serve(gpt2_encoding, strea
     and validation tokens equal to the val shard."""
     folder, texts = stream_files
     prep = data_prep.PrepConfig(
-        dataset=str(folder), output_dir=str(tmp_path), val_tokens=V, shard_tokens=S, progress=False
+        dataset=str(folder),
+        output_dir=str(tmp_path),
+        val_tokens=VAL,
+        shard_tokens=SHARD,
+        progress=False,
     )
     data_prep.prepare(prep)
-    sharded = td.TokenShardLoader(tmp_path, batch_size=4, seq_len=T, shuffle=False)
-    streamed = stream_loader(folder, keep_val_tokens=V)
+    sharded = td.TokenShardLoader(tmp_path, batch_size=4, seq_len=SEQ, shuffle=False)
+    streamed = stream_loader(folder, keep_val_tokens=VAL)
     batches = (
         2 * sharded.windows_per_epoch // 4 + 3
     )  # into the third epoch; batches straddle epochs
@@ -266,7 +277,7 @@ def test_stream_serves_what_shards_of_the_same_source_serve(gpt2_encoding, strea
     assert streamed.epoch == 2
     val_shard = np.asarray(td.read_shard(td.find_shards(tmp_path, "val")[0]))
     assert np.array_equal(streamed.validation_tokens, val_shard)
-    assert np.array_equal(val_shard, reference_tokens(gpt2_encoding, texts)[:V])
+    assert np.array_equal(val_shard, reference_tokens(gpt2_encoding, texts)[:VAL])
     streamed.close()
 
 
@@ -277,7 +288,7 @@ def test_stream_processes_read_disjoint_documents_and_skip_none(
     """Each process: every world_size-th document after the validation tokens, cut into its own windows."""
     folder, texts = stream_files
     for rank in range(world_size):
-        expected = reference_windows(gpt2_encoding, texts, V, S, T, rank, world_size)
+        expected = reference_windows(gpt2_encoding, texts, VAL, SHARD, SEQ, rank, world_size)
         loader = stream_loader(folder, batch_size=1, rank=rank, world_size=world_size)
         assert np.array_equal(served_windows(loader, len(expected)), expected), rank
         assert loader.epoch == 1  # and nothing more in the first epoch
