@@ -303,4 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # datasets imports torch, when it is installed, for every streamed dataset it makes (to share the epoch with
+    # DataLoader workers); preparation uses no torch, and its import is ~2 s of start-up (BENCHMARKS.md).
+    os.environ.setdefault("USE_TORCH", "0")
     raise SystemExit(main())
