@@ -99,6 +99,16 @@ RESUME_MUST_MATCH = (
     "seed",
     "shuffle",
 )
+# A streamed run (--dataset) is bound to its stream and to the way it is cut into windows.
+STREAM_MUST_MATCH = (
+    "dataset",
+    "dataset_name",
+    "dataset_split",
+    "text_column",
+    "stream_val_tokens",
+    "stream_shard_tokens",
+    "stream_shuffle_windows",
+)
 
 
 def resume_mismatches(
@@ -114,6 +124,13 @@ def resume_mismatches(
         for key in RESUME_MUST_MATCH
         if saved.get(key) is not None and saved[key] != now.get(key)
     ]
+    if saved.get("dataset") is not None or now.get("dataset") is not None:  # a stream then or now
+        keys = STREAM_MUST_MATCH if saved.get("dataset") and now.get("dataset") else ("dataset",)
+        problems += [
+            f"{key}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now"
+            for key in keys
+            if saved.get(key) != now.get(key)
+        ]
     if saved_data and current_data and saved_data != current_data:
         where = saved.get("data_dir")
         moved = f" (data_dir {where!r} then, {now.get('data_dir')!r} now)" if where else ""

@@ -276,11 +276,12 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
     return parser
 
 
-def parse(cls, argv: list[str] | None = None, description: str | None = None):
+def parse(cls, argv: list[str] | None = None, description: str | None = None, adjust=None):
     """The command line of a script: `--config FILE --field value ...` -> a validated `cls`.
 
     Unknown options exit with argparse's usage error (exit code 2) and a "did you mean" hint; bad values raise
-    ConfigError, which the scripts turn into one `error: ...` line and exit code 2.
+    ConfigError, which the scripts turn into one `error: ...` line and exit code 2. `adjust(values)`, if given,
+    may rewrite the command line's {field: value} before they override the preset.
     """
     parser = build_parser(cls, description)
     args, unknown = parser.parse_known_args(argv)
@@ -292,7 +293,8 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
         parser.error(f"unknown option {flag!r}.{hint} See --help for the full list.")
     values = vars(args)
     values.pop("debug", None)  # read by `run` from the command line itself
-    return build(cls, values.pop("config", None), values)
+    preset = values.pop("config", None)
+    return build(cls, preset, adjust(values) if adjust else values)
 
 
 def flat_options(values: dict) -> dict:

@@ -36,7 +36,17 @@ from atomic_io import is_temporary, write_json_atomic
 from cli import ConfigError, Stop, opt
 from gpt2_tokenizer import EOT_ID, get_gpt2_encoding
 from hub import FINEWEB_EDU, hub_reachable
-from text_stream import encoded_batches, is_local_source, open_text_stream
+from text_stream import (
+    RETRIES,
+    SHARD_TOKENS,
+    VAL_TOKENS,
+    StreamReadError,
+    cut_shards,
+    encoded_batches,
+    is_local_source,
+    open_text_stream,
+    shard_capacity,
+)
 from token_data import (
     HEADER_INTS,
     MANIFEST,
@@ -68,12 +78,15 @@ class PrepConfig:
     split: str = opt("train", "dataset split")
     text_column: str = opt("text", "column holding the documents")
     max_tokens: int | None = opt(None, "stop after this many tokens (val + train)")
-    shard_tokens: int = opt(100_000_000, "tokens per training shard")
-    val_tokens: int = opt(100_000_000, "tokens in the validation shard (the first)")
+    shard_tokens: int = opt(SHARD_TOKENS, "tokens per training shard")
+    val_tokens: int = opt(VAL_TOKENS, "tokens in the validation shard (the first)")
     num_workers: int = opt(0, "tokenizer threads; 0 = one per CPU core")
     batch_docs: int = opt(512, "documents per tokenizer task")
     text_sample_by: str = opt(
         "document", "plain-text files: one document per 'document' (file), 'paragraph' or 'line'"
+    )
+    retries: int = opt(
+        RETRIES, "retries after a transient read error (waiting 1 s, 2 s, ... up to 60 s)"
     )
     vocab_file: str | None = opt(None, "r50k_base.tiktoken for offline use")
     progress: bool = opt(True, "show a progress bar with tokens/s")
@@ -361,13 +374,10 @@ def _prepare(cfg: PrepConfig, out: Path) -> dict:
         logger.info(
             "Resuming %s after %d finished shards (%s tokens)", out, len(shards), f"{written:,}"
         )
-        if resume["dataset_state"] is not None:  # None: the boundary batch was the stream's first
-            src.dataset.load_state_dict(resume["dataset_state"])
     skipped = resume["skipped_documents"] if resume else 0
 
     def capacity(index: int) -> int:
-        size = cfg.val_tokens if index == 0 else cfg.shard_tokens
-        return size if cfg.max_tokens is None else min(size, cfg.max_tokens - written)
+        return shard_capacity(index, cfg.val_tokens, cfg.shard_tokens, cfg.max_tokens)
 
     def finish_shard(tokens: np.ndarray) -> None:
         nonlocal written
@@ -381,11 +391,23 @@ def _prepare(cfg: PrepConfig, out: Path) -> dict:
         )
         written += len(tokens)
 
+    def counted(batches):
+        """The batches, adding each one's skipped documents to `skipped` once it is fully used."""
+        nonlocal skipped
+        for batch in batches:
+            yield batch
+            skipped += batch.skipped
+
     workers = _default_workers(cfg.num_workers)
     buf = _new_buffer(capacity(len(shards)))  # the shard being filled
     fill = 0
-    start = resume and resume["dataset_state"]
-    stream = encoded_batches(src.dataset, cfg.text_column, encoding, workers, cfg.batch_docs, start)
+    start = resume and resume["dataset_state"]  # None: the boundary batch was the stream's first
+    stream = encoded_batches(
+        src.dataset, cfg.text_column, encoding, workers, cfg.batch_docs, start, cfg.retries
+    )
+    pieces = cut_shards(
+        counted(stream), capacity, len(shards), skip=resume["skip_tokens"] if resume else 0
+    )
     desc = f"tokenizing ({workers} threads)"
     bar = tqdm(
         total=cfg.max_tokens,
@@ -396,28 +418,25 @@ def _prepare(cfg: PrepConfig, out: Path) -> dict:
         disable=not cfg.progress,
     )
     try:
-        for i, (state, tokens, n_skipped) in enumerate(stream):
-            pos = (
-                resume["skip_tokens"] if (resume and i == 0) else 0
-            )  # tokens of this batch already in shards
-            while pos < len(tokens) and len(buf):
-                take = min(len(buf) - fill, len(tokens) - pos)
-                buf[fill : fill + take] = tokens[pos : pos + take]
-                fill, pos = fill + take, pos + take
-                bar.update(take)
-                if fill == len(buf):
-                    finish_shard(buf)
-                    manifest["resume"] = {
-                        "dataset_state": state,
-                        "skip_tokens": pos,
-                        "skipped_documents": skipped,
-                    }
-                    write_json_atomic(out / "manifest.json", manifest)
-                    buf, fill = _new_buffer(capacity(len(shards))), 0
-            skipped += n_skipped
+        for piece in pieces:
+            buf[fill : fill + len(piece.tokens)] = piece.tokens
+            fill += len(piece.tokens)
+            bar.update(len(piece.tokens))
             bar.set_postfix(shards=len(shards), skipped_docs=skipped, refresh=False)
-            if not len(buf):  # --max_tokens reached
-                break
+            if piece.shard_end:
+                finish_shard(buf)
+                manifest["resume"] = {
+                    "dataset_state": piece.batch.state,
+                    "skip_tokens": piece.offset + len(piece.tokens),
+                    "skipped_documents": skipped,
+                }
+                write_json_atomic(out / "manifest.json", manifest)
+                buf, fill = _new_buffer(capacity(len(shards))), 0
+    except StreamReadError as e:
+        raise StreamReadError(
+            f"{e}. Once it can be read again, rerun the same command: it continues after the last "
+            f"finished shard ({len(shards)} so far; nothing half-written was kept)."
+        ) from e
     finally:
         stream.close()
         bar.close()
@@ -516,4 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # datasets imports torch, when it is installed, for every streamed dataset it makes (to share the epoch with
+    # DataLoader workers); preparation uses no torch, and its import is ~2 s of start-up (BENCHMARKS.md).
+    os.environ.setdefault("USE_TORCH", "0")
     cli.run(main, errors=(DataError, FileNotFoundError))

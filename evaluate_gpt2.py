@@ -1,11 +1,13 @@
 """Did my run reproduce GPT-2? Validation loss and HellaSwag for any causal LM, side by side with OpenAI's GPT-2.
 
     python evaluate_gpt2.py --model runs/gpt2-124m/export --data_dir data/fineweb-edu-10BT --compare gpt2
+    python evaluate_gpt2.py --model runs/x/export --dataset HuggingFaceFW/fineweb-edu   # a stream's first tokens
     accelerate launch evaluate_gpt2.py --model gpt2 --hellaswag_file hellaswag_val.jsonl   # several processes
 
 Two measurements, each run when its data can be had:
 - validation loss: token-weighted mean cross-entropy over a fixed budget of tokens of the val shards written by
-  data_prep.py (the same windows for every model and process count);
+  data_prep.py, or of a text stream's first tokens (the same tokens as its val shard would hold; what a streamed
+  training run validates on), the same windows for every model and process count;
 - HellaSwag (10,042 validation examples), scored as build-nanogpt / llm.c do: each ending's tokens (" " + ending,
   GPT-2 BPE via tiktoken) follow the context; the ending with the lowest mean cross-entropy per token wins
   (`acc_norm`, OpenAI's GPT-2 124M: 0.2955), or the lowest summed cross-entropy (`acc`: 0.2859). The counting is
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,8 +82,15 @@ class EvaluateArgs:
 
     model: str = opt(help="checkpoint folder or Hub id (e.g. gpt2) of a causal LM")
     data_dir: str | None = opt(
-        None, "folder (or glob) of data_prep.py shards; without it, no validation loss"
+        None, "folder (or glob) of data_prep.py shards; without it or --dataset, no validation loss"
     )
+    dataset: str | None = opt(
+        None,
+        "or validate on the first tokens of this text stream: Hub id or local parquet/jsonl/txt",
+    )
+    dataset_name: str | None = opt(None, "--dataset's config (sample-10BT for FineWeb-Edu)")
+    dataset_split: str = opt("train", "--dataset's split")
+    text_column: str = opt("text", "--dataset's column holding the documents")
     val_tokens: int = opt(
         BUILD_NANOGPT_VAL_TOKENS, "validation token budget (build-nanogpt: 10,485,760)"
     )
@@ -119,6 +129,10 @@ class EvaluateArgs:
     compile: bool = opt(False, "torch.compile the model's body (dynamic shapes); worth it on a GPU")
 
     def validate(self) -> None:
+        if self.data_dir is not None and self.dataset is not None:
+            raise ConfigError(
+                "Validate on shards (--data_dir) or on a stream (--dataset), not both."
+            )
         for name in ("val_tokens", "val_batch_size", "batch_size", "seq_len", "limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -464,12 +478,14 @@ def score_hellaswag(
 
 # ---------------------------------------------------------------------------------------------- validation
 def validation_loss(
-    model, data_dir, val_tokens: int, batch_size: int, seq_len: int, accelerator=None
+    model, data, val_tokens: int, batch_size: int, seq_len: int, accelerator=None
 ) -> float:
-    """Mean cross-entropy per token over the first `val_tokens` validation tokens of data_prep.py shards.
+    """Mean cross-entropy per token over the first `val_tokens` validation tokens.
 
-    Token-weighted (sum of losses / number of tokens, summed over processes with accelerator.reduce), so the
-    figure is the same whatever the process count and batch size.
+    `data`: a folder (or glob) of data_prep.py shards, or the first tokens of the validation set as an array (a
+    stream's: `stream_validation_tokens`, `StreamingTokenLoader.validation_tokens`). Token-weighted (sum of
+    losses / number of tokens, summed over processes with accelerator.reduce), so the figure is the same
+    whatever the process count and batch size.
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     net, fast = _model_to_run(model, accelerator)
@@ -485,7 +501,7 @@ def validation_loss(
     )  # nats and scored tokens; each batch's fp32 sum is accumulated in float64 here
     with _evaluating(model, accelerator):
         for x, y in iter_val_batches(
-            data_dir, batch_size, seq_len, val_tokens, rank=rank, world_size=world
+            data, batch_size, seq_len, val_tokens, rank=rank, world_size=world
         ):
             x, y = x.to(device), y.to(device)
             loss_sum += _token_losses(net, fast, x, y, n_vocab=GPT2_VOCAB_SIZE).sum().item()
@@ -496,7 +512,10 @@ def validation_loss(
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals.to(device), reduction="sum").cpu()
     if totals[1] == 0:
-        raise EvaluationInputError(f"No validation tokens were read from {data_dir}.")
+        raise EvaluationInputError(
+            "No validation tokens were read: the validation data is empty or shorter than one window "
+            f"of seq_len={seq_len} + 1 tokens."
+        )
     return (totals[0] / totals[1]).item()
 
 
@@ -547,10 +566,26 @@ def compile_body(model):
     return model
 
 
+def stream_validation_tokens(args: EvaluateArgs, encoding) -> np.ndarray:
+    """The first tokens of --dataset that the validation budget needs (a streamed training run's val set)."""
+    from text_stream import open_text_stream, read_stream_head
+
+    need = args.val_tokens // args.seq_len * args.seq_len + 1
+    src = open_text_stream(args.dataset, args.dataset_name, args.dataset_split, args.text_column)
+    return read_stream_head(src.dataset, args.text_column, encoding, need)[0]
+
+
 def evaluate_model(
-    model, encoding, args: EvaluateArgs, examples: list[dict] | None, accelerator=None
+    model,
+    encoding,
+    args: EvaluateArgs,
+    examples: list[dict] | None,
+    accelerator=None,
+    val_data=None,
 ) -> dict:
-    """Both measurements for one loaded model, each when its data is there (None otherwise)."""
+    """Both measurements for one loaded model, each when its data is there (None otherwise).
+
+    val_data: what `validation_loss` reads (default: --data_dir)."""
     out = {
         "val_loss": None,
         "val_tokens": None,
@@ -559,10 +594,11 @@ def evaluate_model(
         "hellaswag_acc_norm": None,
     }
     out["hellaswag_examples"] = 0
-    if args.data_dir:
+    val_data = args.data_dir if val_data is None else val_data
+    if val_data is not None:
         start = time.perf_counter()
         out["val_loss"] = validation_loss(
-            model, args.data_dir, args.val_tokens, args.val_batch_size, args.seq_len, accelerator
+            model, val_data, args.val_tokens, args.val_batch_size, args.seq_len, accelerator
         )
         scored = (
             args.val_tokens // args.seq_len * args.seq_len
@@ -780,15 +816,19 @@ def main(argv: list[str] | None = None) -> dict:
             error = e
     if error is not None:
         raise error
-    if args.data_dir is None:
+    if args.data_dir is None and args.dataset is None:
         logger.warning(
-            "No --data_dir: validation loss skipped (pass the folder of data_prep.py shards)."
+            "No --data_dir: validation loss skipped (pass the folder of data_prep.py shards, or a "
+            "--dataset to validate on its first tokens)."
         )
     elif args.seq_len is None:
         args.seq_len = min(1024, context_length(model) or 1024)
+    val_data = stream_validation_tokens(args, encoding) if args.dataset else None
 
     results = {"model": args.model, "processes": accelerator.num_processes}
-    results.update(evaluate_model(model, encoding, args, examples, accelerator), compare=None)
+    results.update(
+        evaluate_model(model, encoding, args, examples, accelerator, val_data), compare=None
+    )
     if args.compare:
         try:
             other = load_model(args.compare, args.dtype, args.trust_remote_code).to(
@@ -808,7 +848,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             del model  # one model in memory at a time
             results["compare"] = {"model": args.compare, "evaluated": True}
-            results["compare"].update(evaluate_model(other, encoding, args, examples, accelerator))
+            results["compare"].update(
+                evaluate_model(other, encoding, args, examples, accelerator, val_data)
+            )
     results.update(
         published={"gpt2_124m": GPT2_124M, "gpt3_124m": GPT3_124M},
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -10,9 +10,11 @@ convention: EOT *before* each document).
 from __future__ import annotations
 
 import glob as globlib
+import logging
 import os
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,8 @@ import tiktoken
 from gpt2_tokenizer import EOT_ID
 from hub import DEFAULT_DATASET_CONFIGS
 from token_data import DataError
+
+logger = logging.getLogger("text_stream")
 
 LOCAL_BUILDERS = {
     ".parquet": "parquet",
@@ -199,11 +203,9 @@ def _peek_columns(ds, dataset: str) -> list[str]:
 # text or tokens, and without fork/spawn (build-nanogpt's multiprocessing preparation breaks on some platforms).
 # One catch, measured: an Encoding costs ~30% more CPU per token in every thread but the first that used it (its
 # regex caches take a shared slow path for other threads), so each tokenizer thread builds its own copy (~40 ms,
-# ~10 MB). bench/bench_data.py (20 MB of text, 2 CPU cores shared with other jobs, load 3-5), CPU seconds per
-# million tokens: one thread with the shared Encoding 0.226, with its own copy 0.170 (main thread 0.171); whole
-# pipelines: data_prep's threads 0.200, the same document batches in a 2-process Pool 0.233, build-nanogpt's Pool
-# over single documents 0.314. `encode_to_numpy` also skips building a Python list (~12% less CPU than
-# `encode_ordinary`).
+# ~10 MB). A batch of documents is encoded in one call, joined by the end-of-text token that must precede each of
+# them anyway: tiktoken encodes the text between special tokens piece by piece, so the result is exactly that of
+# one call per document, without a Python call, a small array and a concatenation per document (BENCHMARKS.md).
 
 _own_encoding = threading.local()
 
@@ -222,21 +224,34 @@ def _thread_copy(encoding):
     return mine[1]
 
 
-_EOT_ARRAY = np.array([EOT_ID], dtype=np.uint32)
+EOT_TEXT = "<|endoftext|>"
+_EOT_ONLY = frozenset({EOT_TEXT})
 
 
-def encode_documents(encoding, texts: list) -> tuple[np.ndarray, int]:
-    """Tokenize documents into one uint16 array, EOT before each. Returns (tokens, number of skipped documents).
+def encode_documents(encoding, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents into one uint16 array, EOT before each. Returns (tokens, tokens of each document).
 
-    Documents that are not strings or are empty/whitespace-only are skipped and counted. Text such as
-    "<|endoftext|>" inside a document is encoded as ordinary text, so 50256 only ever marks a document start.
+    A document that is not a string or is empty/whitespace-only gets no tokens (its count is 0: "skipped"). Text
+    such as "<|endoftext|>" inside a document is encoded as ordinary text, so 50256 only ever marks a document start.
     """
     encoding = _thread_copy(encoding)
-    parts, skipped = [], 0
-    for text in texts:
-        if not isinstance(text, str) or not text or text.isspace():
-            skipped += 1
-            continue
+    doc_tokens = np.zeros(len(texts), dtype=np.int64)
+    keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t and not t.isspace()]
+    docs = texts if len(keep) == len(texts) else [texts[i] for i in keep]
+    joined = EOT_TEXT + EOT_TEXT.join(docs)
+    # One call for the batch, unless a document holds the literal text (it has no border, so every occurrence is
+    # either one of our separators or inside a document) or a lone surrogate (UnicodeEncodeError).
+    if joined.count(EOT_TEXT) == len(docs):
+        try:
+            ids = encoding.encode_to_numpy(joined, allowed_special=_EOT_ONLY)
+        except UnicodeEncodeError:
+            ids = None
+        if ids is not None:
+            starts = np.flatnonzero(ids == EOT_ID)  # (len(docs),): where each document begins
+            doc_tokens[keep] = np.diff(starts, append=len(ids))
+            return ids.astype(np.uint16), doc_tokens
+    parts = []
+    for i, text in zip(keep, docs, strict=True):
         try:
             ids = encoding.encode_to_numpy(text, disallowed_special=())
         except (
@@ -245,9 +260,60 @@ def encode_documents(encoding, texts: list) -> tuple[np.ndarray, int]:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             ids = encoding.encode_to_numpy(text, disallowed_special=())
         parts += (_EOT_ARRAY, ids)
+        doc_tokens[i] = len(ids) + 1
     if not parts:
-        return np.zeros(0, dtype=np.uint16), skipped
-    return np.concatenate(parts).astype(np.uint16), skipped
+        return np.zeros(0, dtype=np.uint16), doc_tokens
+    return np.concatenate(parts).astype(np.uint16), doc_tokens
+
+
+_EOT_ARRAY = np.array([EOT_ID], dtype=np.uint32)
+
+
+@dataclass
+class EncodedBatch:
+    """One batch of documents, tokenized, and where it is in the stream."""
+
+    state: dict | None  # the stream's state_dict() before this batch (None: the stream's start)
+    tokens: np.ndarray  # (n,) uint16: the documents' tokens, EOT before each
+    doc_tokens: np.ndarray  # (documents,) int64: tokens of each document of the batch; 0 = skipped
+
+    @property
+    def skipped(self) -> int:
+        return int(np.count_nonzero(self.doc_tokens == 0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading, with retries: a Hub stream reads files over HTTP for hours
+
+RETRIES = (
+    8  # consecutive failed reads before giving up: 1 + 2 + 4 + ... + 60 + 60 s = about 3 minutes
+)
+
+
+class StreamReadError(DataError):
+    """The stream could not be read, even after retrying."""
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry number `attempt` (0-based): 1, 2, 4, ... up to 60."""
+    return float(min(60, 2**attempt))
+
+
+def is_transient(error: BaseException) -> bool:
+    """A read error worth retrying: network and I/O errors, HTTP 429 and 5xx; not a missing file or a refusal."""
+    if isinstance(
+        error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    ):
+        return False
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status is not None:  # huggingface_hub's HfHubHTTPError (an OSError) and the like
+        return status == 429 or status >= 500
+    if isinstance(
+        error, OSError
+    ):  # ConnectionError, TimeoutError, pyarrow I/O errors, datasets' retries spent
+        return True
+    # HTTP clients' own connection errors (huggingface_hub's httpx), which are not OSErrors
+    return any(c.__name__ in ("RequestError", "TransportError") for c in type(error).__mro__)
 
 
 def encoded_batches(
@@ -257,32 +323,155 @@ def encoded_batches(
     num_workers: int,
     batch_docs: int,
     start_state: dict | None = None,
-) -> Iterator[tuple[dict | None, np.ndarray, int]]:
-    """Yield (stream state before the batch, tokens, skipped documents) for consecutive batches of documents.
+    retries: int = RETRIES,
+) -> Iterator[EncodedBatch]:
+    """Tokenized consecutive batches of `batch_docs` documents of the stream `ds`, from `start_state` (None: start).
 
-    The main thread reads the stream (so its `state_dict()` stays exact) while `num_workers` workers tokenize up to
-    2 * num_workers batches ahead. `start_state` (None = the start) is the state the stream was loaded at.
+    The calling thread reads the stream (so its `state_dict()` stays exact) while `num_workers` threads tokenize up
+    to 2 * num_workers batches ahead. A read error is dealt with once the batches read before it are yielded: a
+    transient one (`is_transient`) reopens the stream at the state after the last batch read and retries, waiting
+    `retry_delay` between attempts; after `retries` failures in a row, or on any other read error, it raises
+    StreamReadError (a DataError).
     """
-    state = start_state
-    batches = ds.iter(batch_size=batch_docs)
+    if start_state is not None:
+        ds.load_state_dict(start_state)
+    restart = start_state if start_state is not None else ds.state_dict()
+    state, failures, exhausted, error = start_state, 0, False, None
+    rows = ds.iter(batch_size=batch_docs)
     pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenizer")
     pending: deque = deque()
-    exhausted = False
     try:
         while True:
-            while not exhausted and len(pending) < 2 * num_workers:
+            while error is None and not exhausted and len(pending) < 2 * num_workers:
                 try:
-                    batch = next(batches)
+                    batch = next(rows)
                 except StopIteration:
                     exhausted = True
                     break
-                except Exception as e:
-                    raise DataError(f"Reading the dataset failed: {type(e).__name__}: {e}") from e
+                except Exception as e:  # handled once the batches read before it are yielded
+                    error = e
+                    break
+                failures = 0
                 pending.append((state, pool.submit(encode_documents, encoding, batch[column])))
                 state = ds.state_dict()
-            if not pending:
+            if pending:
+                batch_state, future = pending.popleft()
+                yield EncodedBatch(batch_state, *future.result())
+                continue
+            if error is None:
                 return
-            batch_state, future = pending.popleft()
-            yield (batch_state, *future.result())
+            what = f"{type(error).__name__}: {error}"
+            if not is_transient(error):
+                raise StreamReadError(f"Reading the dataset failed: {what}") from error
+            if failures >= retries:
+                raise StreamReadError(
+                    f"Reading the dataset failed {failures + 1} times in a row, the last time with {what}"
+                ) from error
+            delay = retry_delay(failures)
+            failures += 1
+            logger.warning(
+                "Reading the dataset failed (%s); retry %d/%d in %.0f s",
+                what,
+                failures,
+                retries,
+                delay,
+            )
+            time.sleep(delay)
+            rows.close()
+            ds.load_state_dict(state if state is not None else restart)
+            rows, error = ds.iter(batch_size=batch_docs), None
     finally:
+        rows.close()  # an unfinished datasets parquet iterator left to the garbage collector can hang at exit
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shard layout: what data_prep.py writes, and what the streaming loader cuts the same way
+
+VAL_TOKENS = 100_000_000  # data_prep.py's default validation shard (the stream's first tokens)
+SHARD_TOKENS = 100_000_000  # data_prep.py's default training shard
+
+
+def shard_capacity(
+    index: int, val_tokens: int, shard_tokens: int, max_tokens: int | None = None
+) -> int:
+    """Tokens of shard `index` of a full stream: shard 0 is validation, then training shards; 0 past max_tokens."""
+    start = 0 if index == 0 else val_tokens + (index - 1) * shard_tokens
+    size = val_tokens if index == 0 else shard_tokens
+    return size if max_tokens is None else max(0, min(size, max_tokens - start))
+
+
+@dataclass
+class Piece:
+    """Consecutive tokens of one shard, all from one batch."""
+
+    shard: int
+    tokens: np.ndarray  # a view into batch.tokens
+    batch: EncodedBatch
+    offset: int  # tokens[0] is batch.tokens[offset]
+    shard_end: bool  # the shard is complete with these tokens
+
+
+def cut_shards(
+    batches: Iterator[EncodedBatch], capacity, shard: int = 0, filled: int = 0, skip: int = 0
+) -> Iterator[Piece]:
+    """Cut the token stream of `batches` into consecutive shards of `capacity(index)` tokens; stop at capacity 0.
+
+    To continue inside a stream: its first `skip` tokens are not part of it, and shard `shard` already holds
+    `filled` tokens. The stream's last shard may end short (no piece has shard_end then).
+    """
+    for batch in batches:
+        if skip >= len(batch.tokens):  # resuming past this batch
+            skip -= len(batch.tokens)
+            continue
+        pos, skip = skip, 0
+        while pos < len(batch.tokens):
+            room = capacity(shard) - filled
+            if room <= 0:
+                return
+            take = min(room, len(batch.tokens) - pos)
+            filled += take
+            yield Piece(shard, batch.tokens[pos : pos + take], batch, pos, take == room)
+            pos += take
+            if take == room:
+                shard, filled = shard + 1, 0
+
+
+def read_stream_head(
+    ds,
+    column: str,
+    encoding,
+    n_tokens: int,
+    keep: int | None = None,
+    num_workers: int = 2,
+    batch_docs: int = 256,
+    retries: int = RETRIES,
+) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The first n_tokens tokens of a stream: data_prep.py's validation shard when n_tokens is its --val_tokens.
+
+    Returns (the first min(keep, n_tokens) of them, where the stream goes on after them: (row, tokens of that row
+    already taken)); the second is None when the stream holds fewer than n_tokens tokens.
+    """
+    keep = n_tokens if keep is None else min(keep, n_tokens)
+    head, got, rows_before = np.empty(keep, dtype=np.uint16), 0, 0
+
+    def counted(batches):
+        nonlocal rows_before
+        for batch in batches:
+            yield batch
+            rows_before += len(batch.doc_tokens)
+
+    stream = encoded_batches(ds, column, encoding, num_workers, batch_docs, retries=retries)
+    try:
+        for piece in cut_shards(counted(stream), lambda i: n_tokens if i == 0 else 0):
+            take = min(keep - got, len(piece.tokens))
+            head[got : got + take] = piece.tokens[:take]
+            got += take
+            if piece.shard_end:
+                end = piece.offset + len(piece.tokens)  # in the batch
+                cum = np.cumsum(piece.batch.doc_tokens)
+                row = int(np.searchsorted(cum, end, side="right"))  # the row holding token `end`
+                return head, (rows_before + row, end - (int(cum[row - 1]) if row else 0))
+    finally:
+        stream.close()
+    return head[:got], None

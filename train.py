@@ -69,7 +69,15 @@ from modeling_gpt2_repro import GPT2ReproForCausalLM, estimate_flops_per_token
 from run_folder import RunLock, read_previous, record_attempt
 from run_info import collect_run_info, mfu, peak_bf16_flops
 from stopping import PREEMPTED_EXIT_CODE, DivergenceGuard, StopRequest, nonfinite_parameters
-from token_data import DataError, TokenShardLoader, check_shards, data_fingerprint, iter_val_batches
+from text_stream import open_text_stream
+from token_data import (
+    DataError,
+    StreamingTokenLoader,
+    TokenShardLoader,
+    check_shards,
+    data_fingerprint,
+    iter_val_batches,
+)
 from train_config import TrainConfig, grad_accum_steps, lr_at, parse_args, save_config
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -254,7 +262,14 @@ def fused_adamw(device: torch.device) -> bool:
 
 
 def check_data_dir(cfg: TrainConfig) -> None:
-    """Fail before anything starts when there is no prepared data or too little validation data for val_tokens."""
+    """Fail before anything starts when there is no prepared data or too little validation data for val_tokens.
+
+    A stream (--dataset) is opened: its id, files and text column are checked; its length is known only once read.
+    """
+    if cfg.data.dataset is not None:
+        data = cfg.data
+        open_text_stream(data.dataset, data.dataset_name, data.dataset_split, data.text_column)
+        return
     if not glob.glob(cfg.data.data_dir):
         raise ConfigError(
             f"no training shards in data_dir={cfg.data.data_dir!r}. Prepare them first, e.g. "
@@ -379,7 +394,9 @@ class Evaluator:
     which would hang when ranks run different numbers of batches.
     """
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, encoding, run_dir: Path, log):
+    def __init__(
+        self, cfg: TrainConfig, accelerator: Accelerator, encoding, run_dir: Path, log, loader
+    ):
         self.cfg, self.accelerator, self.encoding, self.run_dir, self.log = (
             cfg,
             accelerator,
@@ -387,6 +404,7 @@ class Evaluator:
             run_dir,
             log,
         )
+        self.loader = loader
         self.hellaswag = None
         self.enabled = accelerator.distributed_type != DistributedType.FSDP
         if not self.enabled:
@@ -418,7 +436,7 @@ class Evaluator:
         batch_size = evals.eval_batch_size or data.micro_batch_size
         val_loss = validation_loss(
             model,
-            data.data_dir,
+            validation_data(self.cfg, self.loader),
             evals.val_tokens,
             batch_size,
             data.seq_len,
@@ -580,7 +598,11 @@ class Checkpointer:
         if accelerator.is_main_process:
             self.tokenizer = build_hf_tokenizer(encoding, model_max_length=cfg.model.n_positions)
         self.uploader = uploader
-        self.card = {"config": cfg.to_dict(), "data_source": manifest_source(cfg.data.data_dir)}
+        source = loader.source.identity if cfg.data.dataset is not None else None
+        self.card = {
+            "config": cfg.to_dict(),
+            "data_source": source or manifest_source(cfg.data.data_dir),
+        }
         self.card["repo_id"] = cfg.checkpoint.push_to_hub
 
     def due(self, step: int) -> bool:
@@ -645,7 +667,7 @@ def find_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
         return None
     state = ckpt.read_trainer_state(found)
     saved_data = json.loads((found / "loader_rank0.json").read_text()).get("shards")
-    now_data = data_fingerprint(cfg.data.data_dir)
+    now_data = data_fingerprint(cfg.data.data_dir) if cfg.data.dataset is None else None
     problems = ckpt.resume_mismatches(state, cfg.to_dict(), saved_data, now_data)
     if problems:
         config = found.parent.parent / "config.yaml"
@@ -670,13 +692,21 @@ def resume(accelerator: Accelerator, loader, cfg: TrainConfig, found: Path | Non
     if found is None:
         return {}
     state = ckpt.read_trainer_state(found)
+    saved_processes = state.get("num_processes", accelerator.num_processes)
+    if saved_processes != accelerator.num_processes and cfg.data.dataset is not None:
+        raise ConfigError(
+            f"{found} was saved by {saved_processes} processes reading the stream --dataset, each at its own "
+            f"position in it, so it resumes with {saved_processes} processes, not "
+            f"{accelerator.num_processes} (`accelerate launch --num_processes {saved_processes} ...`). "
+            "Runs on prepared shards (--data_dir) can change the process count."
+        )
     # A rank without random_states_<rank>.pkl (more processes than the checkpoint's) keeps its RNGs: see below.
     accelerator.load_state(str(found))
     accelerator.step = (
         0  # accelerate's micro-step counter: saves happen on optimizer-step boundaries
     )
     loader_state = found / f"loader_rank{accelerator.process_index}.json"
-    if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+    if saved_processes != accelerator.num_processes:
         seed = np.random.SeedSequence([cfg.run.seed, state["step"], accelerator.process_index])
         set_seed(int(seed.generate_state(1)[0]))
         loader_state = found / "loader_rank0.json"  # every rank saved the same global position
@@ -833,7 +863,7 @@ def verify_data(cfg: TrainConfig, accelerator: Accelerator, log) -> None:
         if check_shards(cfg.data.data_dir):
             log(f"data: every shard matches manifest.json ({time.perf_counter() - start:.1f}s)")
 
-    if cfg.data.verify_data:
+    if cfg.data.verify_data and cfg.data.dataset is None:  # a stream has no shards to check
         on_main_process(accelerator, check)
 
 
@@ -864,9 +894,31 @@ def explained_failures(run_dir: Path):
 # ------------------------------------------------------------------------------------------------- the run
 
 
-def make_loader(cfg: TrainConfig, accelerator: Accelerator) -> TokenShardLoader:
+def make_loader(
+    cfg: TrainConfig, accelerator: Accelerator
+) -> TokenShardLoader | StreamingTokenLoader:
     """This process's training batches: the loader shards by rank itself (never passed to `prepare`)."""
     data = cfg.data
+    if data.dataset is not None:
+        return StreamingTokenLoader(
+            data.dataset,
+            data.dataset_name,
+            data.dataset_split,
+            data.text_column,
+            batch_size=data.micro_batch_size,
+            seq_len=data.seq_len,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=cfg.run.seed,
+            shuffle=data.shuffle,
+            val_tokens=data.stream_val_tokens,
+            shard_tokens=data.stream_shard_tokens,
+            shuffle_windows=data.stream_shuffle_windows,
+            keep_val_tokens=cfg.eval.val_tokens // data.seq_len * data.seq_len + 1,
+            num_workers=data.stream_workers,
+            batch_docs=data.stream_batch_docs,
+            retries=data.stream_retries,
+        )
     return TokenShardLoader(
         data.data_dir,
         split="train",
@@ -877,6 +929,12 @@ def make_loader(cfg: TrainConfig, accelerator: Accelerator) -> TokenShardLoader:
         seed=cfg.run.seed,
         shuffle=data.shuffle,
     )
+
+
+def validation_data(cfg: TrainConfig, loader):
+    """What evaluate_gpt2.validation_loss reads: the shards' folder, or a stream's first tokens (the same tokens
+    as the val shard data_prep.py would write from it)."""
+    return loader.validation_tokens if cfg.data.dataset is not None else cfg.data.data_dir
 
 
 def tracker_config(cfg: TrainConfig) -> dict:
@@ -959,6 +1017,7 @@ def train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
         accelerator, lambda: check_room(run_dir, checkpoint_bytes(raw_model), "a checkpoint")
     )
     loader = make_loader(cfg, accelerator)
+    cleanup.callback(loader.close)  # a stream's reader threads, also when the run fails
     state = resume(accelerator, loader, cfg, found)
     step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
     last_eval = {
@@ -966,7 +1025,7 @@ def train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
         for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")
     }
     # Loading the HellaSwag file is a check too: before anything is written.
-    evaluator = Evaluator(cfg, accelerator, encoding, run_dir, log)
+    evaluator = Evaluator(cfg, accelerator, encoding, run_dir, log, loader)
     record_run(cfg, accelerator, run_dir, log, start_step=step, resumed_from=found and str(found))
     if is_main:  # the steps logged after the checkpoint are redone
         ckpt.truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -1039,6 +1098,7 @@ def train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
 
     bar.close()
     stop.close()  # from here on SIGTERM ends the process as usual (the final checkpoint is written)
+    loader.close()  # a stream's reader threads
     accelerator.end_training()
     checkpointer.close(log)
     log(f"done: {step} steps in {time.time() - t_start:.0f}s; model in {run_dir / 'export'}")

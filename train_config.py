@@ -21,6 +21,7 @@ import cli
 from atomic_io import write_atomic
 from cli import ConfigError, opt
 from modeling_gpt2_repro import GPT2ReproConfig
+from text_stream import RETRIES, SHARD_TOKENS, VAL_TOKENS
 
 # The model fields a training run sets; their types, defaults, help and checks are GPT2ReproConfig's.
 MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "dropout")
@@ -41,20 +42,56 @@ def _model_section() -> type:
 
 ModelConfig = _model_section()
 
+DEFAULT_DATA_DIR = "data/fineweb-edu-10BT"
+
 
 @dataclass
 class DataConfig:
-    """Token shards and batch geometry. Tokens per optimizer step = micro_batch_size * seq_len * processes * accum."""
+    """Training data and batch geometry. Tokens per optimizer step = micro_batch_size * seq_len * processes * accum.
 
-    data_dir: str = opt(
-        "data/fineweb-edu-10BT", "folder of .bin token shards written by data_prep.py"
+    The data is either token shards written by data_prep.py (`data_dir`) or a text stream tokenized on the fly
+    (`dataset`, no preparation step), cut the way data_prep.py cuts it: with shuffle off the two give the same
+    batches, and the same validation tokens either way.
+    """
+
+    data_dir: str = opt(DEFAULT_DATA_DIR, "folder of .bin token shards written by data_prep.py")
+    dataset: str | None = opt(
+        None,
+        "train from this text stream instead of shards: a Hub dataset id or local parquet/jsonl/txt "
+        "(a file, folder or glob), tokenized on the fly",
+    )
+    dataset_name: str | None = opt(
+        None, "--dataset's config; when unset: sample-10BT for FineWeb-Edu, none for others"
+    )
+    dataset_split: str = opt("train", "--dataset's split")
+    text_column: str = opt("text", "--dataset's column holding the documents")
+    stream_val_tokens: int = opt(
+        VAL_TOKENS,
+        "--dataset: its first N tokens are the validation set, never trained on "
+        "(data_prep.py --val_tokens)",
+    )
+    stream_shard_tokens: int = opt(
+        SHARD_TOKENS,
+        "--dataset: training windows never span a multiple of N tokens after the validation set, "
+        "as with data_prep.py --shard_tokens N",
+    )
+    stream_shuffle_windows: int = opt(
+        8192, "--dataset with shuffle: windows are permuted in seeded blocks of this many"
+    )
+    stream_workers: int = opt(2, "--dataset: tokenizer threads per process")
+    stream_batch_docs: int = opt(256, "--dataset: documents per tokenizer task")
+    stream_retries: int = opt(
+        RETRIES, "--dataset: retries after a transient read error (waiting 1 s, 2 s, ... 60 s)"
     )
     seq_len: int = opt(1024, "tokens per sequence (T)")
     micro_batch_size: int = opt(64, "sequences per forward pass per process (B)")
     total_batch_tokens: int = opt(
         524288, "tokens per optimizer step, all processes together (2**19 for GPT-2)"
     )
-    shuffle: bool = opt(True, "shuffle shard order and windows each epoch (seeded)")
+    shuffle: bool = opt(
+        True,
+        "shuffle shard order and windows each epoch (seeded); --dataset: windows within blocks",
+    )
     verify_data: bool = opt(
         True,
         "check each shard's SHA-256 against the data's manifest.json at start-up (main process)",
@@ -268,6 +305,33 @@ class TrainConfig:
                 f"run.mixed_precision={run.mixed_precision!r}: use auto, no, bf16 or fp16",
             ),
         ]
+        if data.dataset is not None:
+            need = evals.val_tokens // data.seq_len * data.seq_len + 1  # iter_val_batches' windows
+            checks += [
+                (
+                    data.data_dir == DEFAULT_DATA_DIR,
+                    f"data.dataset={data.dataset!r} and data.data_dir={data.data_dir!r}: train from one "
+                    "source, a stream (--dataset) or shards (--data_dir), not both",
+                ),
+                (
+                    need <= data.stream_val_tokens,
+                    f"eval.val_tokens={evals.val_tokens} needs the first {need} tokens of the stream at "
+                    f"seq_len={data.seq_len}, more than its validation set "
+                    f"(data.stream_val_tokens={data.stream_val_tokens}): lower --val_tokens or raise "
+                    "--stream_val_tokens",
+                ),
+                (
+                    data.stream_shard_tokens > data.seq_len,
+                    f"data.stream_shard_tokens={data.stream_shard_tokens} must exceed seq_len",
+                ),
+                (
+                    min(data.stream_shuffle_windows, data.stream_workers, data.stream_batch_docs)
+                    >= 1
+                    and data.stream_retries >= 0,
+                    "stream_shuffle_windows, stream_workers and stream_batch_docs must be >= 1, "
+                    "stream_retries >= 0",
+                ),
+            ]
         errors = [msg for ok, msg in checks if not ok]
         if errors:
             raise ConfigError("Invalid training config:\n  " + "\n  ".join(errors))
@@ -278,18 +342,34 @@ class TrainConfig:
         return GPT2ReproConfig(**dataclasses.asdict(self.model))
 
 
+def one_data_source(overrides: dict) -> dict:
+    """The overrides, where a data source given there replaces the preset's other one.
+
+    `--dataset` replaces a preset's data_dir (so `--config configs/tiny.yaml --dataset my.txt` streams) and
+    `--data_dir` a preset's dataset; giving both on the command line is refused by `validate()`.
+    """
+    given = lambda key: key in overrides and str(overrides[key]).strip().lower() not in _UNSET
+    if given("dataset") and "data_dir" not in overrides:
+        return {**overrides, "data_dir": DEFAULT_DATA_DIR}
+    if given("data_dir") and "dataset" not in overrides:
+        return {**overrides, "dataset": None}
+    return overrides
+
+
+_UNSET = ("none", "null", "")
+
+
 def load_config(
     preset: str | Path | None = None, overrides: dict[str, str] | None = None
 ) -> TrainConfig:
     """Preset (or the defaults: the 124M recipe) + flat overrides {field: value-or-string}, validated."""
-    return cli.build(TrainConfig, preset, overrides)
+    return cli.build(TrainConfig, preset, one_data_source(overrides or {}))
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The command line of train.py: `--config FILE --field value ...` -> validated TrainConfig."""
-    return cli.parse(
-        TrainConfig, argv, "Train GPT-2 with accelerate. Options override the --config preset."
-    )
+    description = "Train GPT-2 with accelerate. Options override the --config preset."
+    return cli.parse(TrainConfig, argv, description, adjust=one_data_source)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -1,28 +1,37 @@
-"""Data benchmark: data_prep.py's tokenization vs build-nanogpt's method, and the training loader's speed.
+"""Data benchmark: data_prep.py against the common multiprocessing.Pool method, and the training loaders' speed.
 
-    python bench/bench_data.py --text data/tinyshakespeare.txt [--mb 20] [--repeats 3]
+    python bench/bench_data.py --corpus data/tinyshakespeare.txt:4000 --corpus /usr/share/dictd/gcide.index
 
-1. Builds a parquet of at least --mb MB of text: copies of --text cut into ~4 KB documents (FineWeb-Edu's
-   documents average a few KB).
-2. Tokenizes it into shards, interleaving the variants (A B C, then C B A, ...), each on all cores:
-   - data_prep: `data_prep.prepare` end to end (stream -> tokenizer threads -> shards + manifest);
-   - baseline: build-nanogpt's fineweb.py method: `load_dataset` (non-streaming, cache built beforehand), a
-     `multiprocessing.Pool(cores)` mapping tiktoken's `encode_ordinary` over single documents (chunksize 16),
-     tokens as Python lists -> uint16 arrays, written to .npy shards;
-   - processes: data_prep's batches of documents tokenized by a `multiprocessing.Pool` instead of threads (the
-     alternative design, for the threads-vs-processes choice).
-   All three must produce the same tokens (checked). Prints tokens/s and ratios (target data_prep/baseline >= 1.5).
-3. TokenShardLoader tokens/s serving (64, 1024) batches from the shards just written (target >= 20M tokens/s).
+Each `--corpus` becomes a parquet of at least --mb MB of text (copies of the corpus) whose documents are either a
+text file cut at blank lines into documents of about N characters (`FILE:N`; `FILE:0`: one paragraph each) or the
+entries of a dictd dictionary (`FILE.index`, read with its `.dict` or `.dict.dz`). Per corpus:
+
+1. Tokenization, each variant a whole process (start-up, imports and writing included) on all cores, run in turn
+   A B C, then C B A, ... (`--repeats`), with the load average before and after:
+   - data_prep: `python data_prep.py` (stream -> tokenizer threads -> shards + manifest);
+   - pool: build-nanogpt's fineweb.py method, the common one: `load_dataset` (not streamed; its Arrow cache is
+     built beforehand, untimed), a `multiprocessing.Pool(cores)` mapping tiktoken's `encode_ordinary` over
+     single documents (chunksize 16), Python lists -> uint16 arrays, .npy shards;
+   - pool-batches: data_prep's batches of documents tokenized in a process pool instead of threads.
+   All must write the same tokens (checked). Prints tokens/s and CPU seconds per million tokens (median, min-max)
+   and the ratios (target: data_prep / pool >= 1.5).
+2. CPU seconds per million tokens of one batch of 512 documents on one thread: one tiktoken call per batch (what
+   text_stream.encode_documents does) or one per document (before), each with the thread's own Encoding copy;
+   and one call per batch with the Encoding another thread made.
+3. Loaders, tokens/s per process after start-up: StreamingTokenLoader, (64, 1024) batches tokenized on the fly
+   from the parquet, as process 0 of 1 and of 2 (target >= 1M); TokenShardLoader on data_prep's shards.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import multiprocessing as mp
 import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,63 +39,91 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data_prep as dp  # noqa: E402
-import text_stream  # noqa: E402
-import token_data  # noqa: E402
-from gpt2_tokenizer import EOT_ID, get_gpt2_encoding  # noqa: E402
-
-SHARD_TOKENS = 2_000_000
+SHARD_TOKENS = 20_000_000
 VAL_TOKENS = 1_000_000
+DICTD_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
-def build_parquet(text_file: Path, min_mb: float, path: Path, doc_chars: int = 4000) -> int:
-    """Copies of the text cut at paragraph boundaries into ~doc_chars documents, until min_mb MB. Returns bytes."""
-    paragraphs = text_file.read_text().split("\n\n")
+# ---------------------------------------------------------------------------------------------------- corpora
+
+
+def read_documents(spec: str) -> tuple[str, list[str]]:
+    """(a short name, the documents) of a --corpus spec: FILE:N (text cut at blank lines) or FILE.index (dictd)."""
+    if spec.endswith(".index"):
+        index = Path(spec)
+        dz = index.with_suffix(".dict.dz")
+        data = (
+            gzip.decompress(dz.read_bytes())
+            if dz.exists()
+            else index.with_suffix(".dict").read_bytes()
+        )
+        entries = {}  # several headwords may point at one entry: each entry once, in file order
+        for line in index.read_text(encoding="utf-8").splitlines():
+            offset, length = (_dictd_number(v) for v in line.split("\t")[1:3])
+            entries[offset] = length
+        docs = [data[o : o + n].decode("utf-8", "replace") for o, n in sorted(entries.items())]
+        return index.stem, docs
+    path, _, size = spec.rpartition(":")
+    if not path or not size.isdigit():
+        raise SystemExit(f"--corpus {spec}: expected FILE:CHARS_PER_DOCUMENT or a dictd FILE.index")
     docs, current = [], []
-    for p in paragraphs:
-        current.append(p)
-        if sum(len(c) for c in current) >= doc_chars:
+    for paragraph in Path(path).read_text(encoding="utf-8").split("\n\n"):
+        current.append(paragraph)
+        if sum(len(c) for c in current) >= int(size):
             docs.append("\n\n".join(current))
             current = []
-    docs.append("\n\n".join(current))
+    docs += ["\n\n".join(current)] if current else []
+    return f"{Path(path).stem}:{size}", docs
+
+
+def _dictd_number(text: str) -> int:
+    """dictd's base-64 numbers (offsets and lengths in its .index)."""
+    value = 0
+    for c in text:
+        value = value * 64 + DICTD_DIGITS.index(c)
+    return value
+
+
+def build_parquet(docs: list[str], min_mb: float, path: Path) -> tuple[int, int]:
+    """Copies of the documents (each marked with its copy number) until min_mb MB. Returns (bytes, documents)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     size = sum(len(d.encode()) for d in docs)
     copies = int(np.ceil(min_mb * 1e6 / size))
     texts = [f"[copy {c}] {d}" for c in range(copies) for d in docs]
     table = pa.table({"text": texts, "id": [f"doc-{i}" for i in range(len(texts))]})
     pq.write_table(table, path, row_group_size=1000)
-    return sum(len(t.encode()) for t in texts)
+    return sum(len(t.encode()) for t in texts), len(texts)
 
 
-# --- baseline: build-nanogpt fineweb.py's method (re-implemented from its description) ---------------------------
+# ----------------------------------------------------------------------------------- the compared processes
 
 _enc = None
 
 
-def _baseline_init():
+def _pool_init():
     global _enc
+    from gpt2_tokenizer import get_gpt2_encoding
+
     _enc = get_gpt2_encoding()
 
 
-def _baseline_tokenize(doc: dict) -> np.ndarray:
-    tokens = [EOT_ID]
+def _encode_one(doc: dict) -> np.ndarray:
+    """build-nanogpt's fineweb.py `tokenize`: EOT, then the document, as a Python list -> uint16."""
+    tokens = [50256]
     tokens.extend(_enc.encode_ordinary(doc["text"]))
     return np.array(tokens).astype(np.uint16)
 
 
-def run_baseline(parquet: Path, out: Path, cores: int, cache_dir: Path) -> int:
-    from datasets import load_dataset
+def _encode_batch(texts: list) -> np.ndarray:
+    import text_stream
 
-    docs = load_dataset("parquet", data_files=str(parquet), split="train", cache_dir=str(cache_dir))
-    out.mkdir()
-    with mp.Pool(cores, initializer=_baseline_init) as pool:
-        save = lambda i, buf: np.save(out / f"base_{'val' if i == 0 else 'train'}_{i:06d}.npy", buf)
-        return _pack_into_shards(pool.imap(_baseline_tokenize, docs, chunksize=16), save)
+    return text_stream.encode_documents(_enc, texts)[0]
 
 
 def _pack_into_shards(token_arrays, save) -> int:
@@ -108,194 +145,256 @@ def _pack_into_shards(token_arrays, save) -> int:
     return total + fill
 
 
-# --- processes: data_prep's batches of documents, tokenized by a process pool instead of threads ----------------
+def run_pool(parquet: str, out: str, cache_dir: str) -> None:
+    from datasets import load_dataset
+
+    docs = load_dataset("parquet", data_files=parquet, split="train", cache_dir=cache_dir)
+    Path(out).mkdir()
+    save = lambda i, buf: np.save(Path(out) / f"pool_{i:06d}.npy", buf)
+    with mp.Pool(os.cpu_count(), initializer=_pool_init) as pool:
+        _pack_into_shards(pool.imap(_encode_one, docs, chunksize=16), save)
 
 
-def _process_encode(texts: list) -> np.ndarray:
-    return text_stream.encode_documents(_enc, texts)[0]
+def run_pool_batches(parquet: str, out: str) -> None:
+    import text_stream
+    import token_data
+
+    src = text_stream.open_text_stream(parquet)
+    Path(out).mkdir()
+    batches = (b["text"] for b in src.dataset.iter(batch_size=512))
+    save = lambda i, buf: token_data.write_shard(Path(out) / f"proc_{i:06d}.bin", buf)
+    with mp.Pool(os.cpu_count(), initializer=_pool_init) as pool:
+        _pack_into_shards(pool.imap(_encode_batch, batches), save)
 
 
-def run_processes(parquet: Path, out: Path, cores: int) -> int:
-    src = text_stream.open_text_stream(str(parquet))
-    out.mkdir()
-    batches = (b["text"] for b in src.dataset.iter(batch_size=dp.PrepConfig.batch_docs))
-    with mp.Pool(cores, initializer=_baseline_init) as pool:
-        save = lambda i, buf: token_data.write_shard(
-            out / f"proc_{'val' if i == 0 else 'train'}_{i:06d}.bin", buf
-        )
-        return _pack_into_shards(pool.imap(_process_encode, batches), save)
+def variant_commands(parquet: Path, out: Path, cache: Path) -> dict[str, list[str]]:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    data_prep = [sys.executable, str(ROOT / "data_prep.py"), "--dataset", str(parquet)]
+    data_prep += ["--output_dir", str(out), "--progress", "false"]
+    data_prep += ["--val_tokens", str(VAL_TOKENS), "--shard_tokens", str(SHARD_TOKENS)]
+    return {
+        "data_prep": data_prep,
+        "pool": [*me, "--run", "pool", str(parquet), str(out), str(cache)],
+        "pool-batches": [*me, "--run", "pool-batches", str(parquet), str(out)],
+    }
 
 
-def run_data_prep(parquet: Path, out: Path, cores: int) -> int:
-    cfg = dp.PrepConfig(
-        dataset=str(parquet),
-        output_dir=str(out),
-        num_workers=cores,
-        shard_tokens=SHARD_TOKENS,
-        val_tokens=VAL_TOKENS,
-        progress=False,
-    )
-    return dp.prepare(cfg)["tokens"]
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (the Pool workers), user + system."""
-    me, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+def children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def all_tokens(folder: Path) -> np.ndarray:
-    return np.concatenate(
-        [
-            np.asarray(token_data.read_shard(f))
-            for f in sorted(folder.iterdir())
-            if f.suffix in (".bin", ".npy")
-        ]
-    )
+    import token_data
+
+    files = [f for f in folder.iterdir() if f.suffix in (".bin", ".npy")]
+    files.sort(key=lambda f: f.stem.rsplit("_", 1)[-1])  # by shard index: val first
+    return np.concatenate([np.asarray(token_data.read_shard(f)) for f in files])
 
 
-def bench_thread_copies(parquet: Path) -> dict:
-    """CPU seconds per M tokens of tiktoken on one thread: main thread, another thread with the shared Encoding,
-    and another thread with its own copy (what data_prep's tokenizer threads use)."""
+def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    v = [x / scale for x in values]
+    return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
+
+
+def bench_tokenization(
+    parquet: Path, work: Path, names: list[str], repeats: int
+) -> tuple[dict, Path]:
+    """Whole processes, interleaved. Returns ({variant: {"rate": [...], "cpu": [...]}}, data_prep's last output)."""
+    results = {name: {"rate": [], "cpu": []} for name in names}
+    reference, kept = None, None
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            out = work / f"out_{name}_{r}"
+            cmd = variant_commands(parquet, out, work / "hf_cache")[name]
+            t0, c0 = time.perf_counter(), children_cpu()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            wall, cpu = time.perf_counter() - t0, children_cpu() - c0
+            tokens = all_tokens(out)
+            reference = tokens if reference is None else reference
+            assert np.array_equal(tokens, reference), f"{name} wrote other tokens"
+            results[name]["rate"].append(len(tokens) / wall)
+            results[name]["cpu"].append(cpu / len(tokens) * 1e6)
+            if name == "data_prep":
+                shutil.rmtree(kept or work / "none", ignore_errors=True)
+                kept = out
+            else:
+                shutil.rmtree(out)
+    return results | {"tokens": len(reference)}, kept
+
+
+# ------------------------------------------------------------------------------- one batch, on one thread
+
+
+def _per_document(encoding, texts: list) -> np.ndarray:
+    """The way encode_documents worked before: one tiktoken call and one small array per document."""
+    parts = []
+    for text in texts:
+        if isinstance(text, str) and text and not text.isspace():
+            parts += (
+                np.array([50256], dtype=np.uint32),
+                encoding.encode_to_numpy(text, disallowed_special=()),
+            )
+    return np.concatenate(parts).astype(np.uint16)
+
+
+def bench_one_thread(parquet: Path, repeats: int, max_tokens: int = 3_000_000) -> dict:
+    import text_stream
+    from gpt2_tokenizer import get_gpt2_encoding
+
     shared = get_gpt2_encoding()
-    batches = [
-        b["text"] for b in text_stream.open_text_stream(str(parquet)).dataset.iter(batch_size=256)
-    ][:8]
+    batches, n = [], 0
+    for batch in text_stream.open_text_stream(str(parquet)).dataset.iter(batch_size=512):
+        batches.append(batch["text"])
+        n += sum(len(t) for t in batch["text"]) // 3
+        if n > max_tokens:
+            break
 
-    def run(copy: bool) -> float:
-        enc = text_stream._thread_copy(shared) if copy else shared
-        t0, n = time.thread_time(), 0
+    def run(how: str) -> float:
+        own = text_stream._thread_copy(shared)
+        t0, tokens = time.thread_time(), 0
         for texts in batches:
-            n += sum(len(enc.encode_to_numpy(t, disallowed_special=())) for t in texts)
-        return (time.thread_time() - t0) / n * 1e6
+            if how == "one call per batch":
+                tokens += len(text_stream.encode_documents(shared, texts)[0])
+            elif how == "one call per document":
+                tokens += len(_per_document(own, texts))
+            else:  # encode_documents' one call, with the Encoding the main thread made
+                joined = text_stream.EOT_TEXT + text_stream.EOT_TEXT.join(
+                    t for t in texts if t.strip()
+                )
+                ids = shared.encode_to_numpy(joined, allowed_special={text_stream.EOT_TEXT})
+                tokens += len(ids.astype(np.uint16))
+        return (time.thread_time() - t0) / tokens * 1e6
 
-    results = {}
-    for name, copy, in_thread in [
-        ("main thread, shared", False, False),
-        ("other thread, shared", False, True),
-        ("other thread, own copy", True, True),
-    ]:
-        if in_thread:
-            with ThreadPoolExecutor(1) as pool:
-                pool.submit(run, copy).result()  # warm-up
-                results[name] = pool.submit(run, copy).result()
-        else:
-            run(copy)
-            results[name] = run(copy)
+    ways = ["one call per batch", "one call per document", "one call per batch, shared Encoding"]
+    results = {w: [] for w in ways}
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(run, ways[0]).result()  # warm-up: the thread's copy, the page cache
+        for r in range(repeats):
+            for way in ways if r % 2 == 0 else ways[::-1]:
+                results[way].append(pool.submit(run, way).result())
     return results
 
 
-def bench_loader(folder: Path, steps: int, batch_size: int = 64, seq_len: int = 1024) -> dict:
-    results = {}
-    for name, kwargs in {"rank 0 of 1": {}, "rank 3 of 8": {"rank": 3, "world_size": 8}}.items():
-        loader = token_data.TokenShardLoader(
-            folder, batch_size=batch_size, seq_len=seq_len, **kwargs
-        )
-        for _ in range(5):  # warm the page cache and the per-epoch plan
+# ------------------------------------------------------------------------------------------------- loaders
+
+
+def bench_loaders(parquet: Path, shards: Path, tokens: int, repeats: int) -> dict:
+    import token_data
+
+    B, T = 64, 1024
+    steps = max(1, tokens // (B * T))
+
+    def streaming(world_size: int) -> float:
+        loader = token_data.StreamingTokenLoader(
+            str(parquet), batch_size=B, seq_len=T, world_size=world_size, val_tokens=VAL_TOKENS,
+            shard_tokens=SHARD_TOKENS,
+        )  # fmt: skip
+        loader.next_batch()  # start-up: the validation tokens, the first block
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loader.next_batch()
+        rate = steps * B * T / (time.perf_counter() - t0)
+        loader.close()
+        return rate
+
+    def sharded() -> float:
+        loader = token_data.TokenShardLoader(shards, batch_size=B, seq_len=T)
+        for _ in range(5):
             loader.next_batch()
         t0 = time.perf_counter()
         for _ in range(steps):
-            x, y = loader.next_batch()
-        dt = time.perf_counter() - t0
-        results[name] = steps * batch_size * seq_len / dt
+            loader.next_batch()
+        return steps * B * T / (time.perf_counter() - t0)
+
+    ways = {
+        "StreamingTokenLoader, process 0 of 1": lambda: streaming(1),
+        "StreamingTokenLoader, process 0 of 2": lambda: streaming(2),
+        "TokenShardLoader (shards in the page cache)": sharded,
+    }
+    results = {name: [] for name in ways}
+    for r in range(repeats):
+        for name in list(ways) if r % 2 == 0 else list(ways)[::-1]:
+            results[name].append(ways[name]())
     return results
+
+
+# ---------------------------------------------------------------------------------------------------- main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--text", type=Path, required=True, help="a text file, e.g. tinyshakespeare")
+    ap.add_argument("--corpus", action="append", required=True, help="FILE:CHARS or FILE.index")
     ap.add_argument(
-        "--mb", type=float, default=20.0, help="minimum MB of text in the benchmark parquet"
+        "--mb", type=float, default=100.0, help="minimum MB of text per benchmark parquet"
     )
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--loader_steps", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--variants", default="data_prep,pool,pool-batches")
+    ap.add_argument(
+        "--loader_tokens", type=int, default=10_000_000, help="tokens per loader measurement"
+    )
     ap.add_argument(
         "--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)"
     )
     args = ap.parse_args()
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    work = Path(tempfile.mkdtemp(prefix="bench_data_", dir=args.workdir))
     import datasets
 
     datasets.disable_progress_bars()
-    try:
-        parquet = work / "bench.parquet"
-        n_bytes = build_parquet(args.text, args.mb, parquet)
-        get_gpt2_encoding()
-        from datasets import load_dataset
-
-        load_dataset(
-            "parquet", data_files=str(parquet), split="train", cache_dir=str(work / "hf_cache")
-        )  # 1-time
-        print(
-            f"{n_bytes / 1e6:.1f} MB of text ({pq.ParquetFile(parquet).metadata.num_rows} documents), {cores} cores"
-        )
-
-        variants = {
-            "data_prep (threads)": lambda out: run_data_prep(parquet, out, cores),
-            "baseline (Pool per document)": lambda out: run_baseline(
-                parquet, out, cores, work / "hf_cache"
-            ),
-            "processes (Pool per batch)": lambda out: run_processes(parquet, out, cores),
-        }
-        rates: dict[str, list[float]] = {name: [] for name in variants}
-        cpu: dict[str, list[float]] = {
-            name: [] for name in variants
-        }  # CPU seconds per million tokens
-        reference = None
-        for r in range(args.repeats):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
-            for name in order:
-                out = work / f"out_{r}_{list(variants).index(name)}"
-                t0, c0 = time.perf_counter(), cpu_seconds()
-                n_tokens = variants[name](out)
-                rates[name].append(n_tokens / (time.perf_counter() - t0))
-                cpu[name].append((cpu_seconds() - c0) / n_tokens * 1e6)
-                tokens = all_tokens(out)
-                if reference is None:
-                    reference = tokens
-                assert np.array_equal(tokens, reference), f"{name} produced different tokens"
-                if not (r == args.repeats - 1 and name == "data_prep (threads)"):
-                    shutil.rmtree(out)
-                else:
-                    shards = out
-        print(
-            f"\ntokenization, {len(reference):,} tokens, median (min-max) of {args.repeats} interleaved runs:"
-        )
-        med = {name: statistics.median(v) for name, v in rates.items()}
-        for name, v in rates.items():
+    names = args.variants.split(",")
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
+    for spec in args.corpus:
+        work = Path(tempfile.mkdtemp(prefix="bench_data_", dir=args.workdir))
+        try:
+            name, docs = read_documents(spec)
+            parquet = work / "corpus.parquet"
+            n_bytes, n_docs = build_parquet(docs, args.mb, parquet)
+            if "pool" in names:  # the baseline reads Arrow files load_dataset made beforehand
+                datasets.load_dataset(
+                    "parquet", data_files=str(parquet), cache_dir=str(work / "hf_cache")
+                )
+            load = os.getloadavg()[0]
+            results, shards = bench_tokenization(parquet, work, names, args.repeats)
+            n = results.pop("tokens")
             print(
-                f"  {name:30s} {med[name] / 1e6:6.2f}M tokens/s  ({min(v) / 1e6:.2f}-{max(v) / 1e6:.2f})"
-                f"  {statistics.median(cpu[name]):.3f} CPU-s per M tokens"
+                f"\n== {name}: {n_bytes / 1e6:.0f} MB, {n_docs:,} documents, {n:,} tokens "
+                f"({n / n_docs:.0f} per document); load average {load:.1f} -> {os.getloadavg()[0]:.1f}"
             )
-        base = med["baseline (Pool per document)"]
-        cpu_base = statistics.median(cpu["baseline (Pool per document)"])
-        for name in ("data_prep (threads)", "processes (Pool per batch)"):
-            eff = cpu_base / statistics.median(cpu[name])
+            print(f"whole processes, median (min-max) of {args.repeats}, interleaved:")
+            for variant, r in results.items():
+                print(
+                    f"  {variant:14s} {spread(r['rate'], 1e6)}M tokens/s   "
+                    f"{spread(r['cpu'], digits=3)} CPU-s per M tokens"
+                )
+            if "pool" in results:
+                base = statistics.median(results["pool"]["rate"])
+                for variant in (v for v in results if v != "pool"):
+                    pairs = zip(results[variant]["rate"], results["pool"]["rate"], strict=True)
+                    ratios = [a / b for a, b in pairs]
+                    print(
+                        f"  {variant} / pool: {statistics.median(results[variant]['rate']) / base:.2f}x "
+                        f"tokens/s (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
+                    )
+
             print(
-                f"  {name} / baseline: {med[name] / base:.2f}x tokens/s, {eff:.2f}x less CPU per token"
+                "\none batch of 512 documents on one thread, CPU-s per M tokens, median (min-max):"
             )
-        print("  target: data_prep / baseline >= 1.5x tokens/s")
+            for way, values in bench_one_thread(parquet, args.repeats).items():
+                print(f"  {way:38s} {spread(values, digits=3)}")
 
-        print(
-            "\ntiktoken CPU seconds per M tokens on one thread (why data_prep gives each thread its own copy):"
-        )
-        for name, value in bench_thread_copies(parquet).items():
-            print(f"  {name:30s} {value:.3f}")
-
-        loader = bench_loader(shards, args.loader_steps)
-        print(
-            f"\nTokenShardLoader, (64, 1024) int64 batches, {args.loader_steps} steps (target >= 20M tokens/s):"
-        )
-        for name, rate in loader.items():
-            print(f"  {name:30s} {rate / 1e6:8.1f}M tokens/s")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            if shards is not None:
+                print(
+                    f"\nloaders, tokens/s per process over {args.loader_tokens / 1e6:.0f}M tokens:"
+                )
+                for way, rates in bench_loaders(parquet, shards, args.loader_tokens, 3).items():
+                    print(f"  {way:44s} {spread(rates, 1e6)}M")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--run":  # one compared process (see variant_commands)
+        {"pool": run_pool, "pool-batches": run_pool_batches}[sys.argv[2]](*sys.argv[3:])
+    else:
+        main()

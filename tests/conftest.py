@@ -40,6 +40,20 @@ def fineweb(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def stream_files(tmp_path_factory):
+    """(folder of 25 parquet files of 5 short documents, the documents): a multi-file stream (like the Hub's) of
+    about 5,500 tokens, with empty, whitespace-only and null documents."""
+    from synthetic import make_texts, write_fineweb_parquet
+
+    folder = tmp_path_factory.mktemp("stream")
+    texts = make_texts(125, seed=5, words=(5, 60))
+    texts[7], texts[30], texts[61] = "", None, " \n"
+    for i in range(25):
+        write_fineweb_parquet(folder / f"part_{i:03d}.parquet", texts[i * 5 : (i + 1) * 5])
+    return folder, texts
+
+
+@pytest.fixture(scope="session")
 def hf_tokenizer(gpt2_encoding):
     from gpt2_tokenizer import build_hf_tokenizer
 

@@ -3,13 +3,18 @@
 - `hellaswag_examples`: HellaSwag-shaped multiple-choice examples of varied lengths;
 - `make_texts` / `write_fineweb_parquet`: documents and a parquet file with FineWeb-Edu's columns;
 - `reference_tokens`: what data preparation must produce from documents (tiktoken, EOT before each one);
-- `learnable_tokens`: a token stream a tiny model can learn (a random Markov chain over a few GPT-2 ids).
+- `reference_windows`: what each process of the streaming loader must serve from documents (shuffle off);
+- `learnable_tokens`: a token stream a tiny model can learn (a random Markov chain over a few GPT-2 ids);
+- `FlakyReads`: an unreliable network: reads of some files fail, a given number of times.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
+import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +130,86 @@ def reference_tokens(encoding, texts) -> np.ndarray:
         if isinstance(t, str) and t.strip():
             ids += [EOT, *encoding.encode_ordinary(t)]
     return np.array(ids, dtype=np.uint16)
+
+
+def reference_windows(
+    encoding, texts, val_tokens: int, shard_tokens: int, seq_len: int, rank=0, world_size=1
+) -> np.ndarray:
+    """(n, T+1): one epoch of the windows process `rank` of `world_size` must be served from `texts`, shuffle off.
+
+    Written from the layout's description, not from the loader's code: the first val_tokens tokens of all the
+    documents are validation; the documents after the one they end in go to the processes in turn (the one they
+    end in goes to process 0, without its validation part); each process cuts its own token stream into shards
+    of shard_tokens and each shard into windows of T+1 tokens every T tokens, dropping each shard's short tail.
+    """
+    docs = [reference_tokens(encoding, [t]) for t in texts]
+    ends = np.cumsum([len(d) for d in docs])
+    first = int(
+        np.searchsorted(ends, val_tokens, side="right")
+    )  # the document holding token val_tokens
+    mine = [docs[i] for i in range(first + rank, len(docs), world_size)]
+    if rank == 0:
+        mine[0] = mine[0][val_tokens - (int(ends[first - 1]) if first else 0) :]
+    tokens, T, windows = np.concatenate(mine), seq_len, []
+    for start in range(0, len(tokens), shard_tokens):
+        shard = tokens[start : start + shard_tokens]
+        windows += [shard[i * T : i * T + T + 1] for i in range((len(shard) - 1) // T)]
+    return np.array(windows, dtype=np.uint16)
+
+
+class FlakyReads:
+    """An unreliable network for tests: reading a file whose path contains `match` fails `failures` times.
+
+    While installed (`with FlakyReads(...)`, or `install()` for a whole process), `open` hands back such files
+    wrapped so that the first `failures` read() calls, counted over all of them, raise ConnectionResetError;
+    later reads succeed. Only the file reads are replaced: everything above them is the real code.
+    """
+
+    def __init__(self, match: str, failures: int):
+        self.match, self.failures, self.failed = match, failures, 0
+        self._real_open = None
+
+    def install(self) -> FlakyReads:
+        self._real_open = builtins.open
+        builtins.open = self._open
+        return self
+
+    def uninstall(self) -> None:
+        builtins.open = self._real_open
+
+    __enter__ = install
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def _open(self, file, mode="r", *args, **kwargs):
+        handle = self._real_open(file, mode, *args, **kwargs)
+        # data_prep's source fingerprint hashes the local file itself: a local check, not a read of the stream
+        if sys._getframe(1).f_globals.get("__name__") == "data_prep":
+            return handle
+        if isinstance(file, (str, os.PathLike)) and self.match in os.fspath(file) and "b" in mode:
+            return _FlakyFile(handle, self)
+        return handle
+
+
+class _FlakyFile:
+    def __init__(self, handle, flaky: FlakyReads):
+        self._handle, self._flaky = handle, flaky
+
+    def read(self, *args):
+        if self._flaky.failed < self._flaky.failures:
+            self._flaky.failed += 1
+            raise ConnectionResetError("connection reset by peer (FlakyReads, a test stand-in)")
+        return self._handle.read(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
 
 
 def learnable_tokens(n: int, seed: int = 0, vocab: int = 200, successors: int = 3) -> np.ndarray:

@@ -108,6 +108,26 @@ def test_resume_mismatches_name_each_differing_setting():
     ]
 
 
+def test_a_streamed_run_resumes_only_onto_the_same_stream_cut_the_same_way():
+    sharded = {"data": {"data_dir": "data/a", "dataset": None, "seq_len": 64}, "run": {"seed": 1}}
+    stream = {"data": {"data_dir": "data/a", "dataset": "HuggingFaceFW/fineweb-edu", "seq_len": 64}}
+    stream["data"] |= {"dataset_name": "sample-10BT", "stream_val_tokens": 1000}
+    stream["run"] = {"seed": 1}
+    state = {"step": 3, "config": stream}
+    assert ckpt.resume_mismatches(state, stream, None, None) == []
+    assert ckpt.resume_mismatches(state, sharded, None, "f1") == [
+        "dataset: 'HuggingFaceFW/fineweb-edu' in the checkpoint, None now"
+    ]
+    assert ckpt.resume_mismatches({"step": 3, "config": sharded}, stream, "f1", None) == [
+        "dataset: None in the checkpoint, 'HuggingFaceFW/fineweb-edu' now"
+    ]
+    recut = {**stream, "data": {**stream["data"], "stream_val_tokens": 2000, "dataset_name": None}}
+    assert ckpt.resume_mismatches(state, recut, None, None) == [
+        "dataset_name: 'sample-10BT' in the checkpoint, None now",
+        "stream_val_tokens: 1000 in the checkpoint, 2000 now",
+    ]
+
+
 def test_resume_hint_tells_the_truth(tmp_path):
     root = tmp_path / "checkpoints"
     assert "nothing to resume" in ckpt.resume_hint(root)

@@ -232,6 +232,29 @@ def test_validation_loss_matches_direct(repro, val_dir):
         ev.validation_loss(repro, val_dir, tokens, 1, seq_len=256)
 
 
+def test_validation_on_a_stream_reads_what_its_val_shard_holds(
+    repro, gpt2_encoding, fineweb, tmp_path
+):
+    """--dataset: the stream's first tokens, exactly data_prep.py's val shard: the same loss as on the shards."""
+    import data_prep
+
+    path, _ = fineweb
+    need = SEQ_LEN * VAL_WINDOWS + 1
+    data_prep.prepare(
+        data_prep.PrepConfig(
+            dataset=str(path), output_dir=str(tmp_path), val_tokens=need, progress=False
+        )
+    )
+    args = ev.parse_args(["--model", "x", "--dataset", str(path), "--val_tokens", str(need - 1)])
+    args.seq_len = SEQ_LEN
+    tokens = ev.stream_validation_tokens(args, gpt2_encoding)
+    assert len(tokens) == need
+    on_shards = ev.validation_loss(repro, tmp_path, need - 1, 2, SEQ_LEN)
+    assert ev.validation_loss(repro, tokens, need - 1, 2, SEQ_LEN) == on_shards
+    with pytest.raises(ev.ConfigError, match="not both"):
+        ev.parse_args(["--model", "x", "--dataset", str(path), "--data_dir", str(tmp_path)])
+
+
 def test_our_model_and_its_stock_export_score_the_same(repro, gpt2_encoding, val_dir, tmp_path):
     """Saved and reloaded through the Auto classes: ours (gpt2_repro) and its GPT2LMHeadModel export."""
     repro.save_pretrained(tmp_path / "ours")

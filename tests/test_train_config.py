@@ -202,3 +202,28 @@ def test_fast_presets_keep_the_reference_model_data_and_batch(fast, reference):
     assert (a.optim.optimizer, a.optim.schedule) == ("muon", "wsd")
     assert (b.optim.optimizer, b.optim.schedule) == ("adamw", "cosine")
     assert a.optim.max_steps < b.optim.max_steps
+
+
+def test_one_data_source_shards_or_a_stream():
+    """--dataset streams instead of the preset's shards; both on the command line (or in one YAML) is refused;
+    a stream must hold the validation budget in its validation part."""
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    cfg = parse_args(["--config", tiny, "--dataset", "data/tinyshakespeare.txt"])
+    assert (
+        cfg.data.dataset == "data/tinyshakespeare.txt"
+        and cfg.data.data_dir == "data/fineweb-edu-10BT"
+    )
+    streamed = parse_args(["--config", str(ROOT / "configs" / "gpt2_124m.yaml"), "--dataset", "x"])
+    assert streamed.data.stream_val_tokens == 100_000_000 == streamed.data.stream_shard_tokens
+    with pytest.raises(ConfigError, match="not both"):
+        parse_args(["--dataset", "my.parquet", "--data_dir", "data/mine"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, {"dataset": "my.parquet", "data_dir": "data/mine"})
+    back = parse_args(
+        ["--config", tiny, "--dataset", "none"]
+    )  # a preset's dataset can be unset too
+    assert back.data.dataset is None and back.data.data_dir == "data/tinyshakespeare"
+    with pytest.raises(ConfigError, match="lower --val_tokens or raise --stream_val_tokens"):
+        parse_args(["--config", tiny, "--dataset", "x.txt", "--stream_val_tokens", "16000"])
+    ok = parse_args(["--config", tiny, "--dataset", "x.txt", "--stream_val_tokens", "16513"])
+    assert ok.eval.val_tokens == 16384  # 128 windows of 128 tokens, plus the last target
