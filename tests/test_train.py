@@ -922,6 +922,9 @@ def _running(args: list[str], out: Path, launcher: list[str] | None = None, **en
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # Ctrl-C as in a terminal, also when pytest itself runs in the background (`nohup ... &` ignores SIGINT,
+        # and an ignored signal stays ignored in every child)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         yield proc
