@@ -287,9 +287,13 @@ def bench_loaders(parquet: Path, shards: Path, tokens: int, repeats: int) -> dic
 
     def streaming(world_size: int) -> float:
         loader = token_data.StreamingTokenLoader(
-            str(parquet), batch_size=B, seq_len=T, world_size=world_size, val_tokens=VAL_TOKENS,
+            str(parquet),
+            batch_size=B,
+            seq_len=T,
+            world_size=world_size,
+            val_tokens=VAL_TOKENS,
             shard_tokens=SHARD_TOKENS,
-        )  # fmt: skip
+        )
         loader.next_batch()  # start-up: the validation tokens, the first block
         t0 = time.perf_counter()
         for _ in range(steps):
