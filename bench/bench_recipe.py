@@ -9,14 +9,14 @@ The report corpus is GCIDE (the Collaborative International Dictionary of Englis
     python bench/bench_recipe.py prepare --corpus data/corpora/x/usr/share/dictd/gcide.dict.dz \\
         --out data/recipe-gcide                       # -> corpus.jsonl (plain-text documents) + shards/
     python bench/bench_recipe.py compare --data data/recipe-gcide --work runs/recipe-gcide \\
-        --sizes 4x128 6x256 --seeds 0 1 --base_steps 200 --fast_steps 30 40 60 80 --base_lrs 3e-3 6e-3
+        --sizes 4x128 6x256 --seeds 0 1 --base_steps 200 --fast_steps 30 40 60 80 100 120 --base_lrs 3e-3 1.5e-3
     python bench/bench_recipe.py timing --data data/recipe-gcide --sizes 4x128 6x256
     python bench/bench_recipe.py ablate --data DIR --work DIR --size 4x128 --steps 80 \\
         --variant "muon_lr=0.04" --variant "schedule=cosine" ...     # tuning runs (on another corpus)
 
-Cost of the `compare` above: 532 optimizer steps per size and seed (baseline 2 x 200; fast budgets chained: 30 +
-22 + 36 + 44), a 6x256 step about 2.5x a 4x128 one; roughly 1.5 hours on 2 idle cores (estimate: the runs made
-while writing it shared 2 cores with other jobs at 3-50x the idle step time). Run it where cores are free.
+Cost of the `compare` above: 644 optimizer steps per size and seed (baseline 2 x 200; fast budgets chained: 30 +
+22 + 36 + 44 + 52 + 60); one thread per run: a 4x128 step about 3.3 s, a 6x256 step about 7 s on the 2-vCPU dev
+VM, so about 2.5 hours with two runs at a time. Run it where cores are free.
 
 `prepare` turns a dictd dictionary (.dict / .dict.dz, with its .index beside it: one entry per index offset, the
 dictionary markup stripped) or a folder of reStructuredText / text files (e.g. Debian's python3.11-doc
