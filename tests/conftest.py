@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests never need ../shared: the GPT-2 vocabulary comes from tiktoken's normal loader
+"""Shared fixtures. Tests need no files outside the repository: the GPT-2 vocabulary comes from tiktoken's normal loader
 (TIKTOKEN_CACHE_DIR, GPT2_REPRO_VOCAB, or a download), and tests that need it skip only when none works."""
 
 import os
