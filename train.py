@@ -397,14 +397,8 @@ class Evaluator:
     def __init__(
         self, cfg: TrainConfig, accelerator: Accelerator, encoding, run_dir: Path, log, loader
     ):
-        self.cfg, self.accelerator, self.encoding, self.run_dir, self.log = (
-            cfg,
-            accelerator,
-            encoding,
-            run_dir,
-            log,
-        )
-        self.loader = loader
+        self.cfg, self.accelerator, self.encoding = cfg, accelerator, encoding
+        self.run_dir, self.log, self.loader = run_dir, log, loader
         self.hellaswag = None
         self.enabled = accelerator.distributed_type != DistributedType.FSDP
         if not self.enabled:
@@ -1098,7 +1092,6 @@ def train(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
 
     bar.close()
     stop.close()  # from here on SIGTERM ends the process as usual (the final checkpoint is written)
-    loader.close()  # a stream's reader threads
     accelerator.end_training()
     checkpointer.close(log)
     log(f"done: {step} steps in {time.time() - t_start:.0f}s; model in {run_dir / 'export'}")
