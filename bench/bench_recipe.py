@@ -383,18 +383,18 @@ def tokens_to_reach(target: float, points: list[tuple[int, float]]) -> tuple[flo
     return float(points[-1][0]), ">"  # non-monotone and not reached at the largest
 
 
-def base_options(common: list[str], lr: float, args) -> list[str]:
+def base_options(common: list[str], lr: float, steps: int, eval_every: int) -> list[str]:
     """The reference recipe (tiny.yaml: AdamW, warmup 10, cosine to 10% at max_steps) at peak LR `lr`."""
     return [
         *common,
         "--max_steps",
-        str(args.base_steps),
+        str(steps),
         "--max_lr",
         str(lr),
         "--min_lr",
         str(lr / 10),
         "--eval_every",
-        str(args.base_eval_every),
+        str(eval_every),
         "--checkpoint_every",
         "0",
     ]
@@ -422,7 +422,7 @@ def compare(args) -> None:
                     {
                         "name": name,
                         "preset": BASE_PRESET,
-                        "options": base_options(common, lr, args),
+                        "options": base_options(common, lr, args.base_steps, args.base_eval_every),
                         "prio": prio,
                     }
                 )
@@ -605,6 +605,203 @@ def plot(plan: dict, results: dict, summary: dict, path: Path) -> None:
     print(f"plot: {path}")
 
 
+# --------------------------------------------------------------------------------------------------- horizons
+
+
+def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
+    """Every run of `horizons`: plan {seed: {"base": {(steps, lr): dir}, "fast": {steps: dir}}} and the tasks.
+
+    Seed args.seeds[0] runs every horizon and budget; the other seeds only the longest horizon and the fast budgets
+    that can bracket its target (budget x max_ratio >= the longest horizon). The fast chain comes first in the task
+    list (it is sequential, the critical path), then the reference runs, longest first.
+    """
+    work, longest = Path(args.work), max(args.horizons)
+    plan, chains, bases = {}, [], []
+    for i, seed in enumerate(args.seeds):
+        common = [*size_options(args.size), "--seed", str(seed)]
+        tag = f"{args.size}-s{seed}"
+        horizons = sorted(args.horizons) if i == 0 else [longest]
+        lrs = args.base_lrs if i == 0 else (args.extra_seed_lrs or args.base_lrs)
+        budgets = [b for b in args.fast_steps if i == 0 or b * args.max_ratio >= longest]
+        plan[seed] = {"base": {}, "fast": {}}
+        for task in fast_budget_tasks(tag, budgets, common, args.fast_option or [], decay_fraction):
+            plan[seed]["fast"][task["steps"]] = work / task["name"]
+            chains.append(task)
+        for steps in horizons:
+            for lr in lrs:
+                name = f"{tag}-base{steps}-lr{lr:g}"
+                plan[seed]["base"][(steps, lr)] = work / name
+                opts = base_options(common, lr, steps, min(args.base_eval_every, steps))
+                bases.append({"name": name, "preset": BASE_PRESET, "options": opts, "steps": steps})
+    return plan, chains + sorted(bases, key=lambda t: -t["steps"])
+
+
+def horizons(args) -> None:
+    """The gain against training length (see the module docstring): runs, then `horizon_report`."""
+    fast_extra = args.fast_option or []
+    decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
+    plan, tasks = horizon_tasks(args, decay_fraction)
+    if not args.report_only:
+        Runner(
+            Path(args.work), shards_of(args.data), args.val_tokens, args.threads, args.jobs
+        ).run_all(tasks)
+    horizon_report(plan, args)
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys against xs."""
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    return my - slope * mx, slope
+
+
+def horizon_report(plan: dict, args) -> None:
+    """Per horizon: the reference's LR sweep (best LR, whether interior), the fast recipe's tokens to the
+    reference's final loss and the ratio; the fit of the ratio against log tokens; a JSON summary and a plot."""
+    finals = {
+        seed: {
+            kind: {k: r for k, d in runs[kind].items() if (r := Runner.final(d))} for kind in runs
+        }
+        for seed, runs in plan.items()
+    }
+    print("\n| seed | run | tokens | val loss | median step ms |\n|---|---|---|---|---|")
+    for seed, runs in finals.items():
+        for (steps, lr), r in sorted(runs["base"].items()):
+            print(
+                f"| {seed} | AdamW cosine {steps} steps, lr {lr:g} | {r['tokens']:,} | {r['val_loss']:.4f} | "
+                f"{r['step_ms']:.0f} |"
+            )
+        for steps, r in sorted(runs["fast"].items()):
+            print(
+                f"| {seed} | Muon + wsd {steps} steps | {r['tokens']:,} | {r['val_loss']:.4f} | {r['step_ms']:.0f} |"
+            )
+    rows = []
+    print(
+        "\n| horizon (tokens) | reference LRs (val loss) | best LR | seed | reference loss | fast tokens to it | "
+        "ratio |\n|---|---|---|---|---|---|---|"
+    )
+    for steps in sorted(args.horizons):
+        lrs = sorted({lr for runs in finals.values() for (s, lr) in runs["base"] if s == steps})
+        seeds = (
+            [s for s in finals if all((steps, lr) in finals[s]["base"] for lr in lrs)]
+            if lrs
+            else []
+        )
+        if not seeds:
+            continue
+        mean = {
+            lr: statistics.mean(finals[s]["base"][(steps, lr)]["val_loss"] for s in seeds)
+            for lr in lrs
+        }
+        best = min(mean, key=mean.get)
+        interior = lrs[0] < best < lrs[-1]
+        sweep = ", ".join(f"{lr:g} ({mean[lr]:.4f})" for lr in lrs)
+        for s in finals:
+            b = finals[s]["base"].get((steps, best))
+            points = [(r["tokens"], r["val_loss"]) for r in finals[s]["fast"].values()]
+            if b is None or len(points) < 2:
+                continue
+            tokens, how = tokens_to_reach(b["val_loss"], points)
+            ratio = b["tokens"] / tokens
+            rows.append(
+                {
+                    "horizon_steps": steps,
+                    "tokens": b["tokens"],
+                    "seed": s,
+                    "best_lr": best,
+                    "lr_interior": interior,
+                    "sweep": mean,
+                    "reference_loss": b["val_loss"],
+                    "fast_tokens": tokens,
+                    "bound": how,
+                    "ratio": ratio,
+                }
+            )
+            bound = {"=": "", ">": "< ", "<": "> "}[how]
+            edge = "" if interior else " (edge of the sweep)"
+            print(
+                f"| {b['tokens']:,} | {sweep} | {best:g}{edge} | {s} | {b['val_loss']:.4f} | {tokens:,.0f} | "
+                f"{bound}{ratio:.2f} |"
+            )
+    exact = [r for r in rows if r["bound"] == "="]
+    fit = None
+    if len({r["tokens"] for r in exact}) >= 2:
+        a, b = fit_line([math.log(r["tokens"]) for r in exact], [r["ratio"] for r in exact])
+        fit = {"intercept": a, "slope_per_e": b, "per_doubling": b * math.log(2)}
+        print(
+            f"\nfit: ratio = {a:.3f} + {b:.3f} ln(tokens): {b * math.log(2):+.3f} per doubling of the tokens "
+            f"({len(exact)} points)"
+        )
+    out = Path(args.work)
+    (out / "horizons.json").write_text(
+        json.dumps({"rows": rows, "fit": fit, "size": args.size}, indent=2, default=str)
+    )
+    horizon_plot(finals, rows, fit, args, out / "horizons.png")
+
+
+def horizon_plot(finals: dict, rows: list[dict], fit: dict | None, args, path: Path) -> None:
+    """Left: final validation loss against tokens, reference (each LR; best per horizon joined) and fast recipe
+    (each budget, per seed). Right: the token ratio per horizon and the fitted line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.8))
+    FigureCanvasAgg(fig)
+    ax, ax_ratio = fig.subplots(1, 2)
+    for seed, runs in finals.items():
+        for r in runs["base"].values():
+            ax.plot(r["tokens"], r["val_loss"], "o", color="tab:blue", alpha=0.25)
+        best = sorted((r["tokens"], r["reference_loss"]) for r in rows if r["seed"] == seed)
+        if best:
+            ax.plot(
+                *zip(*best, strict=True),
+                "o-",
+                color="tab:blue",
+                label=f"AdamW cosine, best LR, seed {seed}",
+            )
+        fast = sorted((r["tokens"], r["val_loss"]) for r in runs["fast"].values())
+        if fast:
+            ax.plot(
+                *zip(*fast, strict=True),
+                "s--",
+                color="tab:red",
+                alpha=0.9 if seed == args.seeds[0] else 0.5,
+                label=f"Muon + wsd, final loss per budget, seed {seed}",
+            )
+    ax.set(
+        xscale="log", xlabel="training tokens", ylabel="final validation loss", title=f"{args.size}"
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    if rows:
+        ax_ratio.plot(
+            [r["tokens"] for r in rows], [r["ratio"] for r in rows], "o", color="tab:purple"
+        )
+        if fit:
+            xs = sorted({r["tokens"] for r in rows})
+            ax_ratio.plot(
+                xs,
+                [fit["intercept"] + fit["slope_per_e"] * math.log(x) for x in xs],
+                "-",
+                color="tab:purple",
+                alpha=0.6,
+                label=f"{fit['per_doubling']:+.3f} per doubling",
+            )
+            ax_ratio.legend(fontsize=8)
+    ax_ratio.set(
+        xscale="log",
+        xlabel="reference tokens (horizon)",
+        ylabel="token ratio (reference / fast)",
+        title="the fast recipe's gain against training length",
+    )
+    ax_ratio.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 # --------------------------------------------------------------------------------------------------- ablation
 
 
@@ -745,7 +942,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--val_tokens", type=int, default=131072)
     p.add_argument("--max_tokens", type=int, default=None)
-    for name in ("compare", "ablate", "timing"):
+    for name in ("compare", "horizons", "ablate", "timing"):
         q = sub.add_parser(name)
         q.add_argument("--data", required=True, help="a prepare --out folder, or a shard folder")
         q.add_argument(
@@ -781,6 +978,27 @@ def main() -> None:
         nargs="*",
         help="extra train.py options for the fast recipe (--muon_lr 0.03)",
     )
+    h = sub.choices["horizons"]
+    h.add_argument("--size", default="4x128", help="LAYERSxWIDTH")
+    h.add_argument(
+        "--horizons", type=int, nargs="+", default=[200, 800, 1600], help="reference max_steps"
+    )
+    h.add_argument("--base_lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3])
+    h.add_argument(
+        "--extra_seed_lrs", type=float, nargs="*", help="reference LRs of the seeds after the first"
+    )
+    h.add_argument("--base_eval_every", type=int, default=200)
+    h.add_argument(
+        "--fast_steps",
+        type=int,
+        nargs="+",
+        default=[50, 70, 100, 140, 200, 280, 400, 560, 800, 1120],
+    )
+    h.add_argument(
+        "--max_ratio", type=float, default=4.0, help="later seeds: budgets >= longest / max_ratio"
+    )
+    h.add_argument("--fast_option", nargs="*", help="extra train.py options for the fast recipe")
+    h.add_argument("--report_only", action="store_true")
     a = sub.choices["ablate"]
     a.add_argument("--size", default="4x128")
     a.add_argument("--steps", type=int, default=80)
@@ -799,7 +1017,9 @@ def main() -> None:
     if args.command == "prepare":
         prepare(Path(args.corpus), Path(args.out), args.val_tokens, args.max_tokens)
     else:
-        {"compare": compare, "ablate": ablate, "timing": timing}[args.command](args)
+        {"compare": compare, "horizons": horizons, "ablate": ablate, "timing": timing}[
+            args.command
+        ](args)
 
 
 if __name__ == "__main__":
