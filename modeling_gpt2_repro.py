@@ -20,14 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    GenerationMixin,
-    PreTrainedConfig,
-    PreTrainedModel,
-)
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -35,6 +28,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 logger = logging.get_logger(__name__)
@@ -52,8 +46,9 @@ class GPT2ReproConfig(PreTrainedConfig):
     """GPT-2 hyper-parameters; the defaults are the 124M model with the vocabulary padded to 50304 for speed.
 
     `vocab_size` is the size of the embedding matrix (a multiple of 64/128 makes the LM-head matmul faster);
-    `tokenizer_vocab_size` is how many ids the tokenizer really has (50257): logits of the padding ids are -inf,
-    so neither sampling nor greedy decoding ever emits one, and the stock-GPT-2 export drops those rows.
+    `tokenizer_vocab_size` is how many ids the tokenizer really has (50257): logits of the padding ids are the
+    dtype's most negative value (zero probability), so neither sampling nor greedy decoding ever emits one, and the
+    stock-GPT-2 export drops those rows.
     """
 
     model_type = "gpt2_repro"
@@ -70,22 +65,12 @@ class GPT2ReproConfig(PreTrainedConfig):
     n_head: int = _field(12, "attention heads per block")
     n_embd: int = _field(768, "residual stream width")
     n_positions: int = _field(1024, "maximum context length (>= seq_len)")
-    vocab_size: int = _field(
-        50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128 for speed"
-    )
-    tokenizer_vocab_size: int = _field(
-        GPT2_VOCAB_SIZE, "ids the tokenizer really has; the rest are padding"
-    )
-    dropout: float = _field(
-        0.0, "dropout probability (0 for pretraining, as in the GPT-2 reproductions)"
-    )
+    vocab_size: int = _field(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128 for speed")
+    tokenizer_vocab_size: int = _field(GPT2_VOCAB_SIZE, "ids the tokenizer really has; the rest are padding")
+    dropout: float = _field(0.0, "dropout probability (0 for pretraining, as in the GPT-2 reproductions)")
     layer_norm_epsilon: float = _field(1e-5, "LayerNorm epsilon")
-    initializer_range: float = _field(
-        0.02, "std of the normal init (residual projections are scaled down)"
-    )
-    tie_word_embeddings: bool = (
-        True  # must be declared: the v5 base config no longer has it (untied otherwise)
-    )
+    initializer_range: float = _field(0.02, "std of the normal init (residual projections are scaled down)")
+    tie_word_embeddings: bool = True  # must be declared: the v5 base config no longer has it (untied otherwise)
     use_cache: bool = True
     bos_token_id: int | None = EOT_ID
     eos_token_id: int | None = EOT_ID
@@ -97,19 +82,10 @@ class GPT2ReproConfig(PreTrainedConfig):
 
     def check(self) -> None:
         """Raise a ValueError that says what to change when the values cannot make a GPT-2."""
-        for name in (
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "n_positions",
-            "vocab_size",
-            "tokenizer_vocab_size",
-        ):
+        for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "tokenizer_vocab_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(
-                    f"GPT2ReproConfig.{name} must be a positive integer, got {value!r}."
-                )
+                raise ValueError(f"GPT2ReproConfig.{name} must be a positive integer, got {value!r}.")
         if self.n_embd % self.n_head:
             divisors = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0 and h <= 64]
             raise ValueError(
@@ -122,9 +98,7 @@ class GPT2ReproConfig(PreTrainedConfig):
                 f"(GPT-2's BPE has {GPT2_VOCAB_SIZE}): use {GPT2_VOCAB_SIZE}, or 50304 (padded to a multiple of 128)."
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(
-                f"dropout must be in [0, 1), got {self.dropout!r} (GPT-2 pretraining uses 0.0)."
-            )
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r} (GPT-2 pretraining uses 0.0).")
         if self.layer_norm_epsilon <= 0 or self.initializer_range <= 0:
             raise ValueError("layer_norm_epsilon and initializer_range must be positive.")
 
@@ -160,28 +134,20 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.scaling = self.head_dim**-0.5
-        self.is_causal = (
-            True  # lets SDPA take its flash / fused causal kernel when no mask is needed
-        )
+        self.is_causal = True  # lets SDPA take its flash / fused causal kernel when no mask is needed
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # see GPT2ReproPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self, x, attention_mask=None, cache: Cache | None = None, output_attentions=False, **kwargs
-    ):
+    def forward(self, x, attention_mask=None, cache: Cache | None = None, output_attentions=False, **kwargs):
         """(output (B, T, C), attention probabilities (B, H, T, S) or None): the weights are only computed by the
         eager implementation, which sdpa falls back to when they are asked for (its masks are eager's)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (
-            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v)
-        )  # (B, H, T, D)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
-            k, v = cache.update(
-                k, v, self.layer_idx
-            )  # (B, H, S, D): past keys/values with ours appended
+            k, v = cache.update(k, v, self.layer_idx)  # (B, H, S, D): past keys/values with ours appended
         implementation = self.config._attn_implementation
         if output_attentions and implementation == "sdpa":
             logger.warning_once(
@@ -189,15 +155,9 @@ class CausalSelfAttention(nn.Module):
             )
             implementation = "eager"
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        dropout = self.config.dropout if self.training else 0.0
         y, weights = attend(
-            self,
-            q,
-            k,
-            v,
-            attention_mask,
-            dropout=self.config.dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
+            self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
         )  # (B, T, H, D)
         if implementation != "eager":  # flex returns its log-sum-exp there, not probabilities
             weights = None
@@ -233,17 +193,21 @@ class GPT2ReproBlock(GradientCheckpointingLayer):
         return x + self.mlp(self.ln_2(x))
 
 
-def padding_bias(config: GPT2ReproConfig) -> torch.Tensor | None:
-    """(V,) zeros with -inf at the padding ids, or None when the vocabulary is not padded.
+def padding_bias(config: GPT2ReproConfig, dtype: torch.dtype, device=None) -> torch.Tensor | None:
+    """(V,) zeros with the dtype's most negative finite value at the padding ids; None when nothing is padded.
 
-    Padding ids are not tokens: -inf keeps them out of the softmax, the loss and every decoding. As the bias
-    of the LM-head matmul it costs nothing (fused into the GEMM, and a constant has no gradient to compute),
-    where filling the logits in place made autograd copy the whole (B, T, V) gradient.
+    Padding ids are not tokens: the bias gives them zero probability in the softmax, the loss and every decoding
+    (exp(min - max) is exactly 0). Not -inf, as in transformers' attention masks: every logit stays finite, so the
+    difference of two logit tensors and an entropy `-(softmax * log_softmax).sum()` (RL and distillation code) are
+    numbers, not NaN (-inf - -inf, 0 * -inf). Built in the logits' own dtype, because float32's min is -inf once
+    cast to bf16 or fp16. As the bias of the LM-head matmul it costs nothing (fused into the GEMM, a constant with
+    no gradient), where filling the logits in place made autograd copy the whole (B, T, V) gradient; it is made
+    per call (V numbers) rather than kept as a buffer, so no cast, device move or resize can leave it stale.
     """
     if config.vocab_size == config.tokenizer_vocab_size:
         return None
-    bias = torch.zeros(config.vocab_size)
-    bias[config.tokenizer_vocab_size :] = float("-inf")
+    bias = torch.zeros(config.vocab_size, dtype=dtype, device=device)
+    bias[config.tokenizer_vocab_size :] = torch.finfo(dtype).min
     return bias
 
 
@@ -265,10 +229,7 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     # output_hidden_states / output_attentions, recorded by transformers' hooks as in its GPT-2: the input of the
     # first block, then every block's output, the last one replaced by the final LayerNorm's (n_layer + 1 in all).
-    _can_record_outputs = {
-        "hidden_states": GPT2ReproBlock,
-        "attentions": OutputRecorder(CausalSelfAttention, index=1),
-    }
+    _can_record_outputs = {"hidden_states": GPT2ReproBlock, "attentions": OutputRecorder(CausalSelfAttention, index=1)}
 
     def _init_weights(self, module):
         """GPT-2 init: N(0, 0.02) everywhere; the two residual output projections get 0.02 / sqrt(2 * n_layer).
@@ -288,19 +249,14 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif getattr(module, "logit_mask", None) is not None:  # a buffer that no checkpoint holds
-            init.copy_(module.logit_mask, padding_bias(module.config))
 
     def resize_token_embeddings(
-        self,
-        new_num_tokens: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        mean_resizing: bool = True,
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
     ) -> nn.Embedding:
         """`new_num_tokens` real ids (`len(tokenizer)`), the matrix padded up to `pad_to_multiple_of` if given.
 
-        transformers' resize knows only the matrix size; this keeps `tokenizer_vocab_size` (the real ids) and the
-        logit mask with it, so every real id is learnable and every padding id stays masked. The padding rows are
+        transformers' resize knows only the matrix size; this keeps `tokenizer_vocab_size` (the real ids), which
+        the logit mask follows, so every real id is learnable and every padding id stays masked. The padding rows are
         dropped first, so ids that become real get fresh rows initialised from the real ones (mean_resizing), never
         a padding row that training never reached.
         """
@@ -309,16 +265,9 @@ class GPT2ReproPreTrainedModel(PreTrainedModel):
             return self.get_input_embeddings()
         real = config.tokenizer_vocab_size if new_num_tokens is None else new_num_tokens
         if config.vocab_size != config.tokenizer_vocab_size:
-            super().resize_token_embeddings(
-                config.tokenizer_vocab_size, mean_resizing=mean_resizing
-            )
+            super().resize_token_embeddings(config.tokenizer_vocab_size, mean_resizing=mean_resizing)
         embeddings = super().resize_token_embeddings(real, pad_to_multiple_of, mean_resizing)
         config.tokenizer_vocab_size = real
-        if "logit_mask" in self._buffers:
-            mask = padding_bias(config)
-            weight = embeddings.weight
-            mask = None if mask is None else mask.to(weight.device, weight.dtype)
-            self.register_buffer("logit_mask", mask, persistent=False)
         return embeddings
 
 
@@ -336,16 +285,35 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.post_init()
 
-    def _check_input(self, input_ids: torch.Tensor | None, past: int, new: int) -> None:
-        if past + new > self.config.n_positions:
-            raise ValueError(
-                f"Sequence of {past + new} tokens ({past} cached + {new} new) is longer than the model's context "
-                f"n_positions={self.config.n_positions}. Truncate the input (keep the last {self.config.n_positions} "
-                f"tokens) or ask generate() for fewer new tokens."
-            )
-        # Reading the ids' range costs one device sync and a data-dependent branch: skipped inside torch.compile.
-        if input_ids is not None and not torch.compiler.is_compiling() and input_ids.numel():
-            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one sync for both ends
+    def _check_input(
+        self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None, past: int | torch.Tensor, new: int
+    ) -> None:
+        """Clear errors for ids and positions outside the embedding tables, where they cost nothing.
+
+        The length check reads no tensor data (Python ints): it always runs. The others read values, which on an
+        accelerator waits for every queued kernel (a device sync per forward) and under torch.compile is a
+        data-dependent branch (fullgraph=True refuses the graph): they run only in eager mode on CPU tensors, where
+        reading is free. Elsewhere the embedding lookup still refuses an out-of-range index, with a vaguer message.
+        The positions checked are those used: a packed row (position_ids restarting per sequence) may be longer
+        than n_positions as long as no position reaches it.
+        """
+        n_positions = self.config.n_positions
+        if position_ids is None and isinstance(past, int):
+            self._check_length(past, new)
+        if torch.compiler.is_compiling():
+            return
+        if position_ids is None and isinstance(past, torch.Tensor) and past.device.type == "cpu":
+            self._check_length(int(past), new)  # a static cache counts its length in a tensor
+        if position_ids is not None and position_ids.device.type == "cpu" and position_ids.numel():
+            lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()
+            if lo < 0 or hi >= n_positions:
+                raise ValueError(
+                    f"Position {hi if hi >= n_positions else lo} is outside the position table [0, {n_positions}): "
+                    f"the sequence is longer than the model's context n_positions={n_positions}. Truncate it, ask "
+                    f"generate() for fewer new tokens, or restart position_ids at 0 for each sequence of a packed row."
+                )
+        if input_ids is not None and input_ids.device.type == "cpu" and input_ids.numel():
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(
                     f"Token id {hi if hi >= self.config.vocab_size else lo} is outside the vocabulary "
@@ -353,7 +321,16 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
                     f"raise vocab_size."
                 )
 
+    def _check_length(self, past: int, new: int) -> None:
+        if past + new > self.config.n_positions:
+            raise ValueError(
+                f"Sequence of {past + new} tokens ({past} cached + {new} new) is longer than the model's context "
+                f"n_positions={self.config.n_positions}. Truncate the input (keep the last {self.config.n_positions} "
+                f"tokens) or ask generate() for fewer new tokens."
+            )
+
     @capture_outputs  # output_hidden_states, output_attentions, return_dict (see _can_record_outputs)
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as transformers' GPT-2: the pre-5.x name warns
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -373,23 +350,18 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
                 f"output_attentions=True needs attn_implementation='eager' (or 'sdpa', which falls back to it); "
                 f"this model runs {self.config._attn_implementation!r}. Load it with attn_implementation='eager'."
             )
-        cache = (
-            cache if cache is not None else kwargs.pop("past_key_values", None)
-        )  # the pre-5.x name
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0  # an int, or a 0-d tensor for a static cache
         T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        self._check_input(input_ids, past, T)
+        self._check_input(input_ids, position_ids, past, T)
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(
-                0
-            )  # (1, T)
+        if position_ids is None:  # arange + past: a tensor past is added on the device, never read back
+            position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0)  # (1, T)
         x = self.drop(inputs_embeds + self.wpe(position_ids))
 
         # None when nothing is padded and the implementation is sdpa/flash: the fast is_causal path.
@@ -409,9 +381,7 @@ class GPT2ReproModel(GPT2ReproPreTrainedModel):
                 output_attentions=output_attentions,
                 **kwargs,
             )
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.ln_f(x), cache=cache if use_cache else None
-        )
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), cache=cache if use_cache else None)
 
 
 class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
@@ -423,15 +393,12 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GPT2ReproModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # (V,) constant bias of the LM-head matmul: 0 for real ids, -inf for the padding ids (see padding_bias).
-        self.register_buffer("logit_mask", padding_bias(config), persistent=False)
         self.post_init()
         if self.generation_config.pad_token_id is None:
-            self.generation_config.pad_token_id = (
-                config.eos_token_id
-            )  # no "setting pad to eos" notice per call
+            self.generation_config.pad_token_id = config.eos_token_id  # no "setting pad to eos" notice per call
 
     @can_return_tuple  # return_dict=False: a tuple of the non-None fields, as every transformers model
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -467,11 +434,9 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         wants_loss = labels is not None or shift_labels is not None
         if not wants_loss and logits_to_keep:  # generation needs the last position only
             h = h[:, -logits_to_keep:]
-        mask = self.logit_mask
-        if (
-            mask is not None and mask.dtype != h.dtype
-        ):  # FSDP's mixed precision casts parameters, not buffers
-            mask = mask.to(h.dtype)
+        # The logits' dtype: autocast's when it is on (the matmul runs in it and would cast an fp32 bias to -inf).
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        mask = padding_bias(self.config, dtype, h.device)  # (V,): 0 for real ids, the dtype's min for padding
         logits = F.linear(h, self.lm_head.weight, mask)  # (B, T, V)
 
         loss = None
@@ -479,11 +444,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             if shift_labels is not None:
                 shift_labels = shift_labels.contiguous()
             loss = self.loss_function(
-                logits,
-                labels,
-                vocab_size=self.config.vocab_size,
-                shift_labels=shift_labels,
-                **kwargs,
+                logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels, **kwargs
             )
             if not return_logits:
                 logits = None
@@ -498,18 +459,14 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers adds only the saved class to `auto_map`; expose the backbone too.
         if getattr(self, "_auto_class", None) is not None:
-            module = __name__.rsplit(".", 1)[
-                -1
-            ]  # as loaded from a checkpoint: transformers_modules.<hash>.<name>
+            module = __name__.rsplit(".", 1)[-1]  # as loaded from a checkpoint: transformers_modules.<hash>.<name>
             auto_map = getattr(self.config, "auto_map", None) or {}
             self.config.auto_map = {**auto_map, "AutoModel": f"{module}.GPT2ReproModel"}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- interop with OpenAI's GPT-2
     @classmethod
-    def from_official_gpt2(
-        cls, source="gpt2", vocab_size: int | None = None, **from_pretrained_kwargs
-    ):
+    def from_official_gpt2(cls, source="gpt2", vocab_size: int | None = None, **from_pretrained_kwargs):
         """Our model with the weights of an official GPT-2: a Hub id (`gpt2`, `gpt2-medium`, `gpt2-large`,
         `gpt2-xl`, `openai-community/...`), a `GPT2LMHeadModel` folder, or a loaded `GPT2LMHeadModel`.
 
@@ -523,9 +480,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
             from_pretrained_kwargs.setdefault("dtype", torch.float32)
             official = GPT2LMHeadModel.from_pretrained(source, **from_pretrained_kwargs)
         else:
-            raise TypeError(
-                f"source must be a Hub id, a folder or a GPT2LMHeadModel, not {type(source).__name__}."
-            )
+            raise TypeError(f"source must be a Hub id, a folder or a GPT2LMHeadModel, not {type(source).__name__}.")
         oc = official.config
         unsupported = {
             "activation_function": oc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
@@ -536,9 +491,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         }
         if any(unsupported.values()):
             bad = [k for k, v in unsupported.items() if v]
-            raise ValueError(
-                f"This GPT2LMHeadModel departs from GPT-2 in {bad}; it cannot be converted."
-            )
+            raise ValueError(f"This GPT2LMHeadModel departs from GPT-2 in {bad}; it cannot be converted.")
         config = GPT2ReproConfig(
             n_layer=oc.n_layer,
             n_head=oc.n_head,
@@ -553,17 +506,11 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         model = cls(config).to(official.dtype)
         pad = config.vocab_size - oc.vocab_size
         for key in ("transformer.wte.weight", "lm_head.weight"):
-            state[key] = F.pad(
-                state[key], (0, 0, 0, pad)
-            )  # zero rows for padding ids (their logits are -inf)
+            state[key] = F.pad(state[key], (0, 0, 0, pad))  # zero rows for padding ids (their logits are masked)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        unexpected = [
-            k for k in unexpected if not k.endswith((".attn.bias", ".attn.masked_bias"))
-        ]  # legacy masks
+        unexpected = [k for k in unexpected if not k.endswith((".attn.bias", ".attn.masked_bias"))]  # legacy masks
         if missing or unexpected:
-            raise ValueError(
-                f"Official checkpoint does not match: missing {missing}, unexpected {unexpected}."
-            )
+            raise ValueError(f"Official checkpoint does not match: missing {missing}, unexpected {unexpected}.")
         return model.eval()
 
     def to_official_gpt2(self):
@@ -599,9 +546,7 @@ class GPT2ReproForCausalLM(GPT2ReproPreTrainedModel, GenerationMixin):
         missing, unexpected = official.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
         if missing or unexpected:
-            raise RuntimeError(
-                f"Export to GPT2LMHeadModel failed: missing {missing}, unexpected {unexpected}."
-            )
+            raise RuntimeError(f"Export to GPT2LMHeadModel failed: missing {missing}, unexpected {unexpected}.")
         return official.to(self.device).eval()
 
 
@@ -617,26 +562,18 @@ def estimate_flops_per_token(config: GPT2ReproConfig, seq_len: int) -> float:
 
 
 # The four matmul weights that OpenAI's checkpoint stores as Conv1D (in, out) and we as nn.Linear (out, in).
-CONV1D_WEIGHTS = (
-    "attn.c_attn.weight",
-    "attn.c_proj.weight",
-    "mlp.c_fc.weight",
-    "mlp.c_proj.weight",
-)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def transpose_conv1d_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a state dict between the official Conv1D layout and ours; it is its own inverse."""
-    return {
-        k: v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v for k, v in state_dict.items()
-    }
+    return {k: v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v for k, v in state_dict.items()}
 
 
-# Registration: in-process Auto classes for code that imports this module, and `auto_map` entries so a saved
-# folder (which carries a copy of this file) loads with trust_remote_code=True where the project is absent.
-AutoConfig.register(GPT2ReproConfig.model_type, GPT2ReproConfig, exist_ok=True)
-AutoModel.register(GPT2ReproConfig, GPT2ReproModel, exist_ok=True)
-AutoModelForCausalLM.register(GPT2ReproConfig, GPT2ReproForCausalLM, exist_ok=True)
+# `auto_map` entries, so a saved folder (which carries a copy of this file) loads with trust_remote_code=True where
+# the project is absent. No AutoConfig/AutoModel registration here: this file is every checkpoint's remote code, and
+# a registration run by one trusted load would make every other folder of model_type "gpt2_repro" load without
+# trust_remote_code, with the first folder's code. The project registers in-process: gpt2_repro.register_auto_classes.
 GPT2ReproConfig.register_for_auto_class()
 GPT2ReproModel.register_for_auto_class("AutoModel")
 GPT2ReproForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -56,11 +56,7 @@ def read_documents(spec: str) -> tuple[str, list[str]]:
     if spec.endswith(".index"):
         index = Path(spec)
         dz = index.with_suffix(".dict.dz")
-        data = (
-            gzip.decompress(dz.read_bytes())
-            if dz.exists()
-            else index.with_suffix(".dict").read_bytes()
-        )
+        data = gzip.decompress(dz.read_bytes()) if dz.exists() else index.with_suffix(".dict").read_bytes()
         entries = {}  # several headwords may point at one entry: each entry once, in file order
         for line in index.read_text(encoding="utf-8").splitlines():
             offset, length = (_dictd_number(v) for v in line.split("\t")[1:3])
@@ -108,7 +104,7 @@ _enc = None
 
 def _pool_init():
     global _enc
-    from gpt2_tokenizer import get_gpt2_encoding
+    from gpt2_repro.tokenizer import get_gpt2_encoding
 
     _enc = get_gpt2_encoding()
 
@@ -121,7 +117,7 @@ def _encode_one(doc: dict) -> np.ndarray:
 
 
 def _encode_batch(texts: list) -> np.ndarray:
-    import text_stream
+    from gpt2_repro import text_stream
 
     return text_stream.encode_documents(_enc, texts)[0]
 
@@ -156,13 +152,13 @@ def run_pool(parquet: str, out: str, cache_dir: str) -> None:
 
 
 def run_pool_batches(parquet: str, out: str) -> None:
-    import text_stream
-    import token_data
+    from gpt2_repro import text_stream
+    from gpt2_repro.shards import write_shard
 
     src = text_stream.open_text_stream(parquet)
     Path(out).mkdir()
     batches = (b["text"] for b in src.dataset.iter(batch_size=512))
-    save = lambda i, buf: token_data.write_shard(Path(out) / f"proc_{i:06d}.bin", buf)
+    save = lambda i, buf: write_shard(Path(out) / f"proc_{i:06d}.bin", buf)
     with mp.Pool(os.cpu_count(), initializer=_pool_init) as pool:
         _pack_into_shards(pool.imap(_encode_batch, batches), save)
 
@@ -185,11 +181,11 @@ def children_cpu() -> float:
 
 
 def all_tokens(folder: Path) -> np.ndarray:
-    import token_data
+    from gpt2_repro.shards import read_shard
 
     files = [f for f in folder.iterdir() if f.suffix in (".bin", ".npy")]
     files.sort(key=lambda f: f.stem.rsplit("_", 1)[-1])  # by shard index: val first
-    return np.concatenate([np.asarray(token_data.read_shard(f)) for f in files])
+    return np.concatenate([np.asarray(read_shard(f)) for f in files])
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -197,9 +193,7 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
 
 
-def bench_tokenization(
-    parquet: Path, work: Path, names: list[str], repeats: int
-) -> tuple[dict, Path]:
+def bench_tokenization(parquet: Path, work: Path, names: list[str], repeats: int) -> tuple[dict, Path]:
     """Whole processes, interleaved. Returns ({variant: {"rate": [...], "cpu": [...]}}, data_prep's last output)."""
     results = {name: {"rate": [], "cpu": []} for name in names}
     reference, kept = None, None
@@ -231,16 +225,13 @@ def _per_document(encoding, texts: list) -> np.ndarray:
     parts = []
     for text in texts:
         if isinstance(text, str) and text and not text.isspace():
-            parts += (
-                np.array([50256], dtype=np.uint32),
-                encoding.encode_to_numpy(text, disallowed_special=()),
-            )
+            parts += (np.array([50256], dtype=np.uint32), encoding.encode_to_numpy(text, disallowed_special=()))
     return np.concatenate(parts).astype(np.uint16)
 
 
 def bench_one_thread(parquet: Path, repeats: int, max_tokens: int = 3_000_000) -> dict:
-    import text_stream
-    from gpt2_tokenizer import get_gpt2_encoding
+    from gpt2_repro import text_stream
+    from gpt2_repro.tokenizer import get_gpt2_encoding
 
     shared = get_gpt2_encoding()
     batches, n = [], 0
@@ -259,9 +250,7 @@ def bench_one_thread(parquet: Path, repeats: int, max_tokens: int = 3_000_000) -
             elif how == "one call per document":
                 tokens += len(_per_document(own, texts))
             else:  # encode_documents' one call, with the Encoding the main thread made
-                joined = text_stream.EOT_TEXT + text_stream.EOT_TEXT.join(
-                    t for t in texts if t.strip()
-                )
+                joined = text_stream.EOT_TEXT + text_stream.EOT_TEXT.join(t for t in texts if t.strip())
                 ids = shared.encode_to_numpy(joined, allowed_special={text_stream.EOT_TEXT})
                 tokens += len(ids.astype(np.uint16))
         return (time.thread_time() - t0) / tokens * 1e6
@@ -280,13 +269,14 @@ def bench_one_thread(parquet: Path, repeats: int, max_tokens: int = 3_000_000) -
 
 
 def bench_loaders(parquet: Path, shards: Path, tokens: int, repeats: int) -> dict:
-    import token_data
+    from gpt2_repro.loader import TokenShardLoader
+    from gpt2_repro.stream_loader import StreamingTokenLoader
 
     B, T = 64, 1024
     steps = max(1, tokens // (B * T))
 
     def streaming(world_size: int) -> float:
-        loader = token_data.StreamingTokenLoader(
+        loader = StreamingTokenLoader(
             str(parquet),
             batch_size=B,
             seq_len=T,
@@ -303,7 +293,7 @@ def bench_loaders(parquet: Path, shards: Path, tokens: int, repeats: int) -> dic
         return rate
 
     def sharded() -> float:
-        loader = token_data.TokenShardLoader(shards, batch_size=B, seq_len=T)
+        loader = TokenShardLoader(shards, batch_size=B, seq_len=T)
         for _ in range(5):
             loader.next_batch()
         t0 = time.perf_counter()
@@ -329,17 +319,11 @@ def bench_loaders(parquet: Path, shards: Path, tokens: int, repeats: int) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", action="append", required=True, help="FILE:CHARS or FILE.index")
-    ap.add_argument(
-        "--mb", type=float, default=100.0, help="minimum MB of text per benchmark parquet"
-    )
+    ap.add_argument("--mb", type=float, default=100.0, help="minimum MB of text per benchmark parquet")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", default="data_prep,pool,pool-batches")
-    ap.add_argument(
-        "--loader_tokens", type=int, default=10_000_000, help="tokens per loader measurement"
-    )
-    ap.add_argument(
-        "--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)"
-    )
+    ap.add_argument("--loader_tokens", type=int, default=10_000_000, help="tokens per loader measurement")
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args()
 
     import datasets
@@ -354,9 +338,7 @@ def main() -> None:
             parquet = work / "corpus.parquet"
             n_bytes, n_docs = build_parquet(docs, args.mb, parquet)
             if "pool" in names:  # the baseline reads Arrow files load_dataset made beforehand
-                datasets.load_dataset(
-                    "parquet", data_files=str(parquet), cache_dir=str(work / "hf_cache")
-                )
+                datasets.load_dataset("parquet", data_files=str(parquet), cache_dir=str(work / "hf_cache"))
             load = os.getloadavg()[0]
             results, shards = bench_tokenization(parquet, work, names, args.repeats)
             n = results.pop("tokens")
@@ -380,16 +362,12 @@ def main() -> None:
                         f"tokens/s (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
                     )
 
-            print(
-                "\none batch of 512 documents on one thread, CPU-s per M tokens, median (min-max):"
-            )
+            print("\none batch of 512 documents on one thread, CPU-s per M tokens, median (min-max):")
             for way, values in bench_one_thread(parquet, args.repeats).items():
                 print(f"  {way:38s} {spread(values, digits=3)}")
 
             if shards is not None:
-                print(
-                    f"\nloaders, tokens/s per process over {args.loader_tokens / 1e6:.0f}M tokens:"
-                )
+                print(f"\nloaders, tokens/s per process over {args.loader_tokens / 1e6:.0f}M tokens:")
                 for way, rates in bench_loaders(parquet, shards, args.loader_tokens, 3).items():
                     print(f"  {way:44s} {spread(rates, 1e6)}M")
         finally:

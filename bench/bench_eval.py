@@ -30,10 +30,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and tests/synthetic.py
 
-import evaluate_gpt2 as ev  # noqa: E402
-from gpt2_tokenizer import get_gpt2_encoding  # noqa: E402
-from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM  # noqa: E402
-from synthetic import hellaswag_examples  # noqa: E402
+from gpt2_repro.evaluation import hellaswag_losses
+from gpt2_repro.hellaswag import load_hellaswag, render_example
+from gpt2_repro.tokenizer import get_gpt2_encoding
+from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
+from synthetic import hellaswag_examples
 
 
 @torch.no_grad()
@@ -51,9 +52,7 @@ def reference_predictions(model, encoding, examples) -> torch.Tensor:
             mask[i, len(ctx) : len(row)] = 1
         tokens, mask = tokens.to(device), mask.to(device)
         logits = model(tokens).logits  # (4, T, V)
-        losses = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
-        )
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
         shift_mask = mask[:, 1:]
         avg = (losses.view(4, -1) * shift_mask).sum(1) / shift_mask.sum(1)
         preds.append(int(avg.argmin()))
@@ -70,42 +69,29 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--hellaswag_file", default=None, help="real examples instead of synthetic ones")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--threads", type=int, default=2, help="torch CPU threads (1 = no OpenMP sync per op)"
-    )
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 = no OpenMP sync per op)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     encoding = get_gpt2_encoding()
-    config = GPT2ReproConfig(
-        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=1024
-    )
+    config = GPT2ReproConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=1024)
     model = GPT2ReproForCausalLM(config).to(args.device).eval()
     if args.hellaswag_file:
-        examples = ev.load_hellaswag(args.hellaswag_file, limit=args.examples)
+        examples = load_hellaswag(args.hellaswag_file, limit=args.examples)
     else:
         examples = hellaswag_examples(args.examples, ctx_words=(10, 80), ending_words=(4, 30))
-    lengths = [
-        len(c) + max(map(len, e)) for c, e in (ev.render_example(encoding, x) for x in examples)
-    ]
+    lengths = [len(c) + max(map(len, e)) for c, e in (render_example(encoding, x) for x in examples)]
     print(
         f"model: {args.n_layer} layers x {args.n_embd} wide, vocab {config.vocab_size}, "
         f"{model.num_parameters() / 1e6:.1f}M parameters; device {args.device}, {args.threads} threads"
     )
-    print(
-        f"{len(examples)} examples; longest row per example: {statistics.mean(lengths):.0f} tokens on average"
-    )
+    print(f"{len(examples)} examples; longest row per example: {statistics.mean(lengths):.0f} tokens on average")
 
     def ours(batch_size):
-        return lambda: (lambda r: (r[0] / r[1]).argmin(1))(
-            ev.hellaswag_losses(model, encoding, examples, batch_size)
-        )
+        return lambda: (lambda r: (r[0] / r[1]).argmin(1))(hellaswag_losses(model, encoding, examples, batch_size))
 
-    variants = {
-        "reference": lambda: reference_predictions(model, encoding, examples),
-        "one": ours(1),
-    }
+    variants = {"reference": lambda: reference_predictions(model, encoding, examples), "one": ours(1)}
     variants.update({f"batch={b}": ours(b) for b in args.batch_sizes})
     want = variants["reference"]()
     for name, fn in variants.items():  # warm-up (allocator, thread pool); every variant must agree
@@ -123,9 +109,7 @@ def main() -> None:
             assert torch.equal(preds, want), f"{name} disagrees with the reference"
     # Ratios within each round (variants run back to back) are robust to load from other processes.
     rate = {name: len(examples) / statistics.median(t) for name, t in timings.items()}
-    print(
-        f"\n{'variant':<11} {'examples/s':>10}   {'vs one: median [min-max] of rounds':<36} vs reference"
-    )
+    print(f"\n{'variant':<11} {'examples/s':>10}   {'vs one: median [min-max] of rounds':<36} vs reference")
     for name, t in timings.items():
         vs_one = [one / mine for one, mine in zip(timings["one"], t, strict=True)]
         vs_ref = [ref / mine for ref, mine in zip(timings["reference"], t, strict=True)]

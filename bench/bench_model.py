@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM  # noqa: E402
+from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
 
 
 @dataclasses.dataclass
@@ -35,18 +35,14 @@ class BenchConfig:
     rounds: int = 6  # interleaved rounds; the median round is reported
     steps: int = 3  # timed training steps per model per round
     new_tokens: int = 256
-    prompt_lens: str = (
-        "16,256,512"  # comma list: the cache pays more the longer the context it saves recomputing
-    )
+    prompt_lens: str = "16,256,512"  # comma list: the cache pays more the longer the context it saves recomputing
     gen_rounds: int = 3
     parts: str = "train,generate"
     threads: int = 0  # 0: torch's default
 
 
 def parse_args() -> BenchConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(BenchConfig):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     return BenchConfig(**vars(parser.parse_args()))
@@ -62,29 +58,13 @@ def train_step(model, opt, x, y, ours: bool) -> None:
 
 
 def bench_training(cfg: BenchConfig) -> dict[str, float]:
-    shape = dict(
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_embd=cfg.n_embd,
-        n_positions=max(1024, cfg.seq_len),
-    )
+    shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=max(1024, cfg.seq_len))
     torch.manual_seed(0)
     models = {}
-    for vocab in (
-        50304,
-        50257,
-    ):  # our default (padded) and the official size, each against the same-size baseline
-        models[f"ours, vocab {vocab}"] = (
-            GPT2ReproForCausalLM(GPT2ReproConfig(**shape, vocab_size=vocab)),
-            True,
-        )
+    for vocab in (50304, 50257):  # our default (padded) and the official size, each against the same-size baseline
+        models[f"ours, vocab {vocab}"] = (GPT2ReproForCausalLM(GPT2ReproConfig(**shape, vocab_size=vocab)), True)
         hf_config = GPT2Config(
-            **shape,
-            vocab_size=vocab,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            attn_implementation="sdpa",
+            **shape, vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa"
         )
         models[f"transformers GPT2LMHeadModel, vocab {vocab}"] = (GPT2LMHeadModel(hf_config), False)
     assert all(m.config._attn_implementation == "sdpa" for m, _ in models.values())
@@ -120,9 +100,7 @@ def bench_generation(cfg: BenchConfig, prompt_len: int) -> dict[str, float]:
             t0 = time.perf_counter()
             outputs[name] = model.generate(prompt, use_cache=use_cache, **kw)
             rates[name].append(cfg.new_tokens / (time.perf_counter() - t0))
-    assert torch.equal(outputs["with KV cache"], outputs["without cache"]), (
-        "cache changed the greedy output"
-    )
+    assert torch.equal(outputs["with KV cache"], outputs["without cache"]), "cache changed the greedy output"
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -136,21 +114,14 @@ def main() -> None:
     if "train" in cfg.parts:
         train = bench_training(cfg)
         shape = f"{cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h, B={cfg.batch_size}, T={cfg.seq_len}"
-        print(
-            f"\nTraining step tokens/s ({shape}, fp32, median of {cfg.rounds} interleaved rounds)"
-        )
+        print(f"\nTraining step tokens/s ({shape}, fp32, median of {cfg.rounds} interleaved rounds)")
         for name, rate in train.items():
             print(f"  {name:<44} {rate:10.0f} tok/s")
         for vocab in (50304, 50257):
-            ratio = (
-                train[f"ours, vocab {vocab}"]
-                / train[f"transformers GPT2LMHeadModel, vocab {vocab}"]
-            )
+            ratio = train[f"ours, vocab {vocab}"] / train[f"transformers GPT2LMHeadModel, vocab {vocab}"]
             print(f"  ratio ours / transformers sdpa, vocab {vocab}: {ratio:.3f} (target >= 1.0)")
     if "generate" in cfg.parts:
-        print(
-            f"\nGeneration tokens/s ({cfg.new_tokens} new tokens, greedy, batch 1, median of {cfg.gen_rounds})"
-        )
+        print(f"\nGeneration tokens/s ({cfg.new_tokens} new tokens, greedy, batch 1, median of {cfg.gen_rounds})")
         for prompt_len in (int(p) for p in cfg.prompt_lens.split(",")):
             gen = bench_generation(cfg, prompt_len)
             speedup = gen["with KV cache"] / gen["without cache"]

@@ -72,18 +72,12 @@ def _dictd_number(text: str) -> int:
 
 def _clean_dict_entry(entry: str) -> str:
     """GCIDE / dictd markup to plain text: no source tags, pronunciations, cross-reference braces or hard wraps."""
-    entry = re.sub(
-        r"^\s*\[[^\]\n]*\]\s*$", "", entry, flags=re.M
-    )  # [1913 Webster], [WordNet 1.5], [PJC] lines
-    entry = re.sub(
-        r"\s*\[(?:1913 Webster|Webster 1913 Suppl\.|WordNet[^\]]*|PJC|Century Dict\.)\]", "", entry
-    )
+    entry = re.sub(r"^\s*\[[^\]\n]*\]\s*$", "", entry, flags=re.M)  # [1913 Webster], [WordNet 1.5], [PJC] lines
+    entry = re.sub(r"\s*\[(?:1913 Webster|Webster 1913 Suppl\.|WordNet[^\]]*|PJC|Century Dict\.)\]", "", entry)
     entry = re.sub(r"\\[^\\\n]{1,80}\\,?", "", entry)  # \Af*fect"\  pronunciations
     entry = re.sub(r"\[[=.^\"'~`]([a-zA-Z])\]", r"\1", entry)  # [=a] [.e]: letters with accents
     entry = re.sub(r"[{}]", "", entry)  # {Fact}: cross references
-    paragraphs = [
-        " ".join(p.split()) for p in re.split(r"\n\s*\n", entry)
-    ]  # unwrap the indented lines
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", entry)]  # unwrap the indented lines
     return "\n".join(p for p in paragraphs if p)
 
 
@@ -95,16 +89,9 @@ def dict_documents(path: Path) -> list[str]:
     spans = set()
     for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split("\t")
-        if (
-            len(parts) >= 3
-            and not parts[0].startswith("00-database")
-            and not parts[0].startswith("00database")
-        ):
+        if len(parts) >= 3 and not parts[0].startswith("00-database") and not parts[0].startswith("00database"):
             spans.add((_dictd_number(parts[1]), _dictd_number(parts[2])))
-    entries = [
-        _clean_dict_entry(raw[o : o + n].decode("utf-8", errors="replace"))
-        for o, n in sorted(spans)
-    ]
+    entries = [_clean_dict_entry(raw[o : o + n].decode("utf-8", errors="replace")) for o, n in sorted(spans)]
     return _group([e for e in entries if e])
 
 
@@ -120,9 +107,7 @@ def _clean_rst(text: str) -> str:
 def text_tree_documents(folder: Path) -> list[str]:
     """Files of a folder (*.rst.txt, *.rst, *.txt) as paragraphs, joined into documents of about DOC_CHARS."""
     docs = []
-    for path in sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.name.endswith((".rst", ".txt"))
-    ):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith((".rst", ".txt"))):
         text = _clean_rst(path.read_text(encoding="utf-8", errors="replace"))
         paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
         docs += _group(paragraphs, sep="\n\n")
@@ -212,13 +197,7 @@ class Runner:
     """train.py subprocesses, `jobs` at a time, each with `threads` torch threads; finished runs are reused."""
 
     def __init__(self, work: Path, data: str, val_tokens: int, threads: int, jobs: int):
-        self.work, self.data, self.val_tokens, self.threads, self.jobs = (
-            work,
-            data,
-            val_tokens,
-            threads,
-            jobs,
-        )
+        self.work, self.data, self.val_tokens, self.threads, self.jobs = (work, data, val_tokens, threads, jobs)
         self.running: list[tuple[subprocess.Popen, str]] = []
 
     @staticmethod
@@ -244,15 +223,11 @@ class Runner:
             "step_ms": step_ms,
         }
 
-    def start(
-        self, name: str, preset: Path, options: list[str], resume: Path | None = None
-    ) -> Path:
+    def start(self, name: str, preset: Path, options: list[str], resume: Path | None = None) -> Path:
         run_dir = self.work / name
         if self.final(run_dir) is not None:
             return run_dir
-        if (
-            external := _External.of(run_dir)
-        ) is not None:  # another bench process is training it: wait for it
+        if (external := _External.of(run_dir)) is not None:  # another bench process is training it: wait for it
             self.running.append((external, name))
             return run_dir
         self.wait(self.jobs - 1)
@@ -302,20 +277,14 @@ class Runner:
             ready = [
                 t
                 for t in pending
-                if t.get("after") not in active
-                and t.get("after") not in {p["name"] for p in pending}
+                if t.get("after") not in active and t.get("after") not in {p["name"] for p in pending}
             ]
             if ready and len(self.running) < self.jobs:
                 task = ready[0]
                 pending.remove(task)
                 resume = None
                 if "after" in task:
-                    resume = (
-                        self.work
-                        / task["after"]
-                        / "checkpoints"
-                        / f"step_{task['resume_step']:08d}"
-                    )
+                    resume = self.work / task["after"] / "checkpoints" / f"step_{task['resume_step']:08d}"
                     resume = resume if (resume / "trainer_state.json").is_file() else None
                 self.start(task["name"], task["preset"], task["options"], resume=resume)
             elif self.running:
@@ -354,12 +323,7 @@ def fast_budget_tasks(
             "--checkpoint_every",
             str(decay_start(steps, decay_fraction)),
         ]
-        task = {
-            "name": f"{prefix}-fast{steps}",
-            "preset": FAST_PRESET,
-            "options": opts,
-            "steps": steps,
-        }
+        task = {"name": f"{prefix}-fast{steps}", "preset": FAST_PRESET, "options": opts, "steps": steps}
         if previous is not None:
             task["after"] = previous["name"]
             task["resume_step"] = decay_start(previous["steps"], decay_fraction)
@@ -414,9 +378,7 @@ def compare(args) -> None:
             for lr_i, lr in enumerate(args.base_lrs):
                 name = f"{tag}-base-lr{lr:g}"
                 plan[(size, seed)]["base"][lr] = work / name
-                extra = int(
-                    lr_i > 0
-                )  # the LR sweep's other values: after the next seed's first-LR runs
+                extra = int(lr_i > 0)  # the LR sweep's other values: after the next seed's first-LR runs
                 prio = (seed_i + 1.5 * extra + int(extra and size_i > 0), size_i)
                 tasks.append(
                     {
@@ -450,42 +412,27 @@ def report(plan: dict, args) -> None:
         base = {lr: r for lr, d in runs["base"].items() if (r := Runner.final(d)) is not None}
         fast = {steps: r for steps, d in runs["fast"].items() if (r := Runner.final(d)) is not None}
         if len(base) < len(runs["base"]) or len(fast) < len(runs["fast"]):
-            print(
-                f"{size} seed {seed}: some runs did not finish (see their train.log); using the finished ones"
-            )
+            print(f"{size} seed {seed}: some runs did not finish (see their train.log); using the finished ones")
         if not base or not fast:
             continue
         results[(size, seed)] = {"base": base, "fast": fast}
         for lr, r in base.items():
-            rows.append(
-                (size, seed, f"adamw-cosine lr {lr:g}", r["tokens"], r["val_loss"], r["step_ms"])
-            )
+            rows.append((size, seed, f"adamw-cosine lr {lr:g}", r["tokens"], r["val_loss"], r["step_ms"]))
         for steps, r in sorted(fast.items()):
-            rows.append(
-                (size, seed, f"muon-wsd {steps} steps", r["tokens"], r["val_loss"], r["step_ms"])
-            )
-    print(
-        "\n| size | seed | recipe | tokens | val loss | median step ms |\n|---|---|---|---|---|---|"
-    )
+            rows.append((size, seed, f"muon-wsd {steps} steps", r["tokens"], r["val_loss"], r["step_ms"]))
+    print("\n| size | seed | recipe | tokens | val loss | median step ms |\n|---|---|---|---|---|---|")
     for size, seed, recipe, tokens, loss, ms in rows:
         print(f"| {size} | {seed} | {recipe} | {tokens:,} | {loss:.4f} | {ms:.0f} |")
 
     summary = {}
-    print(
-        "\n| size | seed | baseline LR | baseline tokens | baseline val loss | fast tokens to it | ratio |"
-    )
+    print("\n| size | seed | baseline LR | baseline tokens | baseline val loss | fast tokens to it | ratio |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         seeds = [s for s in args.seeds if (size, s) in results]
         if not seeds:
             continue
         lrs = set.intersection(*(set(results[(size, s)]["base"]) for s in seeds))
-        best = min(
-            lrs,
-            key=lambda lr: statistics.mean(
-                results[(size, s)]["base"][lr]["val_loss"] for s in seeds
-            ),
-        )
+        best = min(lrs, key=lambda lr: statistics.mean(results[(size, s)]["base"][lr]["val_loss"] for s in seeds))
         ratios = []
         if not args.fast_steps:
             continue
@@ -510,11 +457,7 @@ def report(plan: dict, args) -> None:
             "max": max(values),
             "bounded": bounded,
         }
-        note = (
-            " (bounds, not interpolated: widen --fast_steps)"
-            if any(h != "=" for _, h in ratios)
-            else ""
-        )
+        note = " (bounds, not interpolated: widen --fast_steps)" if any(h != "=" for _, h in ratios) else ""
         print(
             f"| {size} | all | | | | | mean {statistics.mean(values):.2f} (min {min(values):.2f}, "
             f"max {max(values):.2f}, {len(values)} seeds){note} |"
@@ -541,10 +484,7 @@ def plot(plan: dict, results: dict, summary: dict, path: Path) -> None:
             for lr, run_dir in runs["base"].items():
                 if lr not in results[(sz, seed)]["base"]:
                     continue
-                evals = [
-                    json.loads(line)
-                    for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                ]
+                evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 evals = [r for r in evals if "val_loss" in r]
                 final = results[(sz, seed)]["base"][lr]
                 toks = [r["step"] * final["tokens"] / final["step"] for r in evals]
@@ -559,26 +499,14 @@ def plot(plan: dict, results: dict, summary: dict, path: Path) -> None:
                     alpha=0.9 if best else 0.4,
                     label=f"AdamW cosine lr {lr:g}, seed {seed}",
                 )
-                ax.plot(
-                    [toks[-1]],
-                    [evals[-1]["val_loss"]],
-                    "o",
-                    color="tab:blue",
-                    alpha=0.9 if best else 0.4,
-                )
+                ax.plot([toks[-1]], [evals[-1]["val_loss"]], "o", color="tab:blue", alpha=0.9 if best else 0.4)
             for run_dir, color in [
                 (runs["base"].get(summary.get(size, {}).get("baseline_lr")), "tab:blue"),
                 (runs["fast"].get(max(results[(sz, seed)]["fast"])), "tab:red"),
             ]:
-                rows = [
-                    json.loads(line)
-                    for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                ]
+                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 rows = [r for r in rows if "loss" in r]
-                smooth = [
-                    statistics.mean(r["loss"] for r in rows[max(0, i - 9) : i + 1])
-                    for i in range(len(rows))
-                ]
+                smooth = [statistics.mean(r["loss"] for r in rows[max(0, i - 9) : i + 1]) for i in range(len(rows))]
                 ax.plot([r["tokens"] for r in rows], smooth, color=color, lw=0.7, alpha=0.35)
             fast = sorted(results[(sz, seed)]["fast"].values(), key=lambda r: r["tokens"])
             ax.plot(
@@ -591,9 +519,7 @@ def plot(plan: dict, results: dict, summary: dict, path: Path) -> None:
         if size in summary:
             s = summary[size]
             at_least = ">= " if s["bounded"] else ""
-            ax.set_title(
-                f"{size}: ratio {at_least}{s['mean']:.2f} (seeds: {s['min']:.2f}-{s['max']:.2f})"
-            )
+            ax.set_title(f"{size}: ratio {at_least}{s['mean']:.2f} (seeds: {s['min']:.2f}-{s['max']:.2f})")
         ax.set_xlabel("training tokens")
         ax.set_ylabel("validation loss (faint: training loss)")
         ax.set_ylim(top=min(ax.get_ylim()[1], 8.0))
@@ -642,18 +568,14 @@ def horizons(args) -> None:
     decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
     plan, tasks = horizon_tasks(args, decay_fraction)
     if not args.report_only:
-        Runner(
-            Path(args.work), shards_of(args.data), args.val_tokens, args.threads, args.jobs
-        ).run_all(tasks)
+        Runner(Path(args.work), shards_of(args.data), args.val_tokens, args.threads, args.jobs).run_all(tasks)
     horizon_report(plan, args)
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares (intercept, slope) of ys against xs."""
     mx, my = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
-    )
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     return my - slope * mx, slope
 
 
@@ -661,9 +583,7 @@ def horizon_report(plan: dict, args) -> None:
     """Per horizon: the reference's LR sweep (best LR, whether interior), the fast recipe's tokens to the
     reference's final loss and the ratio; the fit of the ratio against log tokens; a JSON summary and a plot."""
     finals = {
-        seed: {
-            kind: {k: r for k, d in runs[kind].items() if (r := Runner.final(d))} for kind in runs
-        }
+        seed: {kind: {k: r for k, d in runs[kind].items() if (r := Runner.final(d))} for kind in runs}
         for seed, runs in plan.items()
     }
     print("\n| seed | run | tokens | val loss | median step ms |\n|---|---|---|---|---|")
@@ -674,9 +594,7 @@ def horizon_report(plan: dict, args) -> None:
                 f"{r['step_ms']:.0f} |"
             )
         for steps, r in sorted(runs["fast"].items()):
-            print(
-                f"| {seed} | Muon + wsd {steps} steps | {r['tokens']:,} | {r['val_loss']:.4f} | {r['step_ms']:.0f} |"
-            )
+            print(f"| {seed} | Muon + wsd {steps} steps | {r['tokens']:,} | {r['val_loss']:.4f} | {r['step_ms']:.0f} |")
     rows = []
     print(
         "\n| horizon (tokens) | reference LRs (val loss) | best LR | seed | reference loss | fast tokens to it | "
@@ -684,17 +602,10 @@ def horizon_report(plan: dict, args) -> None:
     )
     for steps in sorted(args.horizons):
         lrs = sorted({lr for runs in finals.values() for (s, lr) in runs["base"] if s == steps})
-        seeds = (
-            [s for s in finals if all((steps, lr) in finals[s]["base"] for lr in lrs)]
-            if lrs
-            else []
-        )
+        seeds = [s for s in finals if all((steps, lr) in finals[s]["base"] for lr in lrs)] if lrs else []
         if not seeds:
             continue
-        mean = {
-            lr: statistics.mean(finals[s]["base"][(steps, lr)]["val_loss"] for s in seeds)
-            for lr in lrs
-        }
+        mean = {lr: statistics.mean(finals[s]["base"][(steps, lr)]["val_loss"] for s in seeds) for lr in lrs}
         best = min(mean, key=mean.get)
         interior = lrs[0] < best < lrs[-1]
         sweep = ", ".join(f"{lr:g} ({mean[lr]:.4f})" for lr in lrs)
@@ -735,9 +646,7 @@ def horizon_report(plan: dict, args) -> None:
             f"({len(exact)} points)"
         )
     out = Path(args.work)
-    (out / "horizons.json").write_text(
-        json.dumps({"rows": rows, "fit": fit, "size": args.size}, indent=2, default=str)
-    )
+    (out / "horizons.json").write_text(json.dumps({"rows": rows, "fit": fit, "size": args.size}, indent=2, default=str))
     horizon_plot(finals, rows, fit, args, out / "horizons.png")
 
 
@@ -755,12 +664,7 @@ def horizon_plot(finals: dict, rows: list[dict], fit: dict | None, args, path: P
             ax.plot(r["tokens"], r["val_loss"], "o", color="tab:blue", alpha=0.25)
         best = sorted((r["tokens"], r["reference_loss"]) for r in rows if r["seed"] == seed)
         if best:
-            ax.plot(
-                *zip(*best, strict=True),
-                "o-",
-                color="tab:blue",
-                label=f"AdamW cosine, best LR, seed {seed}",
-            )
+            ax.plot(*zip(*best, strict=True), "o-", color="tab:blue", label=f"AdamW cosine, best LR, seed {seed}")
         fast = sorted((r["tokens"], r["val_loss"]) for r in runs["fast"].values())
         if fast:
             ax.plot(
@@ -770,15 +674,11 @@ def horizon_plot(finals: dict, rows: list[dict], fit: dict | None, args, path: P
                 alpha=0.9 if seed == args.seeds[0] else 0.5,
                 label=f"Muon + wsd, final loss per budget, seed {seed}",
             )
-    ax.set(
-        xscale="log", xlabel="training tokens", ylabel="final validation loss", title=f"{args.size}"
-    )
+    ax.set(xscale="log", xlabel="training tokens", ylabel="final validation loss", title=f"{args.size}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     if rows:
-        ax_ratio.plot(
-            [r["tokens"] for r in rows], [r["ratio"] for r in rows], "o", color="tab:purple"
-        )
+        ax_ratio.plot([r["tokens"] for r in rows], [r["ratio"] for r in rows], "o", color="tab:purple")
         if fit:
             xs = sorted({r["tokens"] for r in rows})
             ax_ratio.plot(
@@ -812,28 +712,15 @@ def ablate(args) -> None:
     runner = Runner(work, data, args.val_tokens, args.threads, args.jobs)
     runs = []
     for variant in args.variant:
-        preset, spec = (
-            (BASE_PRESET, variant[5:]) if variant.startswith("base:") else (FAST_PRESET, variant)
-        )
+        preset, spec = (BASE_PRESET, variant[5:]) if variant.startswith("base:") else (FAST_PRESET, variant)
         options = []
         for item in filter(None, spec.split(",")):
             key, value = item.split("=", 1)
             options += [f"--{key.strip()}", value.strip()]
-        steps = next(
-            (v for k, v in zip(options[::2], options[1::2], strict=False) if k == "--max_steps"),
-            None,
-        )
+        steps = next((v for k, v in zip(options[::2], options[1::2], strict=False) if k == "--max_steps"), None)
         for seed in args.seeds:
             name = re.sub(r"[^\w.=,:-]", "_", f"{args.size}-s{seed}-{variant or 'fast'}")
-            opts = [
-                *size_options(args.size),
-                "--seed",
-                str(seed),
-                "--eval_every",
-                "0",
-                "--checkpoint_every",
-                "0",
-            ]
+            opts = [*size_options(args.size), "--seed", str(seed), "--eval_every", "0", "--checkpoint_every", "0"]
             opts += [] if steps else ["--max_steps", str(args.steps)]
             runs.append((variant, seed, runner.start(name, preset, [*opts, *options])))
     runner.wait()
@@ -848,14 +735,17 @@ def ablate(args) -> None:
 
 
 def timing(args) -> None:
-    """Wall-clock of one optimizer step (train.train_step: forward, backward, clip, optimizer) per optimizer, the
+    """Wall-clock of one optimizer step (train_step: forward, backward, clip, optimizer) per optimizer, the
     two models (same init) stepping in alternation in this process, so machine load hits both alike."""
     import torch
 
     sys.path.insert(0, str(ROOT))
-    import train
-    from token_data import TokenShardLoader
-    from train_config import parse_args
+    from gpt2_repro.accelerator import make_accelerator
+    from gpt2_repro.config import parse_args
+    from gpt2_repro.loader import TokenShardLoader
+    from gpt2_repro.optim import build_optimizers, set_lrs
+    from gpt2_repro.step import train_step
+    from modeling_gpt2_repro import GPT2ReproForCausalLM
 
     torch.set_num_threads(args.threads)
     data = shards_of(args.data)
@@ -875,17 +765,13 @@ def timing(args) -> None:
                     str(args.threads),
                 ]
             )
-            accelerator = train.make_accelerator(cfg, Path(args.work) / "timing")
+            accelerator = make_accelerator(cfg, Path(args.work) / "timing")
             torch.set_num_threads(args.threads)
             torch.manual_seed(0)
-            raw = train.build_model(cfg)
-            model, *opts = accelerator.prepare(
-                raw, *train.build_optimizers(raw, cfg, accelerator.device)
-            )
+            raw = GPT2ReproForCausalLM(cfg.model_config())
+            model, *opts = accelerator.prepare(raw, *build_optimizers(raw, cfg, accelerator.device))
             d = cfg.data
-            loader = TokenShardLoader(
-                d.data_dir, split="train", batch_size=d.micro_batch_size, seq_len=d.seq_len
-            )
+            loader = TokenShardLoader(d.data_dir, split="train", batch_size=d.micro_batch_size, seq_len=d.seq_len)
             setups[name] = {
                 "cfg": cfg,
                 "acc": accelerator,
@@ -897,11 +783,9 @@ def timing(args) -> None:
             }
         for step in range(args.warmup + args.steps):
             for st in setups.values():
-                train.set_lrs(st["opts"], 20, st["cfg"].optim)
+                set_lrs(st["opts"], 20, st["cfg"].optim)
                 t0 = time.perf_counter()
-                train.train_step(
-                    st["acc"], st["model"], st["opts"], st["loader"], st["cfg"].optim.grad_clip
-                )
+                train_step(st["acc"], st["model"], st["opts"], st["loader"], st["cfg"].optim.grad_clip)
                 if step >= args.warmup:
                     st["step"].append(time.perf_counter() - t0)
         for st in setups.values():  # the optimizer update alone: one set of gradients left in place
@@ -934,69 +818,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="corpus -> plain-text documents -> token shards")
-    p.add_argument(
-        "--corpus",
-        required=True,
-        help="dictd .dict(.dz), a folder of .rst/.txt files, a .txt or .jsonl",
-    )
+    p.add_argument("--corpus", required=True, help="dictd .dict(.dz), a folder of .rst/.txt files, a .txt or .jsonl")
     p.add_argument("--out", required=True)
     p.add_argument("--val_tokens", type=int, default=131072)
     p.add_argument("--max_tokens", type=int, default=None)
     for name in ("compare", "horizons", "ablate", "timing"):
         q = sub.add_parser(name)
         q.add_argument("--data", required=True, help="a prepare --out folder, or a shard folder")
-        q.add_argument(
-            "--work", default="/tmp/bench_recipe", help="run folders (reused when finished)"
-        )
-        q.add_argument(
-            "--val_tokens", type=int, default=65536, help="validation tokens per evaluation"
-        )
+        q.add_argument("--work", default="/tmp/bench_recipe", help="run folders (reused when finished)")
+        q.add_argument("--val_tokens", type=int, default=65536, help="validation tokens per evaluation")
         q.add_argument("--threads", type=int, default=1, help="torch threads per run")
         q.add_argument("--jobs", type=int, default=2, help="runs at a time")
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     c = sub.choices["compare"]
     c.add_argument("--sizes", nargs="+", default=["4x128", "6x256"], help="LAYERSxWIDTH")
     c.add_argument("--base_steps", type=int, default=200)
-    c.add_argument(
-        "--base_lrs",
-        type=float,
-        nargs="+",
-        default=[3e-3],
-        help="baseline peak LRs (min_lr = 10%%)",
-    )
+    c.add_argument("--base_lrs", type=float, nargs="+", default=[3e-3], help="baseline peak LRs (min_lr = 10%%)")
     c.add_argument("--base_eval_every", type=int, default=100)
-    c.add_argument(
-        "--fast_steps", type=int, nargs="*", default=[60, 80, 100], help="none: baselines only"
-    )
-    c.add_argument(
-        "--report_only",
-        action="store_true",
-        help="tables and plot of the finished runs; train none",
-    )
-    c.add_argument(
-        "--fast_option",
-        nargs="*",
-        help="extra train.py options for the fast recipe (--muon_lr 0.03)",
-    )
+    c.add_argument("--fast_steps", type=int, nargs="*", default=[60, 80, 100], help="none: baselines only")
+    c.add_argument("--report_only", action="store_true", help="tables and plot of the finished runs; train none")
+    c.add_argument("--fast_option", nargs="*", help="extra train.py options for the fast recipe (--muon_lr 0.03)")
     h = sub.choices["horizons"]
     h.add_argument("--size", default="4x128", help="LAYERSxWIDTH")
-    h.add_argument(
-        "--horizons", type=int, nargs="+", default=[200, 800, 1600], help="reference max_steps"
-    )
+    h.add_argument("--horizons", type=int, nargs="+", default=[200, 800, 1600], help="reference max_steps")
     h.add_argument("--base_lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3])
-    h.add_argument(
-        "--extra_seed_lrs", type=float, nargs="*", help="reference LRs of the seeds after the first"
-    )
+    h.add_argument("--extra_seed_lrs", type=float, nargs="*", help="reference LRs of the seeds after the first")
     h.add_argument("--base_eval_every", type=int, default=200)
-    h.add_argument(
-        "--fast_steps",
-        type=int,
-        nargs="+",
-        default=[50, 70, 100, 140, 200, 280, 400, 560, 800, 1120],
-    )
-    h.add_argument(
-        "--max_ratio", type=float, default=4.0, help="later seeds: budgets >= longest / max_ratio"
-    )
+    h.add_argument("--fast_steps", type=int, nargs="+", default=[50, 70, 100, 140, 200, 280, 400, 560, 800, 1120])
+    h.add_argument("--max_ratio", type=float, default=4.0, help="later seeds: budgets >= longest / max_ratio")
     h.add_argument("--fast_option", nargs="*", help="extra train.py options for the fast recipe")
     h.add_argument("--report_only", action="store_true")
     a = sub.choices["ablate"]
@@ -1006,8 +855,7 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        help="'key=value,...' over tiny_fast.yaml; "
-        "'base:key=value,...' over tiny.yaml; '' = the preset",
+        help="'key=value,...' over tiny_fast.yaml; 'base:key=value,...' over tiny.yaml; '' = the preset",
     )
     t = sub.choices["timing"]
     t.add_argument("--sizes", nargs="+", default=["4x128", "6x256"])
@@ -1017,9 +865,7 @@ def main() -> None:
     if args.command == "prepare":
         prepare(Path(args.corpus), Path(args.out), args.val_tokens, args.max_tokens)
     else:
-        {"compare": compare, "horizons": horizons, "ablate": ablate, "timing": timing}[
-            args.command
-        ](args)
+        {"compare": compare, "horizons": horizons, "ablate": ablate, "timing": timing}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
                                                       # any train.py option: a smaller step shows overhead more
 
 Both variants train their own copy of the same model (same initial weights) on the same token stream with the same
-batch and accumulation: variant "train.py" is `train.train_step` on accelerate-prepared model and optimizer (with
+batch and accumulation: variant "train.py" is `train_step` on accelerate-prepared model and optimizer (with
 its divergence guard and stop flag), plus the guard's bookkeeping and the per-step metrics line train.py writes;
 variant "bare" is the loop everyone writes by hand (loss / accum, backward, clip, AdamW step, one .item()). They
 alternate in rounds (interleaved, so load changes on a shared machine hit both), and the per-round tokens/s ratios
@@ -32,15 +32,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402
-from stopping import DivergenceGuard, StopRequest  # noqa: E402
-from token_data import TokenShardLoader, write_shard  # noqa: E402
-from train_config import lr_at, parse_args  # noqa: E402
+from gpt2_repro.accelerator import make_accelerator
+from gpt2_repro.config import parse_args
+from gpt2_repro.loader import TokenShardLoader
+from gpt2_repro.optim import build_optimizers, lr_at, set_lrs
+from gpt2_repro.shards import write_shard
+from gpt2_repro.step import train_step
+from gpt2_repro.stopping import DivergenceGuard, StopRequest
+from gpt2_repro.tracking import append_jsonl
+from modeling_gpt2_repro import GPT2ReproForCausalLM
 
 
-def bare_step(
-    model, optimizer, loader, lr: float, accum: int, grad_clip: float, device, bf16: bool
-) -> float:
+def bare_step(model, optimizer, loader, lr: float, accum: int, grad_clip: float, device, bf16: bool) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_accum = torch.zeros((), device=device)
@@ -60,45 +63,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--rounds", type=int, default=30, help="alternations of the two variants")
-    parser.add_argument(
-        "--steps", type=int, default=1, help="optimizer steps per variant per round"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: physical cores)"
-    )
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per variant per round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
     args, train_options = parser.parse_known_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    cfg = parse_args(
-        [
-            "--config",
-            args.config,
-            *train_options,
-            "--output_dir",
-            str(work / "run"),
-            "--log_with",
-            "none",
-        ]
-    )
+    cfg = parse_args(["--config", args.config, *train_options, "--output_dir", str(work / "run"), "--log_with", "none"])
     data, optim = cfg.data, cfg.optim
-    tokens = np.random.default_rng(0).integers(
-        0, 50257, 2_000_000, dtype=np.uint16
-    )  # ids only; speed only
+    tokens = np.random.default_rng(0).integers(0, 50257, 2_000_000, dtype=np.uint16)  # ids only; speed only
     write_shard(work / "bench_train_000001.bin", tokens)
-    make_loader = lambda: TokenShardLoader(
-        work, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=0
-    )
+    make_loader = lambda: TokenShardLoader(work, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=0)
 
-    accelerator = train.make_accelerator(cfg, work / "run")  # sets threads as train.py does
+    accelerator = make_accelerator(cfg, work / "run")  # sets threads as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
     accum = accelerator.gradient_accumulation_steps
     torch.manual_seed(0)
-    model_a = train.build_model(cfg)
-    model_b = train.build_model(cfg)
+    model_a = GPT2ReproForCausalLM(cfg.model_config())
+    model_b = GPT2ReproForCausalLM(cfg.model_config())
     model_b.load_state_dict(model_a.state_dict())
-    opt_a = train.build_optimizers(model_a, cfg, accelerator.device)
-    (opt_b,) = train.build_optimizers(model_b, cfg, accelerator.device)  # the bare loop: AdamW only
+    opt_a = build_optimizers(model_a, cfg, accelerator.device)
+    (opt_b,) = build_optimizers(model_b, cfg, accelerator.device)  # the bare loop: AdamW only
     model_a, *opt_a = accelerator.prepare(model_a, *opt_a)
     model_b.to(accelerator.device)
     bf16 = accelerator.mixed_precision == "bf16"
@@ -110,19 +95,17 @@ def main() -> None:
         f"# torch {torch.__version__}, threads {torch.get_num_threads()}, device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, compile {accelerator.state.dynamo_plugin.backend.value}"
     )
-    print(
-        f"# model {cfg.model}, batch {data.micro_batch_size} x {data.seq_len} x {accum} accumulation"
-    )
+    print(f"# model {cfg.model}, batch {data.micro_batch_size} x {data.seq_len} x {accum} accumulation")
 
     guard, stop = DivergenceGuard(optim.max_bad_steps), StopRequest()
 
     def run_train_py(step: int) -> tuple[float, float]:
         t0 = time.perf_counter()
-        train.set_lrs(opt_a, step, optim)
-        result = train.train_step(accelerator, model_a, opt_a, loader_a, optim.grad_clip, stop)
+        set_lrs(opt_a, step, optim)
+        result = train_step(accelerator, model_a, opt_a, loader_a, optim.grad_clip, stop)
         guard.update(step + 1, result.bad, result.loss)
         row = {"step": step + 1, "loss": result.loss, "grad_norm": result.grad_norm}
-        train.append_jsonl(metrics, row)
+        append_jsonl(metrics, row)
         return result.loss, time.perf_counter() - t0
 
     def run_bare(step: int) -> tuple[float, float]:
@@ -138,9 +121,7 @@ def main() -> None:
         fn(0)
     step = {name: 1 for name in variants}
     for r in range(args.rounds):
-        order = (
-            list(variants) if r % 2 == 0 else list(reversed(variants))
-        )  # alternate who goes first
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternate who goes first
         for name in order:
             elapsed = 0.0
             for _ in range(args.steps):
@@ -149,17 +130,12 @@ def main() -> None:
                 elapsed += dt
                 step[name] += 1
             times[name].append(args.steps * data.total_batch_tokens / elapsed)
-        print(
-            f"round {r}: " + ", ".join(f"{n} {times[n][-1]:,.0f} tok/s" for n in variants),
-            flush=True,
-        )
+        print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:,.0f} tok/s" for n in variants), flush=True)
 
     ratios = [a / b for a, b in zip(times["train.py"], times["bare"], strict=True)]
     drift = max(abs(a - b) for a, b in zip(losses["train.py"], losses["bare"], strict=True))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    best = {
-        name: max(t) for name, t in times.items()
-    }  # the least disturbed round of each (shared machines)
+    best = {name: max(t) for name, t in times.items()}  # the least disturbed round of each (shared machines)
     print(
         f"tokens/s median: train.py {medians['train.py']:,.0f}, bare {medians['bare']:,.0f}; "
         f"best: train.py {best['train.py']:,.0f}, bare {best['bare']:,.0f}"
@@ -169,9 +145,7 @@ def main() -> None:
         f"of best rounds {best['train.py'] / best['bare']:.3f}"
     )
     overhead = 1.0 - statistics.median(ratios)
-    print(
-        f"overhead of train.py's step: {overhead:+.1%} (target < 5%); max |loss difference| {drift:.2e}"
-    )
+    print(f"overhead of train.py's step: {overhead:+.1%} (target < 5%); max |loss difference| {drift:.2e}")
     shutil.rmtree(work, ignore_errors=True)
 
 

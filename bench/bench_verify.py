@@ -1,4 +1,4 @@
-"""What checking the shards' SHA-256 costs at training start-up (token_data.verify_shards).
+"""What checking the shards' SHA-256 costs at training start-up (shards.verify_shards).
 
     python bench/bench_verify.py                     # 4 shards of 100M tokens (800 MB), 1 thread vs all cores
     python bench/bench_verify.py --shards 8 --tokens 50_000_000
@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from token_data import MANIFEST, verify_shards, write_shard  # noqa: E402
+from gpt2_repro.shards import MANIFEST, verify_shards, write_shard
 
 
 def main() -> None:

@@ -26,11 +26,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402
-from modeling_gpt2_repro import estimate_flops_per_token  # noqa: E402
-from run_info import mfu, peak_bf16_flops  # noqa: E402
-from token_data import TokenShardLoader, write_shard  # noqa: E402
-from train_config import load_config  # noqa: E402
+from gpt2_repro.accelerator import make_accelerator
+from gpt2_repro.config import load_config
+from gpt2_repro.loader import TokenShardLoader
+from gpt2_repro.optim import build_optimizers, set_lrs
+from gpt2_repro.run_info import mfu, peak_bf16_flops
+from gpt2_repro.shards import write_shard
+from gpt2_repro.step import train_step
+from modeling_gpt2_repro import GPT2ReproForCausalLM, estimate_flops_per_token
 
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64, "seq_len": 64}
 
@@ -39,47 +42,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--micro_batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50, help="timed optimizer steps")
-    parser.add_argument(
-        "--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)"
-    )
-    parser.add_argument(
-        "--compile", choices=["auto", "true", "false"], default="auto", help="auto: on CUDA"
-    )
-    parser.add_argument(
-        "--tiny", action="store_true", help="tiny model, micro-batch 4: a CPU smoke test"
-    )
-    parser.add_argument(
-        "--profile", type=Path, default=None, help="write torch.profiler's table of one step here"
-    )
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto", help="auto: on CUDA")
+    parser.add_argument("--tiny", action="store_true", help="tiny model, micro-batch 4: a CPU smoke test")
+    parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler's table of one step here")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
     overrides = {"output_dir": str(work / "run"), "log_with": "none", "compile": args.compile}
     micro_batch, seq_len = (4, TINY["seq_len"]) if args.tiny else (args.micro_batch_size, 1024)
-    overrides |= {
-        "micro_batch_size": micro_batch,
-        "total_batch_tokens": micro_batch * seq_len,
-    }  # no accumulation
+    overrides |= {"micro_batch_size": micro_batch, "total_batch_tokens": micro_batch * seq_len}  # no accumulation
     cfg = load_config(ROOT / "configs" / "gpt2_124m.yaml", overrides | (TINY if args.tiny else {}))
     data, optim = cfg.data, cfg.optim
 
-    accelerator = train.make_accelerator(cfg, work / "run")
+    accelerator = make_accelerator(cfg, work / "run")
     if accelerator.num_processes != 1:
-        raise SystemExit(
-            "gpu_bench.py measures one device: run it with python, not a multi-process launcher."
-        )
+        raise SystemExit("gpu_bench.py measures one device: run it with python, not a multi-process launcher.")
     steps_total = args.warmup + args.steps
-    tokens = np.random.default_rng(0).integers(
-        0, 50257, (steps_total + 1) * data.micro_batch_size * data.seq_len + 1
-    )
+    tokens = np.random.default_rng(0).integers(0, 50257, (steps_total + 1) * data.micro_batch_size * data.seq_len + 1)
     write_shard(work / "bench_train_000001.bin", tokens.astype(np.uint16))
     loader = TokenShardLoader(work, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=0)
 
     torch.manual_seed(0)
-    raw_model = train.build_model(cfg)
-    model, *optimizers = accelerator.prepare(
-        raw_model, *train.build_optimizers(raw_model, cfg, accelerator.device)
-    )
+    raw_model = GPT2ReproForCausalLM(cfg.model_config())
+    model, *optimizers = accelerator.prepare(raw_model, *build_optimizers(raw_model, cfg, accelerator.device))
     model.train()
     cuda = accelerator.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -90,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     def step_at(step: int) -> float:
-        train.set_lrs(optimizers, step, optim)
-        return train.train_step(accelerator, model, optimizers, loader, optim.grad_clip).loss
+        set_lrs(optimizers, step, optim)
+        return train_step(accelerator, model, optimizers, loader, optim.grad_clip).loss
 
     t0 = time.perf_counter()
     loss = step_at(0)  # the first step compiles (forward and backward graphs)
@@ -126,9 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loss": loss,
     }
     print(f"tokens/s: {tokens_per_sec:,.0f}  (target on one H100: >= 450,000)")
-    print(
-        f"step time: {result['step_ms']:.1f} ms for {data.micro_batch_size * data.seq_len:,} tokens"
-    )
+    print(f"step time: {result['step_ms']:.1f} ms for {data.micro_batch_size * data.seq_len:,} tokens")
     print(
         f"MFU: {result['mfu']:.1%}  ({flops_per_token / 1e6:.0f}M FLOPs/token, peak "
         f"{(peak or float('nan')) / 1e12:.0f} TFLOP/s bf16; target >= 40%)"

@@ -1,7 +1,14 @@
 """Shared fixtures. Tests need no files outside the repository: the GPT-2 vocabulary comes from tiktoken's normal loader
-(TIKTOKEN_CACHE_DIR, GPT2_REPRO_VOCAB, or a download), and tests that need it skip only when none works."""
+(TIKTOKEN_CACHE_DIR, GPT2_REPRO_VOCAB, or a download), and tests that need it skip only when none works.
+
+The suite runs in parallel processes (pytest-xdist, `-n auto` in pyproject.toml): each process computes with one
+torch thread, and the expensive fixtures (generated data, the reference training runs) are made once for all of
+them (`shared_folder`).
+"""
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,13 +19,33 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # test processes sharing the cores
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
+
+
+def shared_folder(tmp_path_factory, name: str, make) -> Path:
+    """A folder made once per test session, also when pytest-xdist runs the tests in several processes: the first
+    process that asks for it makes it, under a file lock, and the others wait and reuse it. `make(folder)` fills
+    the folder; tests only read it (a test that changes a run works on a copy)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each process's own
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE; skips the test when the vocabulary can neither be found locally nor downloaded."""
-    from gpt2_tokenizer import get_gpt2_encoding
+    from gpt2_repro.tokenizer import get_gpt2_encoding
 
     try:
         return get_gpt2_encoding()
@@ -33,10 +60,10 @@ def fineweb(tmp_path_factory):
 
     texts = make_texts(400, seed=0)
     texts[3], texts[50], texts[120] = "", "   \n ", None
-    path = write_fineweb_parquet(
-        tmp_path_factory.mktemp("fineweb") / "fineweb_sample.parquet", texts
+    folder = shared_folder(
+        tmp_path_factory, "fineweb", lambda f: write_fineweb_parquet(f / "fineweb_sample.parquet", texts)
     )
-    return path, texts
+    return folder / "fineweb_sample.parquet", texts
 
 
 @pytest.fixture(scope="session")
@@ -45,17 +72,19 @@ def stream_files(tmp_path_factory):
     about 5,500 tokens, with empty, whitespace-only and null documents."""
     from synthetic import make_texts, write_fineweb_parquet
 
-    folder = tmp_path_factory.mktemp("stream")
     texts = make_texts(125, seed=5, words=(5, 60))
     texts[7], texts[30], texts[61] = "", None, " \n"
-    for i in range(25):
-        write_fineweb_parquet(folder / f"part_{i:03d}.parquet", texts[i * 5 : (i + 1) * 5])
-    return folder, texts
+
+    def make(folder):
+        for i in range(25):
+            write_fineweb_parquet(folder / f"part_{i:03d}.parquet", texts[i * 5 : (i + 1) * 5])
+
+    return shared_folder(tmp_path_factory, "stream", make), texts
 
 
 @pytest.fixture(scope="session")
 def hf_tokenizer(gpt2_encoding):
-    from gpt2_tokenizer import build_hf_tokenizer
+    from gpt2_repro.tokenizer import build_hf_tokenizer
 
     return build_hf_tokenizer(gpt2_encoding)
 
@@ -67,3 +96,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def repro():
+    """synthetic.tiny_repro(): a 2-layer GPT-2 of ours, seeded."""
+    from synthetic import tiny_repro
+
+    return tiny_repro()
+
+
+@pytest.fixture(scope="session")
+def val_dir(tmp_path_factory):
+    """A val shard of SEQ_LEN * VAL_WINDOWS + 1 GPT-2 ids (synthetic's constants), written by shards.write_shard."""
+    import numpy as np
+
+    from gpt2_repro.shards import write_shard
+    from synthetic import SEQ_LEN, VAL_WINDOWS
+
+    folder = tmp_path_factory.mktemp("shards")
+    tokens = np.random.default_rng(0).integers(0, 50257, SEQ_LEN * VAL_WINDOWS + 1, dtype=np.uint16)
+    write_shard(folder / "test_val_000000.bin", tokens)
+    return folder
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder this process cannot write: chmod 555, or for root (whom chmod does not stop) a read-only tmpfs."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("running as root and cannot mount a read-only tmpfs: no read-only folder to test")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)

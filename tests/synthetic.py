@@ -5,7 +5,8 @@
 - `reference_tokens`: what data preparation must produce from documents (tiktoken, EOT before each one);
 - `reference_windows`: what each process of the streaming loader must serve from documents (shuffle off);
 - `learnable_tokens`: a token stream a tiny model can learn (a random Markov chain over a few GPT-2 ids);
-- `FlakyReads`: an unreliable network: reads of some files fail, a given number of times.
+- `FlakyReads`: an unreliable network: reads of some files fail, a given number of times;
+- `tiny_repro`: a 2-layer GPT2ReproForCausalLM, seeded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 EOT = 50256
+SEQ_LEN, VAL_WINDOWS = 64, 5  # validation windows of the evaluation tests: two processes get 3 and 2
 SENTENCE_WORDS = [
     "the",
     "a",
@@ -68,9 +70,7 @@ PROSE = (
 DOCUMENT_WORDS = PROSE.split() + ["\n", "\n\n", "  "]
 
 
-def hellaswag_examples(
-    n: int, seed: int = 0, ctx_words=(3, 40), ending_words=(1, 14)
-) -> list[dict]:
+def hellaswag_examples(n: int, seed: int = 0, ctx_words=(3, 40), ending_words=(1, 14)) -> list[dict]:
     """HellaSwag-shaped examples {"ctx", "endings": 4 str, "label"} with varied lengths (batches need padding).
 
     HellaSwag's own lengths are about ctx_words=(10, 80), ending_words=(4, 30).
@@ -137,19 +137,19 @@ def reference_windows(
 ) -> np.ndarray:
     """(n, T+1): one epoch of the windows process `rank` of `world_size` must be served from `texts`, shuffle off.
 
-    Written from the layout's description, not from the loader's code: the first val_tokens tokens of all the
-    documents are validation; the documents after the one they end in go to the processes in turn (the one they
-    end in goes to process 0, without its validation part); each process cuts its own token stream into shards
-    of shard_tokens and each shard into windows of T+1 tokens every T tokens, dropping each shard's short tail.
+    Written from the layout's description, not from the loader's code: the first val_tokens + 1 tokens of all the
+    documents are validation (val_tokens scored targets); the documents after the one they end in go to the
+    processes in turn (the one they end in goes to process 0, without its validation part); each process cuts its
+    own token stream into shards of shard_tokens and each shard into windows of T+1 tokens every T tokens, dropping
+    each shard's short tail.
     """
     docs = [reference_tokens(encoding, [t]) for t in texts]
     ends = np.cumsum([len(d) for d in docs])
-    first = int(
-        np.searchsorted(ends, val_tokens, side="right")
-    )  # the document holding token val_tokens
+    val = val_tokens + 1
+    first = int(np.searchsorted(ends, val, side="right"))  # the document holding the first training token
     mine = [docs[i] for i in range(first + rank, len(docs), world_size)]
     if rank == 0:
-        mine[0] = mine[0][val_tokens - (int(ends[first - 1]) if first else 0) :]
+        mine[0] = mine[0][val - (int(ends[first - 1]) if first else 0) :]
     tokens, T, windows = np.concatenate(mine), seq_len, []
     for start in range(0, len(tokens), shard_tokens):
         shard = tokens[start : start + shard_tokens]
@@ -184,8 +184,8 @@ class FlakyReads:
 
     def _open(self, file, mode="r", *args, **kwargs):
         handle = self._real_open(file, mode, *args, **kwargs)
-        # data_prep's source fingerprint hashes the local file itself: a local check, not a read of the stream
-        if sys._getframe(1).f_globals.get("__name__") == "data_prep":
+        # prepare.py's source fingerprint hashes the local file itself: a local check, not a read of the stream
+        if sys._getframe(1).f_globals.get("__name__") == "gpt2_repro.prepare":
             return handle
         if isinstance(file, (str, os.PathLike)) and self.match in os.fspath(file) and "b" in mode:
             return _FlakyFile(handle, self)
@@ -223,3 +223,14 @@ def learnable_tokens(n: int, seed: int = 0, vocab: int = 200, successors: int = 
     for i in range(1, n):
         idx[i] = nxt[idx[i - 1], choices[i]]
     return ids[idx]
+
+
+def tiny_repro(seed: int = 0, n_positions: int = 128):
+    """A 2-layer, 64-wide GPT2ReproForCausalLM (padded vocabulary), initialised from `seed`, in eval mode."""
+    import torch
+
+    from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPT2ReproConfig(n_layer=2, n_head=4, n_embd=64, n_positions=n_positions, vocab_size=50304)
+    return GPT2ReproForCausalLM(config).eval()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from atomic_io import link_tree, write_atomic, write_json_atomic
+from gpt2_repro.atomic_io import link_tree, write_atomic, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +43,7 @@ def test_no_other_module_creates_files_with_mkstemp():
     sources = [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py")]
     assert len(sources) > 10
     users = [
-        p.name
-        for p in sources
-        if re.search(r"mkstemp|NamedTemporaryFile", p.read_text()) and p.name != "atomic_io.py"
+        p.name for p in sources if re.search(r"mkstemp|NamedTemporaryFile", p.read_text()) and p.name != "atomic_io.py"
     ]
     assert users == []
 
@@ -55,7 +53,4 @@ def test_strict_json_writes_null_for_non_finite_numbers(tmp_path):
 
     write_json_atomic(tmp_path / "r.json", {"loss": float("nan"), "x": [float("inf"), 1.5]})
     text = (tmp_path / "r.json").read_text()
-    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
-        "loss": None,
-        "x": [None, 1.5],
-    }
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"loss": None, "x": [None, 1.5]}

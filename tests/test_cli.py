@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from cli import ConfigError
-from data_prep import PrepConfig
 from evaluate_gpt2 import EvaluateArgs
-from train_config import TrainConfig
+from gpt2_repro.cli import DEBUG_ENV, debugging, parse, run
+from gpt2_repro.config import TrainConfig
+from gpt2_repro.errors import ConfigError, Stop
+from gpt2_repro.prepare import PrepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_every_script_takes_the_same_spellings(cls, argv, where, expected):
-    value = cli.parse(cls, argv)
+    value = parse(cls, argv)
     for name in where:
         value = getattr(value, name)
     assert value == expected
@@ -43,7 +43,7 @@ def test_unknown_options_get_a_did_you_mean_in_every_script(capsys):
         (EvaluateArgs, ["--model", "m", "--max_steps", "3"]),
     ]:
         with pytest.raises(SystemExit) as e:
-            cli.parse(cls, argv)
+            parse(cls, argv)
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Did you mean --max_steps?" in err and "Did you mean --max_tokens?" in err
@@ -51,30 +51,28 @@ def test_unknown_options_get_a_did_you_mean_in_every_script(capsys):
 
 def test_values_are_typed_and_choices_checked():
     with pytest.raises(ConfigError, match="--val_tokens: expected int, got 'many'"):
-        cli.parse(EvaluateArgs, ["--model", "m", "--val_tokens", "many"])
+        parse(EvaluateArgs, ["--model", "m", "--val_tokens", "many"])
     with pytest.raises(ConfigError, match="--device: expected one of auto, cpu, cuda, got 'gpu'"):
-        cli.parse(EvaluateArgs, ["--model", "m", "--device", "gpu"])
+        parse(EvaluateArgs, ["--model", "m", "--device", "gpu"])
     with pytest.raises(ConfigError, match="missing required option --output_dir"):
-        cli.parse(PrepConfig, ["--dataset", "x.txt"])
+        parse(PrepConfig, ["--dataset", "x.txt"])
     with pytest.raises(ConfigError, match="--batch_size must be a positive integer"):
-        cli.parse(EvaluateArgs, ["--model", "m", "--batch_size", "0"])
+        parse(EvaluateArgs, ["--model", "m", "--batch_size", "0"])
 
 
 def test_yaml_presets_for_flat_and_sectioned_configs(tmp_path):
     (tmp_path / "eval.yaml").write_text("model: runs/x/export\nlimit: 100\n")
-    args = cli.parse(EvaluateArgs, ["--config", str(tmp_path / "eval.yaml"), "--limit", "7"])
-    assert (
-        args.model == "runs/x/export" and args.limit == 7
-    )  # the command line overrides the preset
+    args = parse(EvaluateArgs, ["--config", str(tmp_path / "eval.yaml"), "--limit", "7"])
+    assert args.model == "runs/x/export" and args.limit == 7  # the command line overrides the preset
     (tmp_path / "train.yaml").write_text("optim:\n  max_steps: 12\nrun:\n  seed: 5\n")
-    cfg = cli.parse(TrainConfig, ["--config", str(tmp_path / "train.yaml")])
+    cfg = parse(TrainConfig, ["--config", str(tmp_path / "train.yaml")])
     assert (cfg.optim.max_steps, cfg.run.seed, cfg.data.seq_len) == (12, 5, 1024)
     (tmp_path / "bad.yaml").write_text("optim:\n  max_steps: [12\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
-        cli.parse(TrainConfig, ["--config", str(tmp_path / "bad.yaml")])
+        parse(TrainConfig, ["--config", str(tmp_path / "bad.yaml")])
     (tmp_path / "typo.yaml").write_text("max_token: 3\n")
     with pytest.raises(ConfigError, match="unknown key 'max_token'. Did you mean 'max_tokens'"):
-        cli.parse(PrepConfig, ["--config", str(tmp_path / "typo.yaml"), "--output_dir", "o"])
+        parse(PrepConfig, ["--config", str(tmp_path / "typo.yaml"), "--output_dir", "o"])
 
 
 def test_help_lists_each_option_with_its_type_and_default():
@@ -83,15 +81,13 @@ def test_help_lists_each_option_with_its_type_and_default():
         ("data_prep.py", "--shard_tokens"),
         ("evaluate_gpt2.py", "--hellaswag_file"),
     ]:
-        proc = subprocess.run(
-            [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True
-        )
+        proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0 and option in proc.stdout and "--config" in proc.stdout
         assert option.replace("_", "-") in proc.stdout  # the dashed alias
 
 
-def _exit_of(main, **env):
-    """(exit code, stderr) of cli.run(main) in this process."""
+def _exit_of(main, argv=(), **env):
+    """(exit code, stderr) of run(main) in this process, with the command line `script.py *argv`."""
     import contextlib
     import io
 
@@ -99,9 +95,9 @@ def _exit_of(main, **env):
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
         for key, value in env.items():
             mp.setenv(key, value)
-        mp.setattr(sys, "argv", ["script.py"])
+        mp.setattr(sys, "argv", ["script.py", *argv])
         with pytest.raises(SystemExit) as e:
-            cli.run(main)
+            run(main)
     return e.value.code, err.getvalue()
 
 
@@ -118,13 +114,11 @@ def test_expected_errors_end_in_one_error_line_and_exit_code_2():
         raise RuntimeError("Error while serializing: I/O error: File too large (os error 27)")
 
     def stop():
-        raise cli.Stop("stopped at step 7: continue with --resume latest", 75)
+        raise Stop("stopped at step 7: continue with --resume latest", 75)
 
     assert _exit_of(config_error) == (2, "error: --x must be positive\n")
     code, err = _exit_of(disk_full)
-    assert code == 2 and err.startswith(
-        "error: no space left on the device at /runs/x/optimizer.bin"
-    )
+    assert code == 2 and err.startswith("error: no space left on the device at /runs/x/optimizer.bin")
     assert "free some space" in err and err.count("\n") == 1
     code, err = _exit_of(rust_io_error)
     assert code == 2 and "file-size limit" in err
@@ -137,16 +131,18 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_traceback(monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["script.py"])
     with pytest.raises(KeyError):
-        cli.run(bug)
+        run(bug)
 
     def config_error():
         raise ConfigError("bad")
 
-    monkeypatch.setenv(cli.DEBUG_ENV, "1")
-    with pytest.raises(ConfigError):
-        cli.run(config_error)
-    monkeypatch.delenv(cli.DEBUG_ENV)
-    monkeypatch.setattr(sys, "argv", ["script.py", "--debug"])
-    with pytest.raises(ConfigError):
-        cli.run(config_error)
-    assert cli.debugging(["--debug", "false"]) is False and cli.debugging(["--debug=true"]) is True
+    def stop():
+        raise Stop("stopped at step 7", 75)
+
+    # --debug (or the variable) adds the traceback and keeps the exit code: a requeue on 75 sees 75 either way
+    for debug_env, argv in [({DEBUG_ENV: "1"}, []), ({}, ["--debug"])]:
+        code, err = _exit_of(config_error, argv, **debug_env)
+        assert code == 2 and "Traceback" in err and "ConfigError: bad" in err and err.endswith("error: bad\n")
+        code, err = _exit_of(stop, argv, **debug_env)
+        assert code == 75 and "Traceback" in err and err.endswith("stopped at step 7\n")
+    assert debugging(["--debug", "false"]) is False and debugging(["--debug=true"]) is True

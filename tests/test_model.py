@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import DynamicCache, StaticCache
 
-from hub import hub_reachable
+from gpt2_repro import register_auto_classes
+from gpt2_repro.hub import hub_reachable
 from modeling_gpt2_repro import (
     GPT2ReproConfig,
     GPT2ReproForCausalLM,
@@ -33,9 +35,7 @@ def tiny_official(seed=0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(**{**TINY, **overrides}, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg).eval()
-    with (
-        torch.no_grad()
-    ):  # GPT-2 init leaves biases and LayerNorms trivial; perturb them so interop is tested
+    with torch.no_grad():  # GPT-2 init leaves biases and LayerNorms trivial; perturb them so interop is tested
         for name, p in model.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
                 p.add_(0.05 * torch.randn_like(p))
@@ -64,16 +64,11 @@ def test_invalid_config_says_what_to_change(kwargs, message):
 
 def test_config_defaults_are_gpt2_124m_and_round_trip(tmp_path):
     c = GPT2ReproConfig()
-    assert (c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size) == (
-        12,
-        12,
-        768,
-        1024,
-        50304,
-    )
+    assert (c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size) == (12, 12, 768, 1024, 50304)
     assert c.tokenizer_vocab_size == 50257 and c.tie_word_embeddings and c.dropout == 0.0
     assert c.hidden_size == 768 and c.num_hidden_layers == 12  # standard aliases
     c.save_pretrained(tmp_path)
+    register_auto_classes()  # in-process: loads without trust_remote_code
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, GPT2ReproConfig)
     assert loaded.to_diff_dict() == c.to_diff_dict()
@@ -87,10 +82,7 @@ def test_parameter_count_of_124m():
     assert padded.num_parameters() == 124_475_904
     # nanoGPT's estimate for 124M at T=1024 is about 855M FLOPs per token
     assert estimate_flops_per_token(padded.config, 1024) == pytest.approx(855.4e6, rel=1e-3)
-    assert (
-        estimate_flops_per_token(padded.config, 1024)
-        == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 768 * 1024
-    )
+    assert estimate_flops_per_token(padded.config, 1024) == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 768 * 1024
 
 
 # -------------------------------------------------------------------------------------------- the network
@@ -107,7 +99,7 @@ def test_shapes_and_loss_at_init():
 def test_padding_ids_never_win():
     model = tiny_model()
     logits = model(ids()).logits
-    assert torch.isinf(logits[..., 50257:]).all() and torch.isfinite(logits[..., :50257]).all()
+    assert (logits[..., 50257:] == torch.finfo(logits.dtype).min).all() and torch.isfinite(logits).all()
     with torch.no_grad():  # even if training pushed a padding row up, it stays out of decoding
         model.lm_head.weight[50300].fill_(5.0)
     out = model.generate(ids(1, 4), max_new_tokens=20, do_sample=True, top_k=0, temperature=2.0)
@@ -129,15 +121,14 @@ def test_causality(impl):
 def test_eager_and_sdpa_agree():
     eager, sdpa = tiny_model(attn_implementation="eager"), tiny_model(attn_implementation="sdpa")
     x = ids()
-    torch.testing.assert_close(
-        eager(x).logits[..., :50257], sdpa(x).logits[..., :50257], atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(eager(x).logits[..., :50257], sdpa(x).logits[..., :50257], atol=1e-5, rtol=1e-5)
 
 
 def test_weight_tying_is_one_storage(tmp_path):
     model = tiny_model()
     assert model.lm_head.weight is model.transformer.wte.weight
     model.save_pretrained(tmp_path)
+    register_auto_classes()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
 
@@ -153,10 +144,7 @@ def test_gpt2_init_statistics():
         assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
         assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
         assert torch.count_nonzero(block.attn.c_attn.bias) == 0
-        assert (
-            torch.equal(block.ln_1.weight, torch.ones(256))
-            and torch.count_nonzero(block.ln_1.bias) == 0
-        )
+        assert torch.equal(block.ln_1.weight, torch.ones(256)) and torch.count_nonzero(block.ln_1.bias) == 0
     assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert abs(model.transformer.wte.weight.mean().item()) < 1e-3
@@ -182,18 +170,12 @@ def test_ignored_targets_and_no_logits_for_training():
     x = ids(2, 17)
     inputs, targets = x[:, :-1], x[:, 1:].clone()
     targets[:, :8] = -100
-    strided = torch.stack([targets, targets], dim=-1)[
-        ..., 0
-    ]  # the same values, every other element
+    strided = torch.stack([targets, targets], dim=-1)[..., 0]  # the same values, every other element
     assert not strided.is_contiguous() and torch.equal(strided, targets)
-    out = model(
-        inputs, shift_labels=strided, return_logits=False
-    )  # non-contiguous targets are fine
+    out = model(inputs, shift_labels=strided, return_logits=False)  # non-contiguous targets are fine
     assert out.logits is None
     logits = model(inputs).logits
-    expected = F.cross_entropy(
-        logits[:, 8:].reshape(-1, logits.size(-1)), targets[:, 8:].reshape(-1)
-    )
+    expected = F.cross_entropy(logits[:, 8:].reshape(-1, logits.size(-1)), targets[:, 8:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
 
 
@@ -260,20 +242,15 @@ def test_left_padded_batch_generates_like_single_prompts():
 def test_save_load_round_trip_is_exact(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
-    assert {"config.json", "model.safetensors", "modeling_gpt2_repro.py"} <= set(
-        os.listdir(tmp_path)
-    )
+    assert {"config.json", "model.safetensors", "modeling_gpt2_repro.py"} <= set(os.listdir(tmp_path))
+    register_auto_classes()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(loaded) is GPT2ReproForCausalLM
-    for (name, a), (_, b) in zip(
-        model.state_dict().items(), loaded.state_dict().items(), strict=True
-    ):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     backbone = AutoModel.from_pretrained(tmp_path)
     assert type(backbone) is GPT2ReproModel
-    torch.testing.assert_close(
-        backbone(ids()).last_hidden_state, model.transformer(ids()).last_hidden_state
-    )
+    torch.testing.assert_close(backbone(ids()).last_hidden_state, model.transformer(ids()).last_hidden_state)
 
 
 def test_remote_code_load_in_a_fresh_process_without_the_project(tmp_path):
@@ -308,12 +285,7 @@ def test_remote_code_load_in_a_fresh_process_without_the_project(tmp_path):
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"GEN {expected}" in proc.stdout
@@ -437,35 +409,25 @@ def test_return_dict_false_gives_stock_gpt2_tuples():
     official = tiny_official()
     ours = GPT2ReproForCausalLM.from_official_gpt2(official)
     x = ids(2, 8)
-    for kwargs in (
-        {},
-        {"labels": x},
-        {"labels": x, "output_hidden_states": True, "use_cache": False},
-    ):
+    for kwargs in ({}, {"labels": x}, {"labels": x, "output_hidden_states": True, "use_cache": False}):
         got = ours(x, return_dict=False, **kwargs)
         want = official(x, return_dict=False, **kwargs)
         assert isinstance(got, tuple) and len(got) == len(want), kwargs
         for a, b in zip(got, want, strict=True):
             assert type(a) is type(b), kwargs
             if isinstance(a, torch.Tensor):  # the loss, the logits (ours have padding columns)
-                torch.testing.assert_close(
-                    a[..., : b.shape[-1]] if a.dim() else a, b, atol=1e-5, rtol=0
-                )
+                torch.testing.assert_close(a[..., : b.shape[-1]] if a.dim() else a, b, atol=1e-5, rtol=0)
     backbone = ours.transformer(x, output_hidden_states=True, return_dict=False)
     assert [type(t).__name__ for t in backbone] == ["Tensor", "DynamicCache", "tuple"]
     assert len(backbone[2]) == ours.config.n_layer + 1
 
 
 def test_output_attentions_from_the_config_and_refused_where_no_weights_exist():
-    model = tiny_model(
-        attn_implementation="eager", output_attentions=True, output_hidden_states=True
-    )
+    model = tiny_model(attn_implementation="eager", output_attentions=True, output_hidden_states=True)
     out = model(ids(1, 5))
     assert len(out.attentions) == 2 and len(out.hidden_states) == 3
     model.config._attn_implementation = "flex_attention"
-    with pytest.raises(
-        ValueError, match="output_attentions=True needs attn_implementation='eager'"
-    ):
+    with pytest.raises(ValueError, match="output_attentions=True needs attn_implementation='eager'"):
         model(ids(1, 5))
 
 
@@ -493,7 +455,7 @@ def test_resize_keeps_real_ids_learnable_and_padding_masked(new_num_tokens, mult
     assert torch.equal(model.transformer.wte.weight[: len(kept)], kept)  # real rows untouched
     logits = model(ids(2, 6, high=real)).logits
     assert logits.shape[-1] == matrix
-    assert torch.isfinite(logits[..., :real]).all() and torch.isinf(logits[..., real:]).all()
+    assert torch.isfinite(logits).all() and (logits[..., real:] == torch.finfo(logits.dtype).min).all()
     if real > 50257:  # the new ids were padding rows: they get fresh rows like any added token
         assert model.transformer.wte.weight[50257:real].abs().sum() > 0
     x = torch.tensor([[1, 2, real - 1, real - 1]])  # the last real id as input and target
@@ -532,6 +494,7 @@ def test_fine_tuning_on_an_added_token(hf_tokenizer, tmp_path):
     assert new_token_loss().item() < first.item() - 3.0
     # Saved and loaded: the same vocabulary split, the same outputs.
     model.eval().save_pretrained(tmp_path)
+    register_auto_classes()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.tokenizer_vocab_size == 50258 and loaded.config.vocab_size == 50304
     torch.testing.assert_close(loaded(batch).logits, model(batch).logits)
@@ -576,11 +539,195 @@ def test_flash_attention_2_is_not_offered():
         tiny_model(attn_implementation="flash_attention_2")
 
 
-def test_bf16_parameters_with_the_fp32_mask_buffer_as_fsdp_mixed_precision_leaves_them():
-    """FSDP2's mixed precision casts parameters to bf16 for the forward but leaves buffers (the logit mask) fp32."""
+def test_bf16_parameters_as_fsdp_mixed_precision_casts_them():
+    """FSDP2's mixed precision casts the parameters to bf16 for the forward: the padding logits are bf16's most
+    negative value, finite (float32's would round to -inf in bf16)."""
     model = tiny_model()
     for p in model.parameters():
         p.data = p.data.to(torch.bfloat16)
-    assert model.logit_mask.dtype == torch.float32
     logits = model(ids(1, 6)).logits
-    assert logits.dtype == torch.bfloat16 and torch.isinf(logits[..., 50257:]).all()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert (logits[..., 50257:] == torch.finfo(torch.bfloat16).min).all()
+
+
+# ------------------------------------------------------------------------- packed rows and cheap input checks
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_row_longer_than_the_context_runs_like_separate_sequences(impl):
+    """Padding-free training (DataCollatorWithFlattening, TRL's padding_free): sequences concatenated in one row,
+    position_ids restarting at 0 for each. The row (70 tokens) is longer than n_positions (64); no position is."""
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model(attn_implementation=impl)
+    lengths = [21, 17, 23, 9]
+    seqs = [ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    batch = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in seqs])
+    assert batch["input_ids"].shape == (1, 70) and batch["position_ids"].max() == 22
+    # No cache: transformers derives the per-sequence (block-diagonal) mask from position_ids only then.
+    packed = model(**batch, use_cache=False)
+    alone = [model(s[None], labels=s[None]) for s in seqs]
+    torch.testing.assert_close(packed.logits[0], torch.cat([o.logits[0] for o in alone]), atol=1e-5, rtol=0)
+    # The collator masks each sequence's first label: the packed loss is the token-weighted mean of the separate ones.
+    weighted = sum(o.loss * (n - 1) for o, n in zip(alone, lengths, strict=True)) / (sum(lengths) - len(lengths))
+    torch.testing.assert_close(packed.loss, weighted, atol=1e-6, rtol=0)
+    # A position past the table is still refused, by the position it is.
+    too_far = batch["position_ids"].clone()
+    too_far[0, -1] = 64
+    with pytest.raises(ValueError, match="Position 64 is outside the position table"):
+        model(batch["input_ids"], position_ids=too_far, use_cache=False)
+
+
+def test_a_static_cache_past_the_context_is_refused_in_eager_mode():
+    """A static cache counts its length in a tensor; on CPU reading it is free, so eager mode still says why."""
+    model = tiny_model()
+    cache = StaticCache(config=model.config, max_cache_len=72)  # room for more than n_positions (64)
+    model(ids(1, 60), cache=cache)
+    with pytest.raises(ValueError, match=r"68 tokens \(60 cached \+ 8 new\) is longer than the model's context"):
+        model(ids(1, 8), cache=cache)
+
+
+def test_input_checks_read_no_tensor_data_off_the_cpu():
+    """On an accelerator, reading a value waits for every queued kernel (a sync per forward): the checks that read
+    tensors run on CPU tensors only (elsewhere the embedding refuses a bad index). Meta tensors have no data at all:
+    any read would raise. Python ints (no position_ids, a dynamic cache's length) are checked everywhere."""
+    backbone = tiny_model().transformer
+    on_meta = ids(1, 8).to("meta")
+    backbone._check_input(on_meta, torch.arange(70, 78, device="meta")[None], torch.tensor(70, device="meta"), 8)
+    backbone._check_input(on_meta, None, torch.tensor(70, device="meta"), 8)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        backbone._check_input(on_meta, None, 60, 8)
+
+
+def test_forward_compiles_fullgraph_with_a_static_cache():
+    """`_can_compile_fullgraph = True` holds: with a static cache the past length is a tensor, and no check may
+    branch on it while compiling (Dynamo refuses a data-dependent branch under fullgraph=True). backend="eager":
+    the graph capture is what is tested; code generation would cost minutes on 2 CPU cores."""
+    model = tiny_model()
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    prompt = ids(2, 8)
+    static, dynamic = StaticCache(config=model.config, max_cache_len=16), DynamicCache(config=model.config)
+    with torch.no_grad():
+        got = compiled(prompt, cache=static).logits[:, -1]  # prefill: past 0 (an int)
+        want = model(prompt, cache=dynamic).logits[:, -1]
+        for _ in range(3):  # decoding: past is the static cache's 0-d tensor
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            next_id = want.argmax(-1, keepdim=True)  # (B, 1)
+            got = compiled(next_id, cache=static).logits[:, -1]
+            want = model(next_id, cache=dynamic).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- the old cache name
+def test_the_old_cache_argument_name_warns_as_stock_gpt2_and_still_works():
+    import warnings
+
+    import transformers
+    from packaging.version import Version
+
+    x = ids(1, 5)
+
+    def call_with_old_name(model):
+        cache = DynamicCache(config=model.config)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model(x, past_key_values=cache)
+        assert cache.get_seq_length() == 5  # the cache given under the old name is the one used
+        return out, [w for w in caught if "`past_key_values` is deprecated" in str(w.message)]
+
+    ours = tiny_model()
+    out, ours_warned = call_with_old_name(ours)
+    _, stock_warned = call_with_old_name(tiny_official())
+    assert [w.category for w in ours_warned] == [w.category for w in stock_warned]
+    if Version(transformers.__version__) < Version("5.40"):  # the name's announced removal: silent from then on
+        assert [w.category for w in ours_warned] == [FutureWarning]
+    assert torch.equal(out.logits, ours(x, cache=DynamicCache(config=ours.config)).logits)
+    _, backbone_warned = call_with_old_name(ours.transformer)
+    assert len(backbone_warned) == len(stock_warned)
+
+
+# ------------------------------------------------------------------------------------- finite padding logits
+def test_padding_logits_are_finite_and_change_no_loss_or_sample():
+    """The padding ids' logits are the dtype's most negative value, not -inf: two identical models' logits differ by
+    0 (not NaN), an entropy computed as -(softmax * log_softmax).sum() (TRL's) is finite, and the loss, the
+    probabilities and the samples over the real ids are those of -inf logits, to the bit."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, twin = tiny_model(), tiny_model()
+    x = ids(2, 12)
+    logits = model(x).logits  # (B, T, V)
+    assert (logits - twin(x).logits).abs().max().item() == 0.0
+    entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1)
+    assert torch.isfinite(entropy).all()
+    as_inf = logits.clone()
+    as_inf[..., 50257:] = float("-inf")  # the previous behaviour
+    assert torch.equal(F.softmax(logits, -1), F.softmax(as_inf, -1))
+    assert torch.equal(F.log_softmax(logits, -1)[..., :50257], F.log_softmax(as_inf, -1)[..., :50257])
+    assert torch.equal(model(x, labels=x).loss, model.loss_function(as_inf, x, vocab_size=model.config.vocab_size))
+
+    class PaddingToMinusInf(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.masked_fill(torch.arange(scores.shape[-1]) >= 50257, float("-inf"))
+
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=0)
+    torch.manual_seed(3)
+    sampled = model.generate(x[:1, :4], **kwargs)
+    torch.manual_seed(3)
+    assert torch.equal(
+        sampled, model.generate(x[:1, :4], logits_processor=LogitsProcessorList([PaddingToMinusInf()]), **kwargs)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_padding_logits_are_finite_in_half_precision(dtype):
+    """The mask is built in the logits' dtype: float32's min would round to -inf in bf16 and fp16."""
+    model = tiny_model().to(dtype)
+    logits = model(ids(1, 6)).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    assert (logits[..., 50257:] == torch.finfo(dtype).min).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 matmul: the mask follows autocast
+        logits = tiny_model()(ids(1, 6)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert (logits[..., 50257:] == torch.finfo(torch.bfloat16).min).all()
+
+
+# ------------------------------------------------------------------------------ remote code is per folder
+def test_a_second_remote_code_folder_needs_trust_and_runs_its_own_code(tmp_path):
+    """Importing the model (as the project does, or as one trusted load of a checkpoint does) registers nothing: any
+    other folder of model_type gpt2_repro still asks for trust_remote_code, and then runs its own modeling file.
+    A fresh process, so that nothing this test session registered (register_auto_classes) is in the way."""
+    model = tiny_model()
+    folder_a, folder_b = tmp_path / "ckpt_a", tmp_path / "ckpt_b"
+    model.save_pretrained(folder_a)
+    model.save_pretrained(folder_b)
+    with open(folder_b / "modeling_gpt2_repro.py", "a", encoding="utf-8") as f:
+        f.write('\n\nGPT2ReproForCausalLM.folder_mark = "B"  # only folder B\'s code sets it\n')
+    script = textwrap.dedent(
+        f"""
+        from transformers import AutoConfig, AutoModelForCausalLM, CONFIG_MAPPING
+        import modeling_gpt2_repro  # the project's own module: importing it registers nothing
+        assert "gpt2_repro" not in CONFIG_MAPPING
+        a = AutoModelForCausalLM.from_pretrained({str(folder_a)!r}, trust_remote_code=True)
+        assert not hasattr(type(a), "folder_mark") and type(a).__module__.startswith("transformers_modules")
+        assert "gpt2_repro" not in CONFIG_MAPPING, "a trusted load registered its code for every folder"
+        for load in (AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained):
+            try:
+                load({str(folder_b)!r})
+                raise SystemExit(f"{{load.__qualname__}} loaded folder B without trust_remote_code")
+            except ValueError as e:
+                assert "trust_remote_code" in str(e), e
+        b = AutoModelForCausalLM.from_pretrained({str(folder_b)!r}, trust_remote_code=True)
+        print("B", type(b).folder_mark, type(b) is not type(a))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "B B True" in proc.stdout

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from run_info import mfu, peak_bf16_flops
+from gpt2_repro.run_info import mfu, peak_bf16_flops
 
 
 def test_peak_flops_table_and_mfu():

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from stopping import DivergenceGuard, StopRequest, launcher_pid, nonfinite_parameters
+from gpt2_repro.stopping import DivergenceGuard, StopRequest, launcher_pid, nonfinite_parameters
 
 
 def test_stop_request_catches_sigterm_and_sigusr1_and_restores_the_handlers():

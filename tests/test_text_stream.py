@@ -3,9 +3,17 @@
 import numpy as np
 import pytest
 
-import text_stream as ts
+from gpt2_repro.shards import shard_capacity
+from gpt2_repro.text_stream import (
+    EncodedBatch,
+    cut_shards,
+    encode_documents,
+    is_transient,
+    open_text_stream,
+    read_stream_head,
+    retry_delay,
+)
 from synthetic import EOT, make_texts, reference_tokens, write_fineweb_parquet
-from text_stream import encode_documents
 
 
 def test_encode_documents_delimits_and_skips(gpt2_encoding):
@@ -35,57 +43,41 @@ def test_one_call_per_batch_gives_one_call_per_document(gpt2_encoding, literal):
 def test_stream_head_is_the_val_shard_and_says_where_training_starts(gpt2_encoding, tmp_path):
     texts = make_texts(60, seed=4)
     texts[20] = ""
-    ds = ts.open_text_stream(str(write_fineweb_parquet(tmp_path / "x.parquet", texts))).dataset
+    ds = open_text_stream(str(write_fineweb_parquet(tmp_path / "x.parquet", texts))).dataset
     ref = reference_tokens(gpt2_encoding, texts)
     lengths = [len(reference_tokens(gpt2_encoding, [t])) for t in texts]
     ends = np.cumsum(lengths)
-    for n in (
-        1,
-        500,
-        int(ends[19]),
-        int(ends[19]) + 1,
-        len(ref) - 1,
-    ):  # mid-document and at its end
-        head, (row, offset) = ts.read_stream_head(ds, "text", gpt2_encoding, n, batch_docs=7)
+    for n in (1, 500, int(ends[19]), int(ends[19]) + 1, len(ref) - 1):  # mid-document and at its end
+        head, (row, offset) = read_stream_head(ds, "text", gpt2_encoding, n, batch_docs=7)
         assert np.array_equal(head, ref[:n])
         before = int(ends[row - 1]) if row else 0
         assert 0 <= offset < lengths[row] and before + offset == n, (n, row, offset)
-    head, end = ts.read_stream_head(ds, "text", gpt2_encoding, len(ref), keep=10)
+    head, end = read_stream_head(ds, "text", gpt2_encoding, len(ref), keep=10)
     assert end == (60, 0) and np.array_equal(head, ref[:10])  # training would start after the end
-    head, end = ts.read_stream_head(ds, "text", gpt2_encoding, len(ref) + 1)
+    head, end = read_stream_head(ds, "text", gpt2_encoding, len(ref) + 1)
     assert end is None and np.array_equal(head, ref)  # the stream is shorter than asked
 
 
 def test_cut_shards_is_data_preps_layout_and_continues_inside_a_stream():
     ends = (7, 14, 20)  # three batches of tokens 0..19
     batches = [
-        ts.EncodedBatch(None, np.arange(a, b, dtype=np.uint16), np.ones(1))
-        for a, b in zip((0, *ends), ends, strict=False)
+        EncodedBatch(None, np.arange(a, b, dtype=np.uint16), np.ones(1)) for a, b in zip((0, *ends), ends, strict=False)
     ]
 
     def cut(max_tokens=None, **resume):
-        size = lambda i: ts.shard_capacity(i, val_tokens=5, shard_tokens=4, max_tokens=max_tokens)
+        size = lambda i: shard_capacity(i, val_tokens=5, shard_tokens=4, max_tokens=max_tokens)
         shards, ended = {}, []
-        for piece in ts.cut_shards(iter(batches), size, **resume):
+        for piece in cut_shards(iter(batches), size, **resume):
             shards.setdefault(piece.shard, []).extend(piece.tokens.tolist())
             ended += [piece.shard] if piece.shard_end else []
         return shards, ended
 
-    shards, ended = cut()
-    assert shards == {
-        0: [0, 1, 2, 3, 4],
-        1: [5, 6, 7, 8],
-        2: [9, 10, 11, 12],
-        3: [13, 14, 15, 16],
-        4: [17, 18, 19],
-    }
+    shards, ended = cut()  # val_tokens 5: a validation shard of 5 + 1 tokens (5 scored targets)
+    assert shards == {0: [0, 1, 2, 3, 4, 5], 1: [6, 7, 8, 9], 2: [10, 11, 12, 13], 3: [14, 15, 16, 17], 4: [18, 19]}
     assert ended == [0, 1, 2, 3]  # the stream's last shard ends short
-    assert cut(max_tokens=15) == (
-        {0: [0, 1, 2, 3, 4], 1: [5, 6, 7, 8], 2: [9, 10, 11, 12], 3: [13, 14]},
-        [0, 1, 2, 3],
-    )
-    later, ended = cut(shard=2, filled=1, skip=10)  # from token 10, one token into shard 2
-    assert later == {2: [10, 11, 12], 3: [13, 14, 15, 16], 4: [17, 18, 19]} and ended == [2, 3]
+    assert cut(max_tokens=15) == ({0: [0, 1, 2, 3, 4, 5], 1: [6, 7, 8, 9], 2: [10, 11, 12, 13], 3: [14]}, [0, 1, 2, 3])
+    later, ended = cut(shard=2, filled=1, skip=11)  # from token 11, one token into shard 2
+    assert later == {2: [11, 12, 13], 3: [14, 15, 16, 17], 4: [18, 19]} and ended == [2, 3]
 
 
 def test_transient_errors_are_the_network_kind():
@@ -93,19 +85,8 @@ def test_transient_errors_are_the_network_kind():
         def __init__(self, status):
             self.response = type("R", (), {"status_code": status})()
 
-    for error in (
-        ConnectionResetError(),
-        TimeoutError(),
-        OSError("I/O"),
-        HTTPError(503),
-        HTTPError(429),
-    ):
-        assert ts.is_transient(error), error
-    for error in (
-        FileNotFoundError(),
-        PermissionError(),
-        HTTPError(404),
-        ValueError("bad parquet"),
-    ):
-        assert not ts.is_transient(error), error
-    assert [ts.retry_delay(i) for i in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    for error in (ConnectionResetError(), TimeoutError(), OSError("I/O"), HTTPError(503), HTTPError(429)):
+        assert is_transient(error), error
+    for error in (FileNotFoundError(), PermissionError(), HTTPError(404), ValueError("bad parquet")):
+        assert not is_transient(error), error
+    assert [retry_delay(i) for i in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]

@@ -7,8 +7,8 @@ import pytest
 import tiktoken.load
 from transformers import AutoTokenizer
 
-import gpt2_tokenizer
-from gpt2_tokenizer import EOT_ID, R50K_URL, build_hf_tokenizer, get_gpt2_encoding
+from gpt2_repro import tokenizer as gpt2_tokenizer
+from gpt2_repro.tokenizer import EOT_ID, R50K_URL, build_hf_tokenizer, get_gpt2_encoding
 
 SAMPLES = [
     "Hello world",
@@ -26,9 +26,7 @@ SAMPLES = [
 
 def random_texts(n=200, seed=0):
     rng = random.Random(seed)
-    alphabet = (
-        "abcdefghijklmnopqrstuvwxyz ABCDEFG  \n\t.,;:'\"!?-()[]{}0123456789éüß中文日本한국어🎉"
-    )
+    alphabet = "abcdefghijklmnopqrstuvwxyz ABCDEFG  \n\t.,;:'\"!?-()[]{}0123456789éüß中文日本한국어🎉"
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 120))) for _ in range(n)]
 
 
@@ -62,10 +60,7 @@ def _write_vocab(path, gpt2_encoding):
     """The r50k_base file format: one 'base64(token) rank' line per mergeable token."""
     import base64
 
-    lines = [
-        f"{base64.b64encode(tok).decode()} {rank}"
-        for tok, rank in gpt2_encoding._mergeable_ranks.items()
-    ]
+    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in gpt2_encoding._mergeable_ranks.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -103,9 +98,7 @@ def test_offline_without_cache_explains_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(tiktoken.load, "read_file", no_network)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("GPT2_REPRO_VOCAB", raising=False)
-    monkeypatch.setattr(
-        tiktoken.registry, "ENCODINGS", {}
-    )  # forget the encoding loaded by other tests
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget the encoding loaded by other tests
     gpt2_tokenizer._load_encoding.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR.*GPT2_REPRO_VOCAB"):

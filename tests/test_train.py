@@ -18,18 +18,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
 import pytest
 import torch
 
-import checkpointing as ckpt
-from cli import ConfigError
-from stopping import PREEMPTED_EXIT_CODE
+from conftest import shared_folder
+from gpt2_repro import checkpoint as ckpt
+from gpt2_repro.config import load_config
+from gpt2_repro.errors import ConfigError, DataError
+from gpt2_repro.shards import write_shard
+from gpt2_repro.stopping import PREEMPTED_EXIT_CODE
 from synthetic import hellaswag_examples, learnable_tokens, write_jsonl
-from token_data import write_shard
-from train_config import load_config, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,53 +80,22 @@ TINY_ARGS = [
     "1",
     "--sample_tokens",
     "8",
+    "--cpu_threads",
+    "1",
 ]
 
 
-def test_auto_precision_and_compile_follow_the_device_and_the_launch_config():
-    from train import precision_and_compile
-
-    auto = load_config(ROOT / "configs" / "gpt2_124m.yaml")
-    unset = {
-        "ACCELERATE_MIXED_PRECISION": "no",
-        "ACCELERATE_DYNAMO_BACKEND": "NO",
-    }  # a bare `accelerate launch`
-    assert precision_and_compile(auto, cuda=True, env=unset) == ("bf16", "inductor")
-    assert precision_and_compile(auto, cuda=True, env={}) == ("bf16", "inductor")
-    assert precision_and_compile(auto, cuda=False, env=unset) == ("no", "no")
-    chosen = {
-        "ACCELERATE_MIXED_PRECISION": "fp16",
-        "ACCELERATE_DYNAMO_BACKEND": "EAGER",
-    }  # an accelerate config
-    assert precision_and_compile(auto, cuda=True, env=chosen) == ("fp16", "eager")
-    explicit = parse_args(["--mixed_precision", "no", "--compile", "false"])
-    assert precision_and_compile(explicit, cuda=True, env={}) == ("no", "no")
-    assert precision_and_compile(parse_args(["--compile", "true"]), cuda=False, env={}) == (
-        "no",
-        "inductor",
-    )
-
-
 def _env(**extra) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "HF_TOKEN"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "HF_TOKEN"))}
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **extra)
     return env
 
 
-def _train(args: list[str], out: Path, launcher: list[str] | None = None, timeout=300, **env):
-    cmd = (launcher or [sys.executable]) + [
-        str(ROOT / "train.py"),
-        *TINY_ARGS,
-        *args,
-        "--output_dir",
-        str(out),
-    ]
+def _train(args: list[str], out: Path, launcher: list[str] | None = None, timeout=300, umask=None, **env):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *TINY_ARGS, *args, "--output_dir", str(out)]
+    preexec = None if umask is None else (lambda: os.umask(umask))
     proc = subprocess.run(
-        cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=timeout
+        cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=timeout, preexec_fn=preexec
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -144,148 +115,66 @@ def _metrics(run: Path) -> tuple[dict[int, float], dict[int, dict]]:
     return losses, evals
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, gpt2_encoding):
     """Train/val shards of structured token ids (a random Markov chain over 200 GPT-2 ids: learnable)."""
-    folder = tmp_path_factory.mktemp("shards")
-    tokens = learnable_tokens(30000)
-    write_shard(folder / "test_val_000000.bin", tokens[:4096])
-    write_shard(folder / "test_train_000001.bin", tokens[4096:])
-    return folder
+
+    def make(folder):
+        tokens = learnable_tokens(30000)
+        write_shard(folder / "test_val_000000.bin", tokens[:4096])
+        write_shard(folder / "test_train_000001.bin", tokens[4096:])
+
+    return shared_folder(tmp_path_factory, "shards", make)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hellaswag_file(tmp_path_factory):
-    return write_jsonl(
-        tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl", hellaswag_examples(6)
+    folder = shared_folder(
+        tmp_path_factory, "hellaswag", lambda f: write_jsonl(f / "hellaswag_val.jsonl", hellaswag_examples(6))
     )
+    return folder / "hellaswag_val.jsonl"
 
 
-@pytest.fixture(scope="module")
+def _shared_run(tmp_path_factory, name: str, args: list[str], umask=None):
+    """(run folder, its output) of one training run made once for the whole session (conftest.shared_folder)."""
+
+    def make(folder):
+        proc = _train(args, folder / "run", umask=umask)
+        (folder / "stdout.txt").write_text(proc.stdout)
+        (folder / "stderr.txt").write_text(proc.stderr)
+
+    folder = shared_folder(tmp_path_factory, name, make)
+    output = SimpleNamespace(stdout=(folder / "stdout.txt").read_text(), stderr=(folder / "stderr.txt").read_text())
+    return folder / "run", output
+
+
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, data_dir, hellaswag_file):
-    """One uninterrupted single-process run: MAX_STEPS optimizer steps of 2 x 4 x 32 tokens."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    proc = _train(["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)], out)
-    return out, proc
+    """One uninterrupted single-process run: MAX_STEPS optimizer steps of 2 x 4 x 32 tokens, under umask 002 (a
+    group's shared folder)."""
+    return _shared_run(
+        tmp_path_factory,
+        "reference",
+        ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)],
+        umask=0o002,
+    )
 
 
 # The fast recipe on the same tiny model: Muon for the blocks' matrices, AdamW for the rest, wsd schedule.
 MUON_ARGS = ["--optimizer", "muon", "--schedule", "wsd", "--decay_fraction", "0.4"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def muon_reference(tmp_path_factory, data_dir, hellaswag_file):
     """One uninterrupted single-process run of the fast recipe, like `reference`."""
-    out = tmp_path_factory.mktemp("muon_reference") / "run"
-    proc = _train(
-        [*MUON_ARGS, "--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)], out
-    )
-    return out, proc
+    args = [*MUON_ARGS, "--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    return _shared_run(tmp_path_factory, "muon_reference", args)
 
 
 RECIPES = {"adamw": ("reference", []), "muon": ("muon_reference", MUON_ARGS)}
 
 
 # ---------------------------------------------------------------------------- optimizers (no runs)
-
-
-def _tiny_model(n_layer=2):
-    from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
-
-    config = GPT2ReproConfig(n_layer=n_layer, n_head=2, n_embd=32, n_positions=16)
-    return GPT2ReproForCausalLM(config)
-
-
-def test_muon_and_adamw_groups_hold_every_parameter_once():
-    import train
-
-    model = _tiny_model()
-    cfg = load_config(ROOT / "configs" / "tiny_fast.yaml")
-    adamw, muon = train.build_optimizers(model, cfg, torch.device("cpu"))
-    groups = [g for opt in (adamw, muon) for g in opt.param_groups]
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # the tied weight counts once
-    assert model.lm_head.weight is model.transformer.wte.weight
-    adamw_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
-    assert {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)} <= adamw_ids
-    names = {id(p): n for n, p in model.named_parameters()}
-    muon_names = sorted(names[id(p)] for p in muon.param_groups[0]["params"])
-    expected = sorted(f"transformer.h.{i}.{m}" for i in range(2) for m in train.MUON_MATRICES)
-    assert muon_names == expected
-    decayed, plain = adamw.param_groups
-    assert decayed["weight_decay"] == cfg.optim.weight_decay and plain["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decayed["params"]) and all(
-        p.dim() == 1 for p in plain["params"]
-    )
-    assert muon.defaults["adjust_lr_fn"] == cfg.optim.muon_adjust_lr_fn
-    tiny = load_config(ROOT / "configs" / "tiny.yaml")
-    (alone,) = train.build_optimizers(model, tiny, torch.device("cpu"))
-    assert isinstance(alone, torch.optim.AdamW) and len(alone.param_groups) == 2
-
-
-def test_each_optimizer_follows_the_schedule_from_its_own_peak():
-    import train
-
-    cfg = load_config(ROOT / "configs" / "tiny_fast.yaml", {"max_steps": 100, "warmup_steps": 10})
-    optimizers = train.build_optimizers(_tiny_model(), cfg, torch.device("cpu"))
-    optim = cfg.optim
-    assert train.set_lrs(optimizers, 30, optim) == {"lr": optim.max_lr, "muon_lr": optim.muon_lr}
-    assert optimizers[1].param_groups[0]["lr"] == optim.muon_lr
-    end = train.set_lrs(optimizers, 100, optim)
-    assert end["lr"] == optim.min_lr
-    assert end["muon_lr"] == pytest.approx(optim.muon_lr * optim.min_lr / optim.max_lr)
-
-
-def test_a_model_whose_class_fsdp_swapped_saves_as_our_model(tmp_path, gpt2_encoding):
-    """FSDP2 replaces a module's class with a subclass defined in torch; the saved folder must still carry
-    our modeling file as its remote code, not torch's FSDP sources (seen on a GPU before this was fixed)."""
-    import train
-    from gpt2_tokenizer import build_hf_tokenizer
-    from modeling_gpt2_repro import GPT2ReproForCausalLM
-
-    model = _tiny_model()
-    fsdp_api = "torch.distributed.fsdp._fully_shard._fsdp_api"
-    model.__class__ = type(
-        "FSDPGPT2ReproForCausalLM", (GPT2ReproForCausalLM,), {"__module__": fsdp_api}
-    )
-    card = {"config": load_config(ROOT / "configs" / "tiny.yaml").to_dict(), "step": 1, "tokens": 1}
-    train.save_model_files(model, tmp_path, build_hf_tokenizer(gpt2_encoding), card)
-    assert not list(tmp_path.glob("_fsdp*.py")) and (tmp_path / "modeling_gpt2_repro.py").is_file()
-    loaded = GPT2ReproForCausalLM.from_pretrained(tmp_path)
-    for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, model.state_dict()[name]), name
-
-
-def test_muon_is_refused_under_fsdp_and_allowed_with_ddp():
-    """FSDP shards the matrices Muon orthogonalizes whole (FSDP itself cannot start on a CPU)."""
-    from accelerate import DistributedType
-
-    import train
-
-    fast = load_config(ROOT / "configs" / "tiny_fast.yaml")
-    with pytest.raises(
-        ConfigError, match="optimizer=muon cannot run under FSDP.*--optimizer adamw"
-    ):
-        train.check_optimizer_support(fast, DistributedType.FSDP)
-    train.check_optimizer_support(fast, DistributedType.MULTI_GPU)
-    train.check_optimizer_support(load_config(ROOT / "configs" / "tiny.yaml"), DistributedType.FSDP)
-
-
-def test_muon_orthogonalizes_cpu_gradients_in_fp32_like_pytorch_does_in_bf16():
-    """The CPU's fp32 Newton-Schulz is the same function as PyTorch's bf16 one, to bf16 precision."""
-    import train
-
-    coefficients = (3.4445, -4.7750, 2.0315)
-    for shape in [(96, 32), (32, 96), (64, 64)]:
-        grad = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]))
-        ours = train._newton_schulz(grad, coefficients, 5, 1e-7)
-        torch_bf16 = train._TORCH_NEWTON_SCHULZ(grad, coefficients, 5, 1e-7).float()
-        assert ours.dtype == grad.dtype and ours.shape == grad.shape
-        assert (ours - torch_bf16).norm() / torch_bf16.norm() < 2e-2
-    model = _tiny_model()
-    cfg = load_config(ROOT / "configs" / "tiny_fast.yaml")
-    train.build_optimizers(model, cfg, torch.device("cpu"))
-    assert torch.optim._muon._zeropower_via_newtonschulz is train._newton_schulz  # what Muon calls
 
 
 @pytest.mark.slow
@@ -299,36 +188,36 @@ def test_a_short_run_learns_and_logs_everything(reference):
     assert first["tokens"] == 256 and first["lr"] == pytest.approx(1e-2 / 2)
     assert sorted(evals) == [4, 8, 12, 16]
     assert evals[16]["val_loss"] < evals[4]["val_loss"]
-    assert (
-        0.0 <= evals[16]["hellaswag_acc_norm"] <= 1.0
-    )  # the in-loop HellaSwag ran on the test file
+    assert 0.0 <= evals[16]["hellaswag_acc_norm"] <= 1.0  # the in-loop HellaSwag ran on the test file
     assert "--- sample 0 at step 16:\nHello, I'm a language model," in proc.stdout + proc.stderr
+    assert "has no manifest.json, so its shards cannot be checked" in proc.stdout + proc.stderr  # shards from elsewhere
     # Run folder: resolved config, facts, trackers, rotated checkpoints, exports.
-    assert (run / "config.yaml").is_file() and load_config(
-        run / "config.yaml"
-    ).optim.max_steps == MAX_STEPS
+    assert (run / "config.yaml").is_file() and load_config(run / "config.yaml").optim.max_steps == MAX_STEPS
     info = json.loads((run / "run_info.json").read_text())
     assert info["grad_accum_steps"] == 2 and info["versions"]["accelerate"] and "hardware" in info
     assert "git_commit" in info
     assert list((run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [12, 16]
-    state = ckpt.read_trainer_state(run / "checkpoints" / "step_00000016")
-    assert state["step"] == MAX_STEPS and state["tokens_seen"] == MAX_STEPS * 256
+    state = ckpt.read_run_state(run / "checkpoints" / "step_00000016")
+    assert state["step"] == MAX_STEPS and state["tokens_seen"] == MAX_STEPS * 256 and state["line"] == 1
+    # trainer_state.json is transformers' own TrainerState, which tools that read Trainer checkpoints load
+    from transformers import TrainerState
+
+    trainer = TrainerState.load_from_json(str(run / "checkpoints" / "step_00000016" / "trainer_state.json"))
+    assert trainer.global_step == MAX_STEPS and trainer.num_input_tokens_seen == MAX_STEPS * 256
+    assert trainer.max_steps == MAX_STEPS and trainer.log_history[-1]["eval_loss"] == evals[16]["val_loss"]
     card = (run / "export" / "README.md").read_text()
-    assert (
-        "step 16" in card
-        and f"{evals[16]['val_loss']:.4f}" in card
-        and "trust_remote_code=True" in card
-    )
+    assert "step 16" in card and f"{evals[16]['val_loss']:.4f}" in card and "trust_remote_code=True" in card
 
 
 @pytest.mark.slow
 def test_export_folders_load_with_auto_classes(reference, data_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-    import evaluate_gpt2
-    import modeling_gpt2_repro  # noqa: F401  (registers the Auto classes in this process)
+    from gpt2_repro import register_auto_classes
+    from gpt2_repro.evaluation import validation_loss
 
+    register_auto_classes()  # our export loads without trust_remote_code in the project's own process
     run, _ = reference
     ours = AutoModelForCausalLM.from_pretrained(run / "export", dtype=torch.float32)
     stock = AutoModelForCausalLM.from_pretrained(run / "export-gpt2", dtype=torch.float32)
@@ -339,20 +228,16 @@ def test_export_folders_load_with_auto_classes(reference, data_dir):
         assert torch.allclose(ours(ids).logits[..., :50257], stock(ids).logits, atol=1e-4)
         out = ours.generate(ids, max_new_tokens=8, do_sample=False)
         assert torch.equal(out, stock.generate(ids, max_new_tokens=8, do_sample=False))
-    assert out.shape[1] == ids.shape[1] + 8 and tok.decode(out[0]).startswith(
-        "Hello, I'm a language model,"
-    )
+    assert out.shape[1] == ids.shape[1] + 8 and tok.decode(out[0]).startswith("Hello, I'm a language model,")
     # The export holds the final weights: its validation loss is the one logged at the last step.
     _, evals = _metrics(run)
-    val = evaluate_gpt2.validation_loss(ours, data_dir, val_tokens=1024, batch_size=8, seq_len=32)
+    val = validation_loss(ours, data_dir, val_tokens=1024, batch_size=8, seq_len=32)
     assert val == pytest.approx(evals[MAX_STEPS]["val_loss"], abs=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", ["export", "checkpoints/step_00000012"])
-def test_export_and_checkpoints_load_with_trust_remote_code_in_a_fresh_process(
-    reference, tmp_path, folder
-):
+def test_export_and_checkpoints_load_with_trust_remote_code_in_a_fresh_process(reference, tmp_path, folder):
     """The run's export/ and every checkpoint folder load with the Auto classes alone, as Trainer checkpoints do."""
     run, _ = reference
     script = (
@@ -366,12 +251,8 @@ def test_export_and_checkpoints_load_with_trust_remote_code_in_a_fresh_process(
         "assert 'modeling_gpt2_repro' not in sys.modules  # the project's module was never imported\n"
         "print(type(model).__module__, out.shape[1] - ids.shape[1])\n"
     )
-    env = _env(
-        PYTHONPATH=""
-    )  # the fresh process cannot import the project: it must use the folder's code
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    env = _env(PYTHONPATH="")  # the fresh process cannot import the project: it must use the folder's code
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     module, new_tokens = proc.stdout.split()[-2:]
     assert module.startswith("transformers_modules.") and new_tokens == "5"
@@ -384,21 +265,20 @@ def test_a_checkpoint_stores_the_model_once_and_the_run_exports_link_to_it(refer
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-    import modeling_gpt2_repro  # noqa: F401  (registers the Auto classes in this process)
+    from gpt2_repro import register_auto_classes
 
+    register_auto_classes()
     run, _ = reference
     newest = run / "checkpoints" / "step_00000016"
     weights = sorted(str(p.relative_to(newest)) for p in newest.rglob("*.safetensors"))
     assert weights == ["export-gpt2/model.safetensors", "model.safetensors"]
     assert not (newest / "export").exists() and (newest / "optimizer.bin").is_file()
-    for name in os.listdir(
-        run / "export"
-    ):  # every file of the run's export/ is the checkpoint's own
+    for name in os.listdir(run / "export"):  # every file of the run's export/ is the checkpoint's own
         assert os.path.samefile(run / "export" / name, newest / name), name
     assert {"config.json", "model.safetensors", "modeling_gpt2_repro.py", "tokenizer.json"} <= set(
         os.listdir(run / "export")
     )
-    assert not {"optimizer.bin", "trainer_state.json", "loader_rank0.json"} & set(
+    assert not {"optimizer.bin", "trainer_state.json", "run_state.json", "loader_rank0.json"} & set(
         os.listdir(run / "export")
     )
     for name in os.listdir(run / "export-gpt2"):
@@ -415,6 +295,10 @@ def test_a_checkpoint_stores_the_model_once_and_the_run_exports_link_to_it(refer
     for card in (newest / "README.md", newest / "export-gpt2" / "README.md"):
         text = card.read_text()
         assert str(run) not in text and str(ROOT) not in text and "/tmp" not in text, card
+    # Every file follows the run's umask (002), model.safetensors too (its writer makes it 0600 by itself).
+    for folder in (newest, newest / "export-gpt2", run / "export", run / "export-gpt2"):
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir() if p.is_file()}
+        assert set(modes.values()) == {"0o664"}, (folder, modes)
 
 
 @pytest.mark.slow
@@ -426,9 +310,7 @@ def test_both_exports_generate_in_a_batched_pipeline(reference):
     run, _ = reference
     prompts = ["Hello, I'm a language model,", "The", "A cat sat on the mat and then", "Why"]
     for folder in ("export", "export-gpt2"):
-        pipe = pipeline(
-            "text-generation", model=str(run / folder), trust_remote_code=True, batch_size=2
-        )
+        pipe = pipeline("text-generation", model=str(run / folder), trust_remote_code=True, batch_size=2)
         assert pipe.tokenizer.pad_token_id == pipe.model.generation_config.pad_token_id == 50256
         batched = pipe(prompts, max_new_tokens=6, do_sample=False)
         alone = [pipe(p, max_new_tokens=6, do_sample=False) for p in prompts]
@@ -464,9 +346,7 @@ def _fake_wandb(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(
-    reference, data_dir, hellaswag_file, tmp_path
-):
+def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(reference, data_dir, hellaswag_file, tmp_path):
     """Resuming from an earlier checkpoint redoes steps 13-16: TensorBoard shows each step once (the redone
     values), and W&B is asked to continue the same run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -483,11 +363,12 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(
 
     events = EventAccumulator(str(run / "logs" / "gpt2-repro"))
     events.Reload()
-    steps = [e.step for e in events.Scalars("loss")]
+    steps = [e.step for e in events.Scalars("train/loss")]  # the Trainer's namespaces
     assert steps == list(range(1, MAX_STEPS + 1)), steps  # each step once, in order
-    values = {e.step: e.value for e in events.Scalars("loss")}
+    values = {e.step: e.value for e in events.Scalars("train/loss")}
     assert values == pytest.approx(ref_losses, rel=1e-6)
-    assert [e.step for e in events.Scalars("val_loss")] == [4, 8, 12, 16]
+    assert [e.step for e in events.Scalars("eval/loss")] == [4, 8, 12, 16]
+    assert {"train/learning_rate", "train/grad_norm", "train/num_input_tokens_seen"} <= set(events.Tags()["scalars"])
 
     inits = [json.loads(line) for line in wandb_log.read_text().splitlines()]
     run_id = (run / "wandb_run_id").read_text().strip()
@@ -533,30 +414,15 @@ def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = metrics.read_text().count('"loss"')
-    assert proc.returncode == -signal.SIGKILL and done < MAX_STEPS, (
-        f"run ended before the kill ({done} steps)"
-    )
+    assert proc.returncode == -signal.SIGKILL and done < MAX_STEPS, f"run ended before the kill ({done} steps)"
 
     resumed = _train(
-        [
-            *recipe_args,
-            "--data_dir",
-            str(data_dir),
-            "--hellaswag_file",
-            str(hellaswag_file),
-            "--resume",
-            "latest",
-        ],
-        out,
+        [*recipe_args, "--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file), "--resume", "latest"], out
     )
     losses, evals = _metrics(out)
     assert losses == ref_losses, f"killed after step {kill_after}"  # bit-identical, fp32 on CPU
-    assert {s: e["val_loss"] for s, e in evals.items()} == {
-        s: e["val_loss"] for s, e in ref_evals.items()
-    }
-    assert (
-        "resumed from step" in resumed.stdout + resumed.stderr
-    )  # checkpoint 4 was whole before step 5 began
+    assert {s: e["val_loss"] for s, e in evals.items()} == {s: e["val_loss"] for s, e in ref_evals.items()}
+    assert "resumed from step" in resumed.stdout + resumed.stderr  # checkpoint 4 was whole before step 5 began
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [12, 16]
     assert not list((out / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
 
@@ -568,9 +434,7 @@ def test_a_muon_run_learns_faster_and_exports_a_stock_gpt2(reference, muon_refer
     losses, evals = _metrics(muon_reference[0])
     ref_losses, ref_evals = _metrics(reference[0])
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
-    assert (
-        evals[MAX_STEPS]["val_loss"] < ref_evals[MAX_STEPS]["val_loss"]
-    )  # on this learnable chain
+    assert evals[MAX_STEPS]["val_loss"] < ref_evals[MAX_STEPS]["val_loss"]  # on this learnable chain
     first = json.loads((muon_reference[0] / "metrics.jsonl").read_text().splitlines()[0])
     assert first["muon_lr"] == pytest.approx(0.02 / 2) and first["lr"] == pytest.approx(1e-2 / 2)
     stock = AutoModelForCausalLM.from_pretrained(muon_reference[0] / "export-gpt2")
@@ -589,14 +453,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     fixture, recipe_args = RECIPES[recipe]
     ref_losses, ref_evals = _metrics(request.getfixturevalue(fixture)[0])
     out = tmp_path / "run"
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     _train(
         [*recipe_args, "--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)],
         out,
@@ -612,9 +469,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     for step, row in ref_evals.items():
         assert evals[step]["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
         assert evals[step]["hellaswag_acc_norm"] == row["hellaswag_acc_norm"]
-    assert sorted(
-        p.name for p in (out / "checkpoints" / "step_00000016").glob("loader_rank*.json")
-    ) == [
+    assert sorted(p.name for p in (out / "checkpoints" / "step_00000016").glob("loader_rank*.json")) == [
         "loader_rank0.json",
         "loader_rank1.json",
     ]
@@ -631,40 +486,20 @@ def test_missing_data_is_reported_before_anything_starts(tmp_path):
 @pytest.mark.slow
 def test_an_existing_run_is_never_overwritten(reference, data_dir):
     run, _ = reference
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *TINY_ARGS,
-        "--data_dir",
-        str(data_dir),
-        "--output_dir",
-        str(run),
-    ]
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY_ARGS, "--data_dir", str(data_dir), "--output_dir", str(run)]
     again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert (
-        again.returncode == 2
-        and "already holds checkpoints" in again.stderr
-        and "--resume latest" in again.stderr
-    )
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "--resume latest" in again.stderr
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [12, 16]
     assert len(_metrics(run)[0]) == MAX_STEPS
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-    reason="inductor needs a C++ compiler",
-)
-def test_compiled_training_evaluates_samples_and_exports(
-    reference, data_dir, hellaswag_file, tmp_path
-):
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor needs a C++ compiler")
+def test_compiled_training_evaluates_samples_and_exports(reference, data_dir, hellaswag_file, tmp_path):
     """torch.compile (inductor, here on CPU): same losses as eager, and evaluation, sampling and export work."""
     ref_losses, ref_evals = _metrics(reference[0])
     out = tmp_path / "run"
-    proc = _train(
-        ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file), "--compile", "true"],
-        out,
-    )
+    proc = _train(["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file), "--compile", "true"], out)
     assert json.loads((out / "run_info.json").read_text())["compile"] == "INDUCTOR"
     losses, evals = _metrics(out)
     for step, loss in ref_losses.items():
@@ -672,6 +507,7 @@ def test_compiled_training_evaluates_samples_and_exports(
     assert evals[MAX_STEPS]["val_loss"] == pytest.approx(ref_evals[MAX_STEPS]["val_loss"], rel=1e-4)
     assert "hellaswag_acc_norm" in evals[MAX_STEPS]
     assert "--- sample 0 at step 16:\nHello, I'm a language model," in proc.stdout + proc.stderr
+    assert "has no manifest.json, so its shards cannot be checked" in proc.stdout + proc.stderr  # shards from elsewhere
     from safetensors.torch import load_file
 
     names = list(load_file(out / "export" / "model.safetensors"))
@@ -679,9 +515,7 @@ def test_compiled_training_evaluates_samples_and_exports(
     assert not [k for k in names if "_orig_mod" in k]  # clean names, not the compile wrapper's
 
 
-def _check_mixed_precision_run(
-    run: Path, proc, reference_run: Path, device: str, steps: int
-) -> None:
+def _check_mixed_precision_run(run: Path, proc, reference_run: Path, device: str, steps: int) -> None:
     """A bf16 run of `steps` steps: the CUDA defaults (or CPU autocast) were in force, it tracks the fp32
     reference while their LRs agree, it learns, evaluation, sampling and both exports work, and the exported
     weights are the fp32 master weights."""
@@ -693,19 +527,12 @@ def _check_mixed_precision_run(
     ref_losses, ref_evals = _metrics(reference_run)
     losses, evals = _metrics(run)
     assert sorted(losses) == list(range(1, steps + 1))
-    same_lr = (
-        range(1, steps + 1) if steps == MAX_STEPS else range(1, 3)
-    )  # the warmup ignores max_steps
+    same_lr = range(1, steps + 1) if steps == MAX_STEPS else range(1, 3)  # the warmup ignores max_steps
     for step in same_lr:  # bf16 rounding, not a different computation
         assert losses[step] == pytest.approx(ref_losses[step], rel=0.03), step
     assert losses[steps] < losses[1] - 1.0
-    assert (
-        evals[steps]["val_loss"] < ref_evals[4]["val_loss"] + 1.0
-        and "hellaswag_acc_norm" in evals[steps]
-    )
-    assert (
-        f"--- sample 0 at step {steps}:\nHello, I'm a language model," in proc.stdout + proc.stderr
-    )
+    assert evals[steps]["val_loss"] < ref_evals[4]["val_loss"] + 1.0 and "hellaswag_acc_norm" in evals[steps]
+    assert f"--- sample 0 at step {steps}:\nHello, I'm a language model," in proc.stdout + proc.stderr
     weights = load_file(run / "export" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
     for folder in ("export", "export-gpt2"):
@@ -714,20 +541,11 @@ def _check_mixed_precision_run(
 
 
 @pytest.mark.slow
-def test_bf16_autocast_on_cpu_trains_evaluates_samples_and_exports(
-    reference, data_dir, hellaswag_file, tmp_path
-):
+def test_bf16_autocast_on_cpu_trains_evaluates_samples_and_exports(reference, data_dir, hellaswag_file, tmp_path):
     """The GPU default mixed precision, run on the CPU's bf16 autocast so its code paths run in CI too."""
     out = tmp_path / "run"
     args = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
-    short = [
-        "--max_steps",
-        "6",
-        "--eval_every",
-        "6",
-        "--checkpoint_every",
-        "6",
-    ]  # bf16 is slow on CPUs
+    short = ["--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "6"]  # bf16 is slow on CPUs
     proc = _train([*args, *short, "--mixed_precision", "bf16"], out)
     _check_mixed_precision_run(out, proc, reference[0], "cpu", steps=6)
 
@@ -753,7 +571,7 @@ from pathlib import Path
 import httpx2
 from huggingface_hub.errors import HfHubHTTPError
 
-import hub
+from gpt2_repro import hub
 
 calls = []
 
@@ -793,9 +611,7 @@ def _train_with_fake_hub(args: list[str], tmp_path: Path, **env):
     runner = tmp_path / "run_with_fake_hub.py"
     runner.write_text(FAKE_HUB_RUNNER)
     record = tmp_path / "hub_calls.json"
-    env = _env(
-        PYTHONPATH=str(ROOT), TRAIN_PY=str(ROOT / "train.py"), FAKE_HUB_RECORD=str(record), **env
-    )
+    env = _env(PYTHONPATH=str(ROOT), TRAIN_PY=str(ROOT / "train.py"), FAKE_HUB_RECORD=str(record), **env)
     proc = subprocess.run(
         [sys.executable, str(runner), *TINY_ARGS, *args],
         cwd=tmp_path,
@@ -821,11 +637,7 @@ def test_push_to_hub_uploads_both_exports_in_the_background(data_dir, tmp_path):
     assert calls[:3] == [  # before any training
         ["whoami"],
         ["create_repo", "me/gpt2-tiny", {"repo_type": "model", "private": True, "exist_ok": True}],
-        [
-            "create_branch",
-            "me/gpt2-tiny",
-            {"branch": "gpt2", "repo_type": "model", "exist_ok": True},
-        ],
+        ["create_branch", "me/gpt2-tiny", {"branch": "gpt2", "repo_type": "model", "exist_ok": True}],
     ]
     uploads = [c for c in calls if c[0] == "upload_folder"]
     main = [c for c in uploads if c[3]["revision"] is None]
@@ -834,9 +646,7 @@ def test_push_to_hub_uploads_both_exports_in_the_background(data_dir, tmp_path):
     for _, _, _, kw, files, card in main:
         assert {"config.json", "model.safetensors", "modeling_gpt2_repro.py"} <= set(files)
         assert {"README.md", "tokenizer.json", "generation_config.json"} <= set(files)
-        assert (
-            not {"optimizer.bin", "trainer_state.json"} & set(files) and "delete_patterns" not in kw
-        )
+        assert not {"optimizer.bin", "trainer_state.json"} & set(files) and "delete_patterns" not in kw
         assert 'from_pretrained("me/gpt2-tiny", trust_remote_code=True)' in card
         assert 'revision="gpt2"' in card  # the card points to the stock variant
     for _, _, _, kw, files, card in stock:
@@ -878,15 +688,7 @@ def test_push_to_hub_without_write_access_fails_before_training(data_dir, tmp_pa
 @pytest.mark.slow
 def test_gpu_bench_script_runs_on_cpu_with_tiny():
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "gpu_bench.py"),
-            "--tiny",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-        ],
+        [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--tiny", "--steps", "2", "--warmup", "1"],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -907,13 +709,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 @contextlib.contextmanager
 def _running(args: list[str], out: Path, launcher: list[str] | None = None, **env):
     """A training run in the background (its own process group, killed whole if the test fails)."""
-    cmd = (launcher or [sys.executable]) + [
-        str(ROOT / "train.py"),
-        *TINY_ARGS,
-        *args,
-        "--output_dir",
-        str(out),
-    ]
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *TINY_ARGS, *args, "--output_dir", str(out)]
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -951,9 +747,7 @@ def _stopped_at(out: Path, output: str) -> int:
     found = re.search(r"stopped at step (\d+) \(.*\): checkpoint (\S+) is complete", output)
     assert found, output[-3000:]
     step = int(found.group(1))
-    assert (
-        max(_metrics(out)[0]) == step
-    )  # the step it was on when it agreed to stop, not a later one
+    assert max(_metrics(out)[0]) == step  # the step it was on when it agreed to stop, not a later one
     assert ckpt.list_checkpoints(out / "checkpoints")[-1] == (step, Path(found.group(2)))
     assert not list((out / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
     assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
@@ -971,9 +765,7 @@ def _expect_exit_2(proc_or_result, stderr: str | None = None) -> str:
 
 def _run(args: list[str], out: Path, **kw) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY_ARGS, *args, "--output_dir", str(out)]
-    return subprocess.run(
-        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, **kw
-    )
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, **kw)
 
 
 def _tensors_finite(folder: Path) -> int:
@@ -991,9 +783,7 @@ def _tensors_finite(folder: Path) -> int:
 
 
 @pytest.mark.slow
-def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(
-    reference, data_dir, hellaswag_file, tmp_path
-):
+def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(reference, data_dir, hellaswag_file, tmp_path):
     """LR 1e6 on a trained model: updates with a non-finite loss or gradient norm are skipped, the run stops after
     --max_bad_steps of them naming the last good checkpoint, and nothing non-finite is ever written."""
     out = tmp_path / "run"
@@ -1007,10 +797,7 @@ def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(
     assert f"the newest checkpoint, {out / 'checkpoints' / 'step_00000016'} (step 16)" in line
     assert "--resume latest --max_lr 500000" in line
     assert "checkpoints/step_00000012" in line  # the older one to try next
-    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [
-        12,
-        16,
-    ]  # none rotated away
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [12, 16]  # none rotated away
     assert (out / "export" / "model.safetensors").read_bytes() == export_before
     assert _tensors_finite(out) >= 6
     rows = [
@@ -1027,16 +814,21 @@ def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(
     fresh = _run([*args, "--weight_decay", "1e45", "--checkpoint_every", "1"], tmp_path / "fresh")
     line = _expect_exit_2(fresh)
     assert "the weights at step 1 hold NaN or inf" in line and "nothing to resume" in line
-    assert (
-        not (tmp_path / "fresh" / "checkpoints").exists()
-        and not (tmp_path / "fresh" / "export").exists()
-    )
+    assert not (tmp_path / "fresh" / "checkpoints").exists() and not (tmp_path / "fresh" / "export").exists()
+
+    # A run that reaches max_steps inside a streak shorter than --max_bad_steps (step 1 finite, then every loss
+    # not) has diverged too: no final checkpoint or export of weights whose last loss was not finite.
+    streak = tmp_path / "streak"
+    line = _expect_exit_2(_run([*args, "--max_steps", "8", "--max_lr", "1e6", "--warmup_steps", "1"], streak))
+    assert "training diverged" in line and "the run ended inside this streak" in line, line
+    assert "--max_lr 500000" in line and "nothing to resume" in line
+    assert not (streak / "checkpoints").exists() and not (streak / "export").exists()
+    rows = [json.loads(r) for r in (streak / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == list(range(2, 9)) and "val_loss" not in rows[-1]
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(
-    reference, data_dir, hellaswag_file, tmp_path
-):
+def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data_dir, hellaswag_file, tmp_path):
     """One process. SIGTERM that reaches only `accelerate launch` (it does not forward it; train.py sees its
     launcher exit), then SIGTERM to train.py itself: each time a checkpoint at the current step and exit code 75;
     the resumed losses and evaluations are bit-identical to the uninterrupted reference."""
@@ -1062,17 +854,13 @@ def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(
     _train([*data, "--resume", "latest"], out)
     losses, evals = _metrics(out)
     assert losses == ref_losses, (first, second)
-    assert {s: e["val_loss"] for s, e in evals.items()} == {
-        s: e["val_loss"] for s, e in ref_evals.items()
-    }
+    assert {s: e["val_loss"] for s, e in evals.items()} == {s: e["val_loss"] for s, e in ref_evals.items()}
     attempts = json.loads((out / "run_info.json").read_text())["attempts"]
     assert [a["start_step"] for a in attempts] == [0, first, second]
 
 
 @pytest.mark.slow
-def test_sigterm_with_two_processes_and_elastic_resume(
-    reference, data_dir, hellaswag_file, tmp_path
-):
+def test_sigterm_with_two_processes_and_elastic_resume(reference, data_dir, hellaswag_file, tmp_path):
     """Two gloo processes. SIGTERM to every process (as srun sends it) stops both at the same step; the run
     continues with one process (2 -> 1); its checkpoint continues with two (1 -> 2), stopped by SIGTERM to
     torchrun's agent alone (which forwards it). Losses match the one-process reference to float noise."""
@@ -1086,11 +874,8 @@ def test_sigterm_with_two_processes_and_elastic_resume(
         _, err = proc.communicate(timeout=240)
     first = _stopped_at(out, err)
     saved = out / "checkpoints" / ckpt.checkpoint_name(first)
-    assert sorted(p.name for p in saved.glob("loader_rank*.json")) == [
-        "loader_rank0.json",
-        "loader_rank1.json",
-    ]
-    assert ckpt.read_trainer_state(saved)["num_processes"] == 2
+    assert sorted(p.name for p in saved.glob("loader_rank*.json")) == ["loader_rank0.json", "loader_rank1.json"]
+    assert ckpt.read_run_state(saved)["num_processes"] == 2
 
     _train([*data, "--resume", "latest"], out)  # 2 -> 1
     losses, _ = _metrics(out)
@@ -1133,14 +918,14 @@ def test_ctrl_c_during_the_stop_checkpoint_keeps_the_previous_one(data_dir, tmp_
     assert f"interrupted: the newest complete checkpoint is {newest} (step 4)" in err
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [4]
     assert not list((out / "checkpoints").glob(".*"))
-    assert ckpt.read_trainer_state(newest)["step"] == 4 and _tensors_finite(newest) >= 3
+    assert ckpt.read_run_state(newest)["step"] == 4 and _tensors_finite(newest) >= 3
 
 
 @pytest.mark.slow
 def test_two_runs_cannot_share_a_folder(data_dir, tmp_path):
     """A second run into a busy folder is refused at once, naming the first, and changes nothing; Ctrl-C on the
     first says truthfully that there is nothing to resume yet; then the folder is free."""
-    from run_folder import RunLock
+    from gpt2_repro.run_folder import RunLock
 
     out = tmp_path / "run"
     args = ["--data_dir", str(data_dir), "--max_steps", "500", "--checkpoint_every", "0"]
@@ -1163,9 +948,7 @@ def test_two_runs_cannot_share_a_folder(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resume_with_other_settings_is_refused_before_anything_is_written(
-    reference, data_dir, tmp_path
-):
+def test_a_resume_with_other_settings_is_refused_before_anything_is_written(reference, data_dir, tmp_path):
     run, _ = reference
     names = ("config.yaml", "run_info.json", "metrics.jsonl")
     before = {name: (run / name).read_bytes() for name in names}
@@ -1175,55 +958,55 @@ def test_a_resume_with_other_settings_is_refused_before_anything_is_written(
     write_shard(other / "test_train_000001.bin", tokens[4096:-100])
     args = ["--data_dir", str(other), "--resume", "latest", "--n_layer", "3", "--seq_len", "16"]
     line = _expect_exit_2(_run(args, run))
-    assert (
-        "step_00000016 cannot be resumed with these settings: n_layer: 2 in the checkpoint, 3 now;"
-        in line
-    )
-    assert (
-        "seq_len: 32 in the checkpoint, 16 now; data: the training shards are not the checkpoint's"
-        in line
-    )
+    assert "step_00000016 cannot be resumed with these settings: n_layer: 2 in the checkpoint, 3 now;" in line
+    assert "seq_len: 32 in the checkpoint, 16 now; data: the training shards are not the checkpoint's" in line
     assert f"--config {run / 'config.yaml'} --resume latest" in line
     assert {name: (run / name).read_bytes() for name in names} == before
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [12, 16]
 
 
-@pytest.fixture
-def readonly_dir(tmp_path):
-    """A folder this process cannot write: chmod 555, or for root (whom chmod does not stop) a read-only tmpfs."""
-    folder = tmp_path / "readonly"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+@pytest.mark.slow
+def test_an_unfinished_data_folder_is_refused_with_the_command_that_finishes_it(gpt2_encoding, tmp_path):
+    """data_prep.py stopped after a few shards (manifest.json: complete false): training refuses to start on it,
+    naming the command that finishes it; once finished, the same command line trains."""
+    from gpt2_repro.prepare import PrepConfig, prepare
+    from synthetic import FlakyReads, make_texts, write_fineweb_parquet
+
+    source = tmp_path / "source"
+    source.mkdir()
+    texts = make_texts(160, seed=6, words=(50, 400))
+    for i in range(8):
+        write_fineweb_parquet(source / f"part_{i:03d}.parquet", texts[i * 20 : (i + 1) * 20])
+    data = tmp_path / "data"
+    cfg = PrepConfig(
+        dataset=str(source), output_dir=str(data), val_tokens=2048, shard_tokens=2000, batch_docs=16, retries=0
     )
-    if mounted.returncode != 0:
-        pytest.skip(
-            "running as root and cannot mount a read-only tmpfs: no read-only folder to test"
-        )
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with FlakyReads("part_005", failures=10**9), pytest.raises(DataError):
+        prepare(cfg)  # a read that keeps failing: the finished shards stay, the rest is to come
+    assert not json.loads((data / "manifest.json").read_text())["complete"]
+    line = _expect_exit_2(_run(["--data_dir", str(data), "--hellaswag", "false"], tmp_path / "run"))
+    assert f"{data} is unfinished: data_prep.py stopped after" in line and "complete: false" in line, line
+    finish = line.split("Finish it first: `")[1].split("`")[0]
+    assert finish.startswith("python data_prep.py --dataset ") and "--shard_tokens 2000" in finish
+    done = subprocess.run(
+        [sys.executable, *finish.split()[1:]], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    args = ["--data_dir", str(data), "--hellaswag", "false", "--max_steps", "2", "--eval_every", "0"]
+    proc = _run([*args, "--checkpoint_every", "0", "--num_samples", "0"], tmp_path / "run")
+    assert proc.returncode == 0 and "every shard matches manifest.json" in proc.stdout + proc.stderr, proc.stderr
 
 
 @pytest.fixture
 def corrupted_data(data_dir, tmp_path):
     """The test shards with a manifest.json, and one bit of the training shard flipped afterwards."""
-    from token_data import file_sha256
+    from gpt2_repro.shards import file_sha256
 
     folder = tmp_path / "corrupted"
     shutil.copytree(data_dir, folder)
     files = sorted(folder.glob("*.bin"))
-    shards = [
-        {"file": f.name, "tokens": (f.stat().st_size - 1024) // 2, "sha256": file_sha256(f)}
-        for f in files
-    ]
-    (folder / "manifest.json").write_text(
-        json.dumps({"created_by": "data_prep.py", "shards": shards})
-    )
+    shards = [{"file": f.name, "tokens": (f.stat().st_size - 1024) // 2, "sha256": file_sha256(f)} for f in files]
+    (folder / "manifest.json").write_text(json.dumps({"created_by": "data_prep.py", "shards": shards}))
     raw = bytearray(files[-1].read_bytes())
     raw[5000] ^= 0x01
     files[-1].write_bytes(raw)
@@ -1233,7 +1016,16 @@ def corrupted_data(data_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
-    ["bad_yaml", "output_is_file", "output_under_file", "readonly", "file_size_limit", "corrupted"],
+    [
+        "bad_yaml",
+        "yaml_not_utf8",
+        "infinite_lr",
+        "output_is_file",
+        "output_under_file",
+        "readonly",
+        "file_size_limit",
+        "corrupted",
+    ],
 )
 def test_input_and_environment_errors_exit_2_with_one_line(case, data_dir, tmp_path, request):
     """Each ends with one `error:` line naming the problem and the fix, exit code 2, no traceback, and destroys
@@ -1246,6 +1038,13 @@ def test_input_and_environment_errors_exit_2_with_one_line(case, data_dir, tmp_p
         (tmp_path / "bad.yaml").write_text("optim:\n  max_steps: [12\n")
         args += ["--config", str(tmp_path / "bad.yaml")]
         expected = "bad.yaml is not valid YAML"
+    elif case == "yaml_not_utf8":
+        (tmp_path / "latin1.yaml").write_bytes("run:\n  project_name: caf\xe9\n".encode("latin-1"))
+        args += ["--config", str(tmp_path / "latin1.yaml")]
+        expected = "latin1.yaml is not UTF-8 text (byte 0xe9 on line 2): save it as UTF-8"
+    elif case == "infinite_lr":
+        args += ["--max_lr", "inf"]
+        expected = "--max_lr: expected a finite number, got inf"
     elif case == "output_is_file":
         out, expected = a_file, "a file stands where a folder is needed"
     elif case == "output_under_file":
@@ -1271,41 +1070,99 @@ def test_input_and_environment_errors_exit_2_with_one_line(case, data_dir, tmp_p
     assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training from a text stream (--dataset): a multi-file parquet stream of ~5,500 tokens (conftest.stream_files)
-
-STREAM = [
-    "--stream_val_tokens",
-    "2048",
-    "--stream_shard_tokens",
-    "1000",
-    "--stream_batch_docs",
-    "4",
-]
-QUICK = [
-    "--hellaswag",
-    "false",
-    "--num_samples",
-    "0",
-    "--shuffle",
-    "false",
-]  # 16 steps: into epoch 2
-
-
-@pytest.fixture(scope="module")
-def streamed(tmp_path_factory, stream_files):
-    """One uninterrupted run straight from the stream, shuffle off."""
-    out = tmp_path_factory.mktemp("streamed") / "run"
-    _train(["--dataset", str(stream_files[0]), *STREAM, *QUICK], out)
-    return out
+@pytest.mark.slow
+def test_a_resume_from_an_older_checkpoint_starts_a_new_line_and_keeps_the_old_one(reference, data_dir, tmp_path):
+    """Resuming step 12 while step 16 exists (what the divergence advice suggests) starts line 2: step 16 moves to
+    checkpoints/abandoned/ with its metrics lines (nothing is deleted), rotation keeps the new line's checkpoints,
+    --resume latest continues the new line, and metrics.jsonl and run_info.json say which line each step is."""
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    old_16 = (run / "checkpoints" / "step_00000016" / "model.safetensors").read_bytes()
+    args = ["--data_dir", str(data_dir), "--hellaswag", "false", "--num_samples", "0", "--checkpoint_every", "2"]
+    first = _train([*args, "--resume", str(run / "checkpoints" / "step_00000012"), "--max_lr", "5e-3"], run)
+    aside = run / "checkpoints" / "abandoned" / "line-1-after-step_00000012"
+    assert (aside / "step_00000016" / "model.safetensors").read_bytes() == old_16  # moved aside, not deleted
+    assert [json.loads(r)["step"] for r in (aside / "metrics.jsonl").read_text().splitlines()] == [13, 14, 15, 16, 16]
+    assert "line 2 of training starts at step 12" in first.stdout + first.stderr
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [14, 16]  # line 2's own
+    assert ckpt.read_run_state(run / "checkpoints" / "step_00000016")["line"] == 2
+    _, evals = _metrics(run)
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r.get("line", 1) for r in rows if r["step"] <= 12} == {1} and {
+        r["line"] for r in rows if r["step"] > 12
+    } == {2}
+    attempts = json.loads((run / "run_info.json").read_text())["attempts"]
+    assert attempts[-1]["line"] == 2 and attempts[-1]["abandoned"] == str(aside)
+    again = _train([*args, "--resume", "latest", "--max_steps", "18"], run)  # the new line goes on: 16 -> 18
+    assert "resumed from step 16" in again.stdout + again.stderr
+    assert not (run / "checkpoints" / "abandoned" / "line-2-after-step_00000016").exists()
+    assert [r.get("line") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())][-1] == 2
 
 
 @pytest.mark.slow
-def test_streamed_training_equals_training_on_shards_of_the_same_source(
-    streamed, stream_files, tmp_path
+def test_a_stale_export_and_leftovers_of_an_interrupted_save_are_mended_at_start(reference, data_dir, tmp_path):
+    """A run killed after committing its last checkpoint and before linking export/ left export/ and export-gpt2/ at
+    the previous checkpoint and a .trash- folder: the next start relinks them to the newest checkpoint and cleans
+    up, even when there is nothing left to train."""
+    from gpt2_repro.atomic_io import link_tree
+
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    older = run / "checkpoints" / "step_00000012"
+    link_tree(older, run / "export", names=ckpt.model_files(older))  # the state such a kill leaves
+    link_tree(older / "export-gpt2", run / "export-gpt2")
+    (run / "checkpoints" / ".trash-step_00000008").mkdir()
+    (run / "checkpoints" / ".tmp-step_00000020").mkdir()
+    proc = _train(["--data_dir", str(data_dir), "--hellaswag", "false", "--resume", "latest"], run)
+    assert "export/ and export-gpt2/ were behind" in proc.stdout + proc.stderr
+    newest = run / "checkpoints" / "step_00000016"
+    for name in os.listdir(run / "export"):
+        assert os.path.samefile(run / "export" / name, newest / name), name
+    for name in os.listdir(run / "export-gpt2"):
+        assert os.path.samefile(run / "export-gpt2" / name, newest / "export-gpt2" / name), name
+    assert not list((run / "checkpoints").glob(".*"))
+
+
+@pytest.mark.slow
+def test_an_unreadable_checkpoint_is_skipped_by_latest_and_refused_by_path(
+    reference, data_dir, hellaswag_file, tmp_path
 ):
+    """A truncated model.safetensors in the newest checkpoint: --resume latest says so on one line and resumes the
+    older one, which gives the reference's losses; naming the broken one is an error that names the older ones."""
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    broken = run / "checkpoints" / "step_00000016"
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = _expect_exit_2(_run(["--data_dir", str(data_dir), "--resume", str(broken)], tmp_path / "other"))
+    assert f"{broken} cannot be resumed: model.safetensors cannot be read" in line
+    assert f"Resume an older one by path: --resume {run / 'checkpoints' / 'step_00000012'}" in line
+    args = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file), "--resume", "latest"]
+    proc = _train(args, run)
+    skipped = [r for r in (proc.stdout + proc.stderr).splitlines() if r.startswith("warning: skipping")]
+    assert len(skipped) == 1 and str(broken) in skipped[0] and "model.safetensors cannot be read" in skipped[0]
+    assert "resumed from step 12" in proc.stdout + proc.stderr
+    losses, _ = _metrics(run)
+    assert losses == _metrics(reference[0])[0]  # steps 13-16 trained again, exactly
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training from a text stream (--dataset): a multi-file parquet stream of ~5,500 tokens (conftest.stream_files)
+
+STREAM = ["--stream_val_tokens", "2048", "--stream_shard_tokens", "1000", "--stream_batch_docs", "4"]
+QUICK = ["--hellaswag", "false", "--num_samples", "0", "--shuffle", "false"]  # 16 steps: into epoch 2
+
+
+@pytest.fixture(scope="session")
+def streamed(tmp_path_factory, stream_files):
+    """One uninterrupted run straight from the stream, shuffle off."""
+    return _shared_run(tmp_path_factory, "streamed", ["--dataset", str(stream_files[0]), *STREAM, *QUICK])[0]
+
+
+@pytest.mark.slow
+def test_streamed_training_equals_training_on_shards_of_the_same_source(streamed, stream_files, tmp_path):
     """data_prep.py with the same settings, then train on its shards: the same losses and validation losses."""
-    import data_prep
+    from gpt2_repro import prepare as data_prep
 
     shards = tmp_path / "shards"
     prep = data_prep.PrepConfig(
@@ -1315,30 +1172,17 @@ def test_streamed_training_equals_training_on_shards_of_the_same_source(
     _train(["--data_dir", str(shards), *QUICK], tmp_path / "run")
     losses, evals = _metrics(tmp_path / "run")
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
-    assert _metrics(streamed) == (
-        losses,
-        evals,
-    )  # bit-identical: the same windows in the same order
+    assert _metrics(streamed) == (losses, evals)  # bit-identical: the same windows in the same order
     config = load_config(streamed / "config.yaml")
     assert config.data.dataset == str(stream_files[0]) and config.data.stream_val_tokens == 2048
-    state = json.loads(
-        (streamed / "checkpoints" / "step_00000016" / "loader_rank0.json").read_text()
-    )
+    state = json.loads((streamed / "checkpoints" / "step_00000016" / "loader_rank0.json").read_text())
     assert state["epoch"] == 1 and state["dataset_state"] is not None
 
 
 @pytest.mark.slow
 def test_streamed_training_resumes_exactly_after_sigkill(streamed, stream_files, tmp_path):
     out = tmp_path / "run"
-    args = [
-        *TINY_ARGS,
-        "--dataset",
-        str(stream_files[0]),
-        *STREAM,
-        *QUICK,
-        "--output_dir",
-        str(out),
-    ]
+    args = [*TINY_ARGS, "--dataset", str(stream_files[0]), *STREAM, *QUICK, "--output_dir", str(out)]
     kill_after = random.randint(5, 11)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
@@ -1355,9 +1199,7 @@ def test_streamed_training_resumes_exactly_after_sigkill(streamed, stream_files,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert metrics.read_text().count('"loss"') < MAX_STEPS, "the run ended before the kill"
-    resumed = _train(
-        ["--dataset", str(stream_files[0]), *STREAM, *QUICK, "--resume", "latest"], out
-    )
+    resumed = _train(["--dataset", str(stream_files[0]), *STREAM, *QUICK, "--resume", "latest"], out)
     assert "resumed from step" in resumed.stdout + resumed.stderr
     assert _metrics(out) == _metrics(streamed), f"killed after step {kill_after}"
 
@@ -1412,31 +1254,17 @@ def test_two_processes_read_disjoint_parts_of_the_stream(gpt2_encoding, stream_f
         "import numpy as np, torch\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import train\n"
+        "from gpt2_repro.accelerator import make_accelerator\n"
         "cfg = train.parse_args(sys.argv[1:])\n"
-        "accelerator = train.make_accelerator(cfg, Path(cfg.run.output_dir))\n"
+        "accelerator = make_accelerator(cfg, Path(cfg.run.output_dir))\n"
         "loader = train.make_loader(cfg, accelerator)\n"
         "windows = [torch.cat([x, y[:, -1:]], 1) for x, y in (loader.next_batch() for _ in range(16))]\n"
         "out = Path(cfg.run.output_dir) / f'rank{accelerator.process_index}.npy'\n"
         "np.save(out, torch.cat(windows).numpy())\n"
         "loader.close()\n"
     )
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    args = [
-        *TINY_ARGS,
-        "--dataset",
-        str(stream_files[0]),
-        *STREAM,
-        *QUICK,
-        "--output_dir",
-        str(tmp_path),
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [*TINY_ARGS, "--dataset", str(stream_files[0]), *STREAM, *QUICK, "--output_dir", str(tmp_path)]
     proc = subprocess.run(
         [*launcher, str(script), *args],
         cwd=tmp_path,
@@ -1452,7 +1280,19 @@ def test_two_processes_read_disjoint_parts_of_the_stream(gpt2_encoding, stream_f
         expected = reference_windows(gpt2_encoding, texts, 2048, 1000, 32, rank, world_size=2)
         assert len(expected) < len(served[rank]) < 2 * len(expected)  # an epoch and then some
         assert np.array_equal(served[rank][: len(expected)], expected), rank
-        assert np.array_equal(
-            served[rank][len(expected) :], expected[: len(served[rank]) - len(expected)]
-        )
+        assert np.array_equal(served[rank][len(expected) :], expected[: len(served[rank]) - len(expected)])
     assert not {bytes(w) for w in served[0]} & {bytes(w) for w in served[1]}
+
+
+@pytest.mark.slow
+def test_a_permanent_read_problem_is_not_called_a_transient_one(stream_files, tmp_path):
+    """A parquet file with no rows cannot be streamed: refused at start-up, naming the file, rather than after
+    hours with "once it can be read again, continue with --resume latest" (retrying cannot mend it)."""
+    from synthetic import write_fineweb_parquet
+
+    folder = tmp_path / "stream"
+    shutil.copytree(stream_files[0], folder)
+    write_fineweb_parquet(folder / "part_012b.parquet", [])
+    line = _expect_exit_2(_run(["--dataset", str(folder), *STREAM, *QUICK], tmp_path / "run"))
+    assert f"{folder / 'part_012b.parquet'} holds no rows" in line and "--resume" not in line, line
+    assert not (tmp_path / "run" / "config.yaml").exists()

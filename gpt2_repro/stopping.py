@@ -1,0 +1,214 @@
+"""Why a training run stops early, and how it stops without losing work.
+
+- `StopRequest`: SIGTERM (what SLURM, Kubernetes and spot instances send first) and SIGUSR1 (what SLURM sends ahead
+  of time with `--signal=USR1@120`) set a flag, and so does the exit of the launcher that started this process:
+  `accelerate launch` with one process runs train.py as a child and does not forward signals, so a SIGTERM that
+  reaches only the launcher kills it and would leave the child training on, orphaned. The trainer folds the flag
+  into the loss reduction its step already does (every process learns it at the same step, at no extra cost),
+  saves a complete checkpoint at that step and exits with PREEMPTED_EXIT_CODE.
+- `DivergenceGuard`: counts consecutive optimizer steps whose update was skipped because the loss or the gradient
+  norm was not finite, and says when the run must stop.
+- `nonfinite_parameters`: the parameters holding NaN or inf (checked before a checkpoint or an export is written,
+  and by evaluate_gpt2.py).
+- `diverged` and `preempted`: the messages that end a run for either reason, saying what can be resumed.
+
+SIGINT (Ctrl-C) is left to Python: it raises KeyboardInterrupt at once, wherever the run is.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import psutil
+
+from .errors import RunError, Stop
+
+# EX_TEMPFAIL of sysexits.h ("temporary failure; retry later"): a checkpoint was saved, continue with --resume latest.
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _say(message: str) -> None:
+    """Print from a signal handler: os.write, because print() may be interrupted inside its own buffer's lock."""
+    if os.environ.get("RANK", "0") == "0":  # one process speaks for all
+        os.write(2, f"\n{message}\n".encode())
+
+
+def launcher_pid(env=os.environ) -> int | None:
+    """The parent process when it is a launcher whose exit must stop this process, else None.
+
+    Launchers: torchrun's agent (it sets TORCHELASTIC_RUN_ID; `accelerate launch` with several processes runs it)
+    and `accelerate launch` itself. Any other parent (a shell, nohup, a batch script) may exit while training goes
+    on as intended.
+    """
+    parent = os.getppid()
+    if parent <= 1:
+        return None
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return parent
+    try:
+        cmdline = psutil.Process(parent).cmdline()
+    except psutil.Error:
+        return None
+    names = {Path(arg).name for arg in cmdline[:3]}
+    if names & {"accelerate", "accelerate-launch"} or any(a.startswith("accelerate.commands") for a in cmdline[:3]):
+        return parent
+    return None
+
+
+class StopRequest:
+    """A request to stop after the current optimizer step, from a signal or from the launcher's exit.
+
+    Use as a context manager around training: it installs the handlers and a watch on the launcher, and puts the
+    previous handlers back on exit. `reason` is None until a request arrives. Repeated SIGTERM/SIGUSR1 change
+    nothing (`srun` signals every process and torchrun forwards the same signal again); SIGINT or SIGKILL abort,
+    and the checkpoint being written is then left incomplete under its temporary name, so the previous one stays
+    the newest.
+    """
+
+    def __init__(self, poll_seconds: float = 1.0):
+        self.reason: str | None = None
+        self.poll_seconds = poll_seconds
+        self._previous: dict = {}
+        self._done = threading.Event()
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        launcher = launcher_pid()
+        if launcher is not None:
+            watch = threading.Thread(target=self._watch, args=(launcher,), name="launcher-watch", daemon=True)
+            watch.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Put the previous handlers back and stop watching the launcher (idempotent)."""
+        self._done.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def request(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            _say(
+                f"{reason}: stopping after the current optimizer step with a checkpoint "
+                "(Ctrl-C aborts at once; the previous checkpoint stays intact either way)"
+            )
+        else:
+            _say(f"{reason}: already stopping ({self.reason}); the checkpoint is on its way")
+
+    def _on_signal(self, signum, frame) -> None:
+        self.request(f"{signal.Signals(signum).name} received")
+
+    def _watch(self, launcher: int) -> None:
+        """Poll the parent: when the launcher dies this process is re-parented, and getppid() changes."""
+        while not self._done.wait(self.poll_seconds):
+            if os.getppid() != launcher:
+                self.request(f"the launcher (pid {launcher}) exited")
+                return
+
+
+class DivergenceGuard:
+    """Consecutive optimizer steps skipped for a non-finite loss or gradient norm.
+
+    A skipped step leaves weights and optimizer state as they were (the batch is consumed), as a gradient scaler
+    does. One bad batch happens in healthy runs and the next steps recover; a streak of `max_bad_steps` means the
+    run has diverged (or its weights went bad) and `exhausted` turns true.
+    """
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.streak = 0
+        self.first_bad_step: int | None = None
+        self.last_good: tuple[int, float] | None = None  # (step, loss) of the newest finite step
+
+    def update(self, step: int, bad: bool, loss: float) -> None:
+        if not bad:
+            self.streak, self.first_bad_step, self.last_good = 0, None, (step, loss)
+            return
+        self.streak += 1
+        if self.streak == 1:
+            self.first_bad_step = step
+
+    @property
+    def exhausted(self) -> bool:
+        return self.streak >= self.max_bad_steps
+
+    def describe(self, step: int) -> str:
+        """What happened, e.g. "the loss or gradient norm was not finite at steps 5-14 (10 in a row; ...)"."""
+        span = f"step {step}" if self.first_bad_step == step else f"steps {self.first_bad_step}-{step}"
+        last = (
+            f"last finite loss {self.last_good[1]:.4f} at step {self.last_good[0]}"
+            if self.last_good
+            else "no finite step in this attempt"
+        )
+        return (
+            f"the loss or gradient norm was not finite at {span} ({self.streak} in a row; each update was "
+            f"skipped; {last})"
+        )
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters holding NaN or inf, on this process (one device sync for all of them).
+
+    Under FSDP each process checks its own shards (DTensor local parts): reduce the count across processes.
+    """
+    import torch
+
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    if not named:
+        return []
+    local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
+    finite = torch.stack([torch.isfinite(p).all() for p in local]).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def diverged(what: str, saved: list[tuple[int, Path]], optim) -> RunError:
+    """The error that ends a diverged run: what happened, what can be resumed (`saved`: the complete checkpoints,
+    oldest first, as `checkpoint.list_checkpoints` gives them), what to try (`optim`: the run's OptimConfig)."""
+    lower = f"--max_lr {optim.max_lr / 2:g}"
+    lower += f" --muon_lr {optim.muon_lr / 2:g}" if optim.optimizer == "muon" else ""
+    if not saved:
+        return RunError(
+            f"training diverged: {what}. No checkpoint was written, so there is nothing to resume: start over "
+            f"with a lower learning rate (e.g. {lower}) or other optimizer settings."
+        )
+    (step, newest), older = saved[-1], [p for _, p in saved[:-1]]
+    fallback = f" If it diverges again, resume from {older[-1]} instead." if older else ""
+    return RunError(
+        f"training diverged: {what}. Nothing was saved after that: the newest checkpoint, {newest} (step {step}), "
+        f"holds finite weights. Resume it with a lower learning rate: --resume latest {lower}.{fallback} If it "
+        "always happens at the same step, check the data there."
+    )
+
+
+def preempted(stop: StopRequest, step: int, saved: Path | None, checkpoints: list, is_main: bool) -> Stop:
+    """The orderly end after a stop request. `saved`: the checkpoint written at this step; None when the request came
+    amid a streak of non-finite steps, whose weights are not saved (`checkpoints`: the complete ones, oldest first)."""
+    reason = stop.reason or "another process was asked to stop"
+    if saved is not None:
+        what = f"checkpoint {saved} is complete"
+    elif checkpoints:
+        step_saved, newest = checkpoints[-1]
+        what = (
+            f"no checkpoint of these weights, whose last loss was not finite; the newest is {newest} (step "
+            f"{step_saved}), and the steps after it are trained again"
+        )
+    else:
+        what = "no checkpoint of these weights, whose last loss was not finite, and none before them: it starts over"
+    message = (
+        f"stopped at step {step} ({reason}): {what}. Continue with --resume latest (exit code {PREEMPTED_EXIT_CODE})."
+    )
+    return Stop(message if is_main else "", PREEMPTED_EXIT_CODE)
