@@ -702,6 +702,74 @@ def horizon_plot(finals: dict, rows: list[dict], fit: dict | None, args, path: P
     print(f"plot: {path}")
 
 
+# ----------------------------------------------------------------------------------------------------- widths
+
+
+def size_params(size: str) -> int:
+    """Parameters of the tiny presets' GPT-2 at `size` (LAYERSxWIDTH; 50304-row vocabulary, 128 positions)."""
+    sys.path.insert(0, str(ROOT))
+    from gpt2_repro.config import load_config, parameter_count
+
+    opts = size_options(size)
+    cfg = load_config(BASE_PRESET, dict(zip((o.lstrip("-") for o in opts[::2]), opts[1::2], strict=True)))
+    return parameter_count(cfg.model)
+
+
+def width_tasks(args) -> tuple[dict, list[dict]]:
+    """plan {(size, group, lr): dir} and the tasks: the fast recipe at each size for tokens_per_param x parameters
+    tokens, its Muon LR swept (muon_lrs), and at adamw_sizes its AdamW group's peak LR swept (adamw_lrs)."""
+    work, plan, tasks = Path(args.work), {}, []
+    for size in args.sizes:
+        steps = max(20, round(args.tokens_per_param * size_params(size) / 2048))
+        common = [*size_options(size), "--seed", str(args.seeds[0]), "--max_steps", str(steps)]
+        common += ["--eval_every", "0", "--checkpoint_every", "0"]
+        sweeps = [("muon", lr, ["--muon_lr", str(lr)]) for lr in args.muon_lrs]
+        if size in args.adamw_sizes:
+            sweeps += [("adamw", lr, ["--max_lr", str(lr), "--min_lr", str(lr / 10)]) for lr in args.adamw_lrs]
+        for group, lr, opts in sweeps:
+            name = f"{size}-{steps}steps-{group}{lr:g}"
+            plan[(size, group, lr)] = work / name
+            tasks.append({"name": name, "preset": FAST_PRESET, "options": [*common, *opts], "steps": steps})
+    return plan, sorted(tasks, key=lambda t: -t["steps"])  # the longest first: two runs at a time end together
+
+
+def widths(args) -> None:
+    """The fast recipe's LRs across widths at the same tokens per parameter: the best Muon LR (and AdamW-group LR)
+    at each width, whether it moves with width, and the rule fitted to it (LR against width, log-log)."""
+    plan, tasks = width_tasks(args)
+    if not args.report_only:
+        Runner(Path(args.work), shards_of(args.data), args.val_tokens, args.threads, args.jobs).run_all(tasks)
+    finals = {key: r for key, d in plan.items() if (r := Runner.final(d))}
+    print("\n| size | params | tokens | group | peak LR | val loss |\n|---|---|---|---|---|---|")
+    best = {}
+    for (size, group, lr), r in sorted(finals.items()):
+        print(f"| {size} | {size_params(size) / 1e6:.1f}M | {r['tokens']:,} | {group} | {lr:g} | {r['val_loss']:.4f} |")
+    for size in args.sizes:
+        for group in ("muon", "adamw"):
+            swept = {lr: r["val_loss"] for (sz, g, lr), r in finals.items() if sz == size and g == group}
+            if len(swept) >= 2:
+                lr = min(swept, key=swept.get)
+                best[(size, group)] = {"lr": lr, "interior": min(swept) < lr < max(swept), "sweep": swept}
+    print("\n| size | group | best peak LR | interior | losses by LR |\n|---|---|---|---|---|")
+    for (size, group), b in best.items():
+        losses = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(b["sweep"].items()))
+        print(f"| {size} | {group} | {b['lr']:g} | {'yes' if b['interior'] else 'no (edge)'} | {losses} |")
+    fits = {}
+    for group in ("muon", "adamw"):
+        points = [(int(size.split("x")[1]), b["lr"]) for (size, g), b in best.items() if g == group]
+        if len({w for w, _ in points}) >= 2:
+            a, slope = fit_line([math.log(w) for w, _ in points], [math.log(lr) for _, lr in points])
+            fits[group] = {"slope": slope, "lr_at_768": math.exp(a + slope * math.log(768))}
+            print(f"{group}: best LR ~ width^{slope:.2f}; at width 768: {fits[group]['lr_at_768']:.3g}")
+    out = Path(args.work)
+    summary = {
+        "rows": [[*k, v["tokens"], v["val_loss"]] for k, v in finals.items()],
+        "best": {f"{k[0]} {k[1]}": v for k, v in best.items()},
+        "fits": fits,
+    }
+    (out / "widths.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
 # --------------------------------------------------------------------------------------------------- ablation
 
 
@@ -822,7 +890,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--val_tokens", type=int, default=131072)
     p.add_argument("--max_tokens", type=int, default=None)
-    for name in ("compare", "horizons", "ablate", "timing"):
+    for name in ("compare", "horizons", "widths", "ablate", "timing"):
         q = sub.add_parser(name)
         q.add_argument("--data", required=True, help="a prepare --out folder, or a shard folder")
         q.add_argument("--work", default="/tmp/bench_recipe", help="run folders (reused when finished)")
@@ -848,6 +916,13 @@ def main() -> None:
     h.add_argument("--max_ratio", type=float, default=4.0, help="later seeds: budgets >= longest / max_ratio")
     h.add_argument("--fast_option", nargs="*", help="extra train.py options for the fast recipe")
     h.add_argument("--report_only", action="store_true")
+    w = sub.choices["widths"]
+    w.add_argument("--sizes", nargs="+", default=["4x128", "5x192", "6x256"], help="LAYERSxWIDTH")
+    w.add_argument("--tokens_per_param", type=float, default=0.056, help="the same at every size")
+    w.add_argument("--muon_lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04])
+    w.add_argument("--adamw_sizes", nargs="*", default=["4x128", "6x256"], help="sizes whose AdamW LR is swept too")
+    w.add_argument("--adamw_lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3])
+    w.add_argument("--report_only", action="store_true")
     a = sub.choices["ablate"]
     a.add_argument("--size", default="4x128")
     a.add_argument("--steps", type=int, default=80)
@@ -865,7 +940,9 @@ def main() -> None:
     if args.command == "prepare":
         prepare(Path(args.corpus), Path(args.out), args.val_tokens, args.max_tokens)
     else:
-        {"compare": compare, "horizons": horizons, "ablate": ablate, "timing": timing}[args.command](args)
+        {"compare": compare, "horizons": horizons, "widths": widths, "ablate": ablate, "timing": timing}[args.command](
+            args
+        )
 
 
 if __name__ == "__main__":

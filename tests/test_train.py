@@ -739,7 +739,7 @@ def _wait_for_step(out: Path, step: int, proc, timeout: float = 240) -> None:
     raise AssertionError(f"the run ended or stalled before step {step}")
 
 
-def _stopped_at(out: Path, output: str) -> int:
+def _stopped_at(out: Path, output: str, tracebacks: int = 0) -> int:
     """The step a stop request saved: named in the message, the run's last step and its newest checkpoint.
 
     No traceback of train.py; torchrun's agent prints its own for the signal that reached it (not ours to change).
@@ -750,7 +750,7 @@ def _stopped_at(out: Path, output: str) -> int:
     assert max(_metrics(out)[0]) == step  # the step it was on when it agreed to stop, not a later one
     assert ckpt.list_checkpoints(out / "checkpoints")[-1] == (step, Path(found.group(2)))
     assert not list((out / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
-    assert output.count("Traceback") == output.count("SignalException: Process"), output[-3000:]
+    assert output.count("Traceback") == output.count("SignalException: Process") + tracebacks, output[-3000:]
     return step
 
 
@@ -830,8 +830,9 @@ def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(reference
 @pytest.mark.slow
 def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data_dir, hellaswag_file, tmp_path):
     """One process. SIGTERM that reaches only `accelerate launch` (it does not forward it; train.py sees its
-    launcher exit), then SIGTERM to train.py itself: each time a checkpoint at the current step and exit code 75;
-    the resumed losses and evaluations are bit-identical to the uninterrupted reference."""
+    launcher exit), then SIGTERM to train.py itself, run with --debug: each time a checkpoint at the current step and
+    exit code 75 (--debug adds the traceback, not another exit code); the resumed losses and evaluations are
+    bit-identical to the uninterrupted reference."""
     ref_losses, ref_evals = _metrics(reference[0])
     out = tmp_path / "run"
     data = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
@@ -843,12 +844,12 @@ def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data
     assert proc.returncode == -signal.SIGTERM and f"the launcher (pid {proc.pid}) exited" in err
     first = _stopped_at(out, err)
 
-    with _running([*data, "--resume", "latest"], out) as proc:
+    with _running([*data, "--resume", "latest", "--debug"], out) as proc:
         _wait_for_step(out, random.randint(first + 2, 12), proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=240)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    second = _stopped_at(out, err)
+    second = _stopped_at(out, err, tracebacks=1)  # --debug: the Stop's own traceback
     assert first < second < MAX_STEPS
 
     _train([*data, "--resume", "latest"], out)
@@ -963,6 +964,34 @@ def test_a_resume_with_other_settings_is_refused_before_anything_is_written(refe
     assert f"--config {run / 'config.yaml'} --resume latest" in line
     assert {name: (run / name).read_bytes() for name in names} == before
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [12, 16]
+
+
+def test_help_a_config_error_and_a_refused_start_import_no_torch(data_dir, tmp_path):
+    """What answers at once must not wait for torch and transformers (6-7 s of imports): --help, a config error,
+    a second run into a folder in use. Checked on what each process imported (python -X importtime)."""
+    from gpt2_repro.lock import RunLock
+
+    busy = tmp_path / "busy"
+    cases = {
+        "--help": ["--help"],
+        "config error": ["--max_lr", "-1", "--data_dir", str(data_dir)],
+        "folder in use": [*TINY_ARGS, "--data_dir", str(data_dir), "--output_dir", str(busy)],
+    }
+    with RunLock(busy):
+        for name, args in cases.items():
+            proc = subprocess.run(
+                [sys.executable, "-X", "importtime", str(ROOT / "train.py"), *args],
+                cwd=ROOT,
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            imported = {
+                line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")
+            }
+            assert proc.returncode == (0 if name == "--help" else 2), proc.stderr[-2000:]
+            assert not {"torch", "transformers", "accelerate", "datasets"} & imported, name
 
 
 @pytest.mark.slow
