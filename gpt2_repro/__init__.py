@@ -4,9 +4,10 @@
 Data:      tokenizer (the GPT-2 BPE), text_stream (datasets as token streams), shards (the shard format and its
            integrity), prepare (text -> shards), loader (batches from shards), stream_loader (batches from a stream)
 Training:  config (the typed config), accelerator, optim (optimizers and LR schedules), step (one optimizer step),
-           evaluator (periodic evaluation), checkpoint (checkpoint folders), checkpointer (saving and resuming a
-           run), run_folder (lock, room, data checks, records), run_info (versions, hardware, MFU), stopping
-           (signals, divergence), tracking (metrics.jsonl, TensorBoard, W&B)
+           evaluator (periodic evaluation), checkpoint (checkpoint folders, what can be read), checkpointer (saving
+           and restoring a run), resume (which checkpoint, whether it fits, lines of training, the export kept
+           current), lock (one writer per folder), run_folder (room, data checks, records), run_info (versions,
+           hardware, MFU), stopping (signals, divergence), tracking (metrics.jsonl, TensorBoard, W&B)
 Evaluation: evaluation (validation loss, HellaSwag scoring, loading models), hellaswag (its examples), reports
            (tables, plots), cards (model cards), hub (reachability, uploads), published (reference figures)
 Plumbing:  cli (one command-line convention), errors (every expected error), atomic_io (whole-or-absent files)

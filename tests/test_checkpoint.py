@@ -1,7 +1,5 @@
 """checkpoint.py: checkpoint folders complete or absent, rotation, resume resolution, weights read back."""
 
-import json
-
 import pytest
 
 from gpt2_repro.atomic_io import write_json_atomic
@@ -15,7 +13,6 @@ from gpt2_repro.checkpoint import (
     resume_hint,
     temp_checkpoint_dir,
 )
-from gpt2_repro.tracking import truncate_metrics
 
 
 def test_checkpoints_are_committed_atomically_and_rotated(tmp_path):
@@ -39,15 +36,6 @@ def test_checkpoints_are_committed_atomically_and_rotated(tmp_path):
     assert resolve_resume(None, root) is None
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_resume(str(tmp_path / "nowhere"), root)
-
-
-def test_truncate_metrics_drops_redone_steps_and_half_lines(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    rows = [{"step": s, "loss": 10.0 - s} for s in range(1, 6)] + [{"step": 4, "val_loss": 7.0}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
-    truncate_metrics(path, 4)
-    kept = [json.loads(line) for line in path.read_text().splitlines()]
-    assert kept == [r for r in rows if r["step"] <= 4]
 
 
 def test_model_weights_load_back_exactly_from_both_checkpoint_formats(tmp_path):

@@ -1129,6 +1129,39 @@ def test_a_resume_from_an_older_checkpoint_starts_a_new_line_and_keeps_the_old_o
 
 
 @pytest.mark.slow
+def test_every_kind_of_unreadable_checkpoint_is_named(reference, tmp_path):
+    """What checkpoint_problem finds in a real checkpoint: a truncated model.safetensors or optimizer.bin, a run
+    state that does not parse, an optimizer.bin that torch.load(weights_only=True) refuses (a pickle of something
+    else than tensors), a deleted optimizer.bin or loader_rank0.json; an intact one passes."""
+    import pickle
+
+    source = reference[0] / "checkpoints" / "step_00000016"
+    assert ckpt.checkpoint_problem(source) is None
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    class Payload:  # what a malicious pickle would run on load (weights_only refuses to build it)
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    damage = {
+        "truncated weights": (lambda c: truncate(c / "model.safetensors"), "model.safetensors cannot be read"),
+        "truncated optimizer": (lambda c: truncate(c / "optimizer.bin"), "optimizer.bin cannot be read"),
+        "bad run state": (lambda c: (c / "run_state.json").write_text("{not json"), "run state or data position"),
+        "malicious optimizer": (lambda c: (c / "optimizer.bin").write_bytes(pickle.dumps(Payload())), "optimizer.bin"),
+        "no optimizer": (lambda c: (c / "optimizer.bin").unlink(), "optimizer.bin is missing"),
+        "no data position": (lambda c: (c / "loader_rank0.json").unlink(), "run state or data position"),
+    }
+    for name, (hurt, expected) in damage.items():
+        copy = tmp_path / name.replace(" ", "_")
+        shutil.copytree(source, copy)
+        hurt(copy)
+        problem = ckpt.checkpoint_problem(copy)
+        assert problem is not None and expected in problem, (name, problem)
+
+
+@pytest.mark.slow
 def test_a_stale_export_and_leftovers_of_an_interrupted_save_are_mended_at_start(reference, data_dir, tmp_path):
     """A run killed after committing its last checkpoint and before linking export/ left export/ and export-gpt2/ at
     the previous checkpoint and a .trash- folder: the next start relinks them to the newest checkpoint and cleans
