@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(
         args.output or (Path(args.model) / "eval_results.json" if Path(args.model).is_dir() else "eval_results.json")
     )
-    preflight(args, output)
+    named_examples = preflight(args, output)
     import torch
     from accelerate import Accelerator
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("evaluate_gpt2", "gpt2_repro"):  # ours: progress on the main process, errors only elsewhere
         logging.getLogger(name).setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     encoding = get_gpt2_encoding(args.vocab_file)
-    examples = _hellaswag_examples(args, accelerator)  # a malformed file is refused before the model loads
+    examples = named_examples or _hellaswag_examples(args, accelerator)
     model = load_model(args.model, args.dtype, args.trust_remote_code).to(accelerator.device)
     check_vocab(model, encoding.n_vocab)
     if args.compile:
@@ -165,22 +165,31 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def preflight(args: EvaluateArgs, output: Path) -> None:
-    """Refuse, before any work, what would fail later: a local model folder that is not one, a HellaSwag file or a
-    data folder that is not there, and results (the JSON, the plot, the model card) that cannot be written."""
+def preflight(args: EvaluateArgs, output: Path) -> list[dict] | None:
+    """Refuse, before torch is even imported, what would fail later: a model path that is not there or not a model
+    folder, weights that cannot be read, a --seq_len past the model's context, a HellaSwag file that is missing or
+    malformed, a data folder without val shards, and results (the JSON, the plot, the model card) that cannot be
+    written. Returns the examples of the --hellaswag_file named (read here, once), or None."""
     from gpt2_repro.errors import EvaluationInputError
 
-    model = Path(args.model)
-    if model.exists() and not (model / "config.json").is_file():
+    model = Path(args.model).expanduser()
+    if model.exists():
+        _check_model_folder(args, model)
+    elif args.model.startswith(("/", ".", "~")) or args.model.count("/") > 1:  # a path, where a Hub id is org/name
         raise EvaluationInputError(
-            f"--model {args.model}: no config.json there, so it is not a model folder. Pass a checkpoint or export "
-            "folder (config.json + model.safetensors), or a Hub id."
+            f"Could not load a causal LM from {args.model!r}: no such folder. Pass a checkpoint or export folder "
+            "(config.json + model.safetensors), or a Hub id."
         )
-    if args.hellaswag_file is not None and not Path(args.hellaswag_file).is_file():
-        raise EvaluationInputError(
-            f"--hellaswag_file {args.hellaswag_file}: no such file. Pass the path of hellaswag_val.jsonl, or leave "
-            "the option out to download it."
-        )
+    examples = None
+    if args.hellaswag_file is not None:
+        from gpt2_repro.hellaswag import load_hellaswag
+
+        if not Path(args.hellaswag_file).is_file():
+            raise EvaluationInputError(
+                f"--hellaswag_file {args.hellaswag_file}: no such file. Pass the path of hellaswag_val.jsonl, or "
+                "leave the option out to download it."
+            )
+        examples = load_hellaswag(args.hellaswag_file, args.limit)  # a malformed line: its number and the fix
     if args.data_dir is not None:
         from gpt2_repro.shards import find_shards
 
@@ -194,6 +203,36 @@ def preflight(args: EvaluateArgs, output: Path) -> None:
         problem = _unwritable(path)
         if problem:
             raise EvaluationInputError(f"cannot write {option} {path}: {problem}. Choose another path.")
+    return examples
+
+
+def _check_model_folder(args: EvaluateArgs, model: Path) -> None:
+    """A local model folder: its config.json, the safetensors headers, the context --seq_len asks for."""
+    import json
+
+    from gpt2_repro.checkpoint import safetensors_problem
+    from gpt2_repro.errors import EvaluationInputError
+
+    if not (model / "config.json").is_file():
+        raise EvaluationInputError(
+            f"--model {args.model}: no config.json there, so it is not a model folder. Pass a checkpoint or export "
+            "folder (config.json + model.safetensors), or a Hub id."
+        )
+    for weights in sorted(model.glob("model*.safetensors")):
+        if problem := safetensors_problem(weights):
+            raise EvaluationInputError(
+                f"{args.model}: its weights cannot be read ({problem}): {weights.name} is truncated or damaged. "
+                "Copy the folder again, or evaluate another checkpoint."
+            )
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise EvaluationInputError(f"--model {args.model}: config.json cannot be read ({e}).") from e
+    context = config.get("n_positions") or config.get("max_position_embeddings")
+    if args.seq_len is not None and context and args.seq_len > context:
+        raise EvaluationInputError(
+            f"seq_len={args.seq_len} is longer than the model's context ({context}): pass seq_len<={context}."
+        )
 
 
 def _unwritable(path: Path) -> str | None:
@@ -244,7 +283,8 @@ def _validation_data(args: EvaluateArgs, encoding) -> tuple:
 
 
 def _hellaswag_examples(args: EvaluateArgs, accelerator) -> list[dict] | None:
-    """The HellaSwag examples to score; None (with a warning) when they cannot be had here."""
+    """The HellaSwag examples to score when no file was named: the cached download; None (with a warning) when they
+    cannot be had here."""
     from gpt2_repro.errors import HellaSwagUnavailable
     from gpt2_repro.hellaswag import load_hellaswag
 

@@ -20,6 +20,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+CACHE_ENV = "GPT2_REPRO_CACHE"  # where downloads and built files are cached (default ~/.cache/gpt2_repro)
+
+
+def user_cache(kind: str) -> Path:
+    """The folder that caches `kind` (e.g. "hellaswag"): $GPT2_REPRO_CACHE/kind, else ~/.cache/gpt2_repro/kind."""
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2_repro"
+    return Path(root) / kind
+
 
 def _umask() -> int:
     mask = os.umask(0)  # the only portable way to read it is to set it...

@@ -104,6 +104,19 @@ def model_files(checkpoint: str | Path) -> list[str]:
     return sorted(p.name for p in Path(checkpoint).iterdir() if p.is_file() and not STATE_FILE_RE.match(p.name))
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why the safetensors file `path` cannot be read (its header, and whether the data covers it), or None.
+    Reads no tensor and imports no torch: answers at once, however large the model."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            f.keys()
+    except (OSError, SafetensorError) as e:
+        return str(e)
+    return None
+
+
 def checkpoint_problem(checkpoint: str | Path, deep: bool = True) -> str | None:
     """Why `checkpoint` cannot be resumed, or None: a run state that does not parse, a data position, the weights
     or the optimizer state missing or unreadable (truncated, or refused by torch.load's weights_only, as a pickle
@@ -123,14 +136,9 @@ def checkpoint_problem(checkpoint: str | Path, deep: bool = True) -> str | None:
     optimizers = sorted(folder.glob("optimizer*.bin"))
     if not optimizers and not list(folder.glob("optimizer*")):  # FSDP saves folders: checked when loaded
         return "optimizer.bin is missing"
-    from safetensors import SafetensorError, safe_open
-
     for path in weights:
-        try:
-            with safe_open(path, framework="numpy") as f:  # the header, and that the data covers it
-                f.keys()
-        except (OSError, SafetensorError) as e:
-            return f"{path.name} cannot be read ({e})"
+        if problem := safetensors_problem(path):
+            return f"{path.name} cannot be read ({problem})"
     if not deep:
         return None
     import torch

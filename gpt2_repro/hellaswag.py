@@ -11,23 +11,17 @@ import json
 import os
 from pathlib import Path
 
-from .atomic_io import write_atomic
+from .atomic_io import user_cache, write_atomic
 from .errors import EvaluationInputError, HellaSwagUnavailable
 from .hub import hub_reachable
 from .published import HELLASWAG_HUB_ID, HELLASWAG_URL
 
 URL_ENV = "GPT2_REPRO_HELLASWAG_URL"  # a mirror of hellaswag_val.jsonl
-CACHE_ENV = "GPT2_REPRO_CACHE"  # where downloads are cached (default ~/.cache/gpt2_repro)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2_repro"
-    return Path(root) / "hellaswag"
 
 
 def download_hellaswag(cache_dir: str | os.PathLike | None = None) -> Path:
     """The cached hellaswag_val.jsonl; downloads it first (rowanz/hellaswag, else the Hub parquet) if missing."""
-    dest = Path(cache_dir) if cache_dir else _cache_dir()
+    dest = Path(cache_dir) if cache_dir else user_cache("hellaswag")
     dest = dest / "hellaswag_val.jsonl"
     if dest.is_file():
         return dest

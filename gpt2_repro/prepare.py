@@ -183,10 +183,11 @@ def _open_manifest(out: Path, manifest: dict | None, identity: dict, fingerprint
             f"{out} holds shards of another source or with other settings ({'; '.join(diffs)}). "
             "Nothing was changed: choose another --output_dir, or rerun with the original options to resume."
         )
-    if not manifest["complete"]:  # the next shard, written but not yet recorded when the run was killed: redone
+    unrecorded = None  # the next shard, written but not yet recorded when the run was killed: redone
+    if not manifest["complete"]:
         index = len(manifest["shards"])
-        (out / f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin").unlink(missing_ok=True)
-    problems = verify_shards(out)  # the shard set, and every finished shard by its SHA-256
+        unrecorded = out / f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
+    problems = verify_shards(out, pending=unrecorded and unrecorded.name)  # the set, each shard by its SHA-256
     if problems:
         raise DataError(
             f"{out}: {len(problems)} finished shard(s) do not match manifest.json ({'; '.join(problems[:3])}). "
@@ -199,6 +200,8 @@ def _open_manifest(out: Path, manifest: dict | None, identity: dict, fingerprint
             f"The source changed since {out} was started ({'; '.join(changes[:3])}), so continuing would mix old "
             "and new content. Nothing was changed: prepare into a new --output_dir."
         )
+    if unrecorded is not None:  # resuming, nothing refused: now it may go
+        unrecorded.unlink(missing_ok=True)
     if changes:
         logger.warning("Note: the source changed since these shards were written (%s)", "; ".join(changes[:3]))
     elif recorded is None:

@@ -160,9 +160,12 @@ def shard_files(folder: str | os.PathLike) -> list[str]:
     )
 
 
-def verify_shards(folder: str | os.PathLike, threads: int | None = None) -> list[str] | None:
+def verify_shards(
+    folder: str | os.PathLike, threads: int | None = None, pending: str | None = None
+) -> list[str] | None:
     """Check the shards of a folder against its manifest.json: the shard set is the manifest's (no file missing,
     none that it does not list, which a loader would read unchecked), each of the recorded size and SHA-256.
+    `pending`: the name of the shard an interrupted preparation was writing, which is not counted as unlisted.
 
     Returns the problems found (empty: all intact), or None when the folder has no manifest.json to check against
     (shards from elsewhere, a glob). Files are hashed in `threads` threads (default: one per CPU core, up to 8):
@@ -181,7 +184,7 @@ def verify_shards(folder: str | os.PathLike, threads: int | None = None) -> list
         f"{Path(folder) / name}: a shard that manifest.json does not list (copied in, or written by another "
         "preparation)"
         for name in shard_files(folder)
-        if name not in listed
+        if name not in listed and name != pending
     ]
 
     def check(item: tuple[Path, int, str]) -> str | None:

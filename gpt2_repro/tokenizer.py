@@ -12,6 +12,7 @@ Where the vocabulary comes from, first match wins:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+
+from .atomic_io import user_cache, write_atomic
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
@@ -119,17 +122,15 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tup
     return vocab, [(m[3], m[4]) for m in merges]
 
 
-def build_hf_tokenizer(encoding: tiktoken.Encoding | None = None, model_max_length: int = 1024):
-    """A `GPT2TokenizerFast` equal to `encoding` (default: `get_gpt2_encoding()`), ready for `save_pretrained`.
+# Bump when `_build_backend` changes what it builds: the cached copies of the old recipe are then ignored.
+BACKEND_RECIPE = 1
 
-    Its padding token is end-of-text, as GPT-2 users set it (GPT-2 has no padding token of its own), so batched
-    tokenization and `pipeline("text-generation", batch_size=...)` work; the models' generation configs say the same.
-    """
+
+def _build_backend(encoding: tiktoken.Encoding):
+    """`encoding` as a `tokenizers.Tokenizer`: byte-level BPE with tiktoken's split pattern and special tokens."""
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
-    from transformers import GPT2TokenizerFast
 
-    encoding = encoding or get_gpt2_encoding()
     vocab, merges = _vocab_and_merges(encoding._mergeable_ranks)
     for token, idx in encoding._special_tokens.items():
         vocab[token] = idx
@@ -141,8 +142,39 @@ def build_hf_tokenizer(encoding: tiktoken.Encoding | None = None, model_max_leng
         ]
     )
     backend.decoder = decoders.ByteLevel()
-    tok = GPT2TokenizerFast(
-        tokenizer_object=backend,
+    return backend
+
+
+def _cached_backend(encoding: tiktoken.Encoding):
+    """`_build_backend(encoding)`, kept in the user cache (atomic_io.user_cache): building the merge list takes about
+    a second at every start of train.py, reading the saved tokenizer a fifth of that. The file name holds everything
+    the build depends on; a cache that cannot be read or written is rebuilt or skipped, never an error."""
+    import tokenizers
+    from tokenizers import Tokenizer
+
+    ranks = sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1])  # hashed in ~0.04 s
+    key = [ranks, encoding._pat_str, sorted(encoding._special_tokens.items()), tokenizers.__version__, BACKEND_RECIPE]
+    path = user_cache("tokenizer") / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}.json"
+    with contextlib.suppress(Exception):  # missing or damaged: build it again
+        backend = Tokenizer.from_file(str(path))
+        if backend.get_vocab_size() == encoding.n_vocab:
+            return backend
+    backend = _build_backend(encoding)
+    with contextlib.suppress(OSError):  # a read-only home: the next start builds it again
+        write_atomic(path, backend.to_str())
+    return backend
+
+
+def build_hf_tokenizer(encoding: tiktoken.Encoding | None = None, model_max_length: int = 1024):
+    """A `GPT2TokenizerFast` equal to `encoding` (default: `get_gpt2_encoding()`), ready for `save_pretrained`.
+
+    Its padding token is end-of-text, as GPT-2 users set it (GPT-2 has no padding token of its own), so batched
+    tokenization and `pipeline("text-generation", batch_size=...)` work; the models' generation configs say the same.
+    """
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast(
+        tokenizer_object=_cached_backend(encoding or get_gpt2_encoding()),
         bos_token=EOT_TOKEN,
         eos_token=EOT_TOKEN,
         unk_token=EOT_TOKEN,
@@ -150,4 +182,3 @@ def build_hf_tokenizer(encoding: tiktoken.Encoding | None = None, model_max_leng
         model_max_length=model_max_length,
         add_prefix_space=False,
     )
-    return tok

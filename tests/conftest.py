@@ -20,7 +20,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # test processes sharing the cores
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
+THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)  # the same share for the processes the tests start
 
 
 def shared_folder(tmp_path_factory, name: str, make) -> Path:
@@ -90,6 +92,10 @@ def hf_tokenizer(gpt2_encoding):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Longest first: training runs, then the other slow tests, then the unit tests. With --dist worksteal each worker
+    # starts on its share of this list and an idle worker takes tests from the end of a busy one's queue, so the last
+    # tests to run are short ones and the workers finish together.
+    items.sort(key=lambda item: ("slow" not in item.keywords, item.path.name != "test_train.py"))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -264,6 +264,35 @@ def test_read_errors_are_retried_or_stop_cleanly_then_resume(gpt2_encoding, tmp_
     assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
 
 
+def test_the_shard_a_killed_run_was_writing_survives_a_refusal_and_is_redone_by_the_resume(gpt2_encoding, tmp_path):
+    """SIGKILL can land between a shard's rename and manifest.json's update: the shard is on disk, unrecorded. A rerun
+    refused because the source changed leaves it where it is ("nothing was changed"); the resume redoes it."""
+    texts = make_texts(160, seed=6, words=(50, 400))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(8):
+        write_fineweb_parquet(folder / f"part_{i:03d}.parquet", texts[i * 20 : (i + 1) * 20])
+    clean = prep(folder, tmp_path / "clean", shard_tokens=2000, progress=False)
+    out = tmp_path / "killed"
+    with FlakyReads("part_005", failures=10**9), pytest.raises(DataError):
+        prep(folder, out, shard_tokens=2000, progress=False, retries=0)
+    unrecorded = clean["shards"][len(json.loads((out / "manifest.json").read_text())["shards"])]["file"]
+    whole = (tmp_path / "clean" / unrecorded).read_bytes()
+    (out / unrecorded).write_bytes(whole[: len(whole) // 2])  # killed while it was being recorded
+
+    last = folder / "part_007.parquet"
+    original, stat = last.read_bytes(), last.stat()
+    write_fineweb_parquet(last, texts[140:159])
+    before = folder_bytes(out)
+    with pytest.raises(DataError, match="source changed since"):
+        prep(folder, out, shard_tokens=2000, progress=False)
+    assert folder_bytes(out) == before
+    last.write_bytes(original)
+    os.utime(last, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert prep(folder, out, shard_tokens=2000, progress=False)["complete"]
+    assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
+
+
 def test_output_dir_of_another_source_is_refused_untouched(gpt2_encoding, fineweb, tmp_path):
     path, texts = fineweb
     out = tmp_path / "out"

@@ -105,3 +105,32 @@ def test_offline_without_cache_explains_the_fix(tmp_path, monkeypatch):
             get_gpt2_encoding()
     finally:
         gpt2_tokenizer._load_encoding.cache_clear()
+
+
+def test_the_built_tokenizer_is_cached_and_a_damaged_or_unwritable_cache_is_no_error(
+    tmp_path, monkeypatch, gpt2_encoding, readonly_dir
+):
+    """The first build writes the backend to the user cache, later ones read it (a change made to the cached file
+    shows); a damaged cache file is rebuilt; a read-only cache folder only means building every time."""
+    import json
+
+    monkeypatch.setenv("GPT2_REPRO_CACHE", str(tmp_path / "cache"))
+    text = SAMPLES[1] + SAMPLES[5]
+    expected = gpt2_encoding.encode_ordinary(text)
+    built = build_hf_tokenizer(gpt2_encoding)
+    (cached,) = (tmp_path / "cache" / "tokenizer").iterdir()
+    first = cached.read_text()
+    again = build_hf_tokenizer(gpt2_encoding)
+    assert again.backend_tokenizer.to_str() == built.backend_tokenizer.to_str() and again(text)["input_ids"] == expected
+
+    marked = json.loads(cached.read_text()) | {"normalizer": {"type": "Lowercase"}}
+    cached.write_text(json.dumps(marked))
+    assert build_hf_tokenizer(gpt2_encoding)(text)["input_ids"] == gpt2_encoding.encode_ordinary(text.lower())
+
+    cached.write_text(cached.read_text()[:1000])  # cut short, as by a full disk
+    assert build_hf_tokenizer(gpt2_encoding)(text)["input_ids"] == expected
+    assert cached.read_text() == first
+
+    monkeypatch.setenv("GPT2_REPRO_CACHE", str(readonly_dir))
+    assert build_hf_tokenizer(gpt2_encoding)(text)["input_ids"] == expected
+    assert not list(readonly_dir.iterdir())

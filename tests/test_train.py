@@ -71,7 +71,7 @@ TINY_ARGS = [
     "--keep_last",
     "2",
     "--val_tokens",
-    "1024",
+    "512",
     "--eval_batch_size",
     "8",
     "--hellaswag_limit",
@@ -231,7 +231,7 @@ def test_export_folders_load_with_auto_classes(reference, data_dir):
     assert out.shape[1] == ids.shape[1] + 8 and tok.decode(out[0]).startswith("Hello, I'm a language model,")
     # The export holds the final weights: its validation loss is the one logged at the last step.
     _, evals = _metrics(run)
-    val = validation_loss(ours, data_dir, val_tokens=1024, batch_size=8, seq_len=32)
+    val = validation_loss(ours, data_dir, val_tokens=512, batch_size=8, seq_len=32)
     assert val == pytest.approx(evals[MAX_STEPS]["val_loss"], abs=1e-5)
 
 
@@ -346,7 +346,7 @@ def _fake_wandb(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(reference, data_dir, hellaswag_file, tmp_path):
+def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(reference, data_dir, tmp_path):
     """Resuming from an earlier checkpoint redoes steps 13-16: TensorBoard shows each step once (the redone
     values), and W&B is asked to continue the same run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -356,8 +356,7 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(reference, data_
     shutil.copytree(reference[0], run)
     wandb_log = tmp_path / "wandb_init.jsonl"
     env = {"PYTHONPATH": str(_fake_wandb(tmp_path / "site")), "FAKE_WANDB_LOG": str(wandb_log)}
-    args = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
-    args += ["--log_with", "tensorboard,wandb"]
+    args = ["--data_dir", str(data_dir), "--hellaswag", "false", "--log_with", "tensorboard,wandb"]
     _train([*args, "--resume", str(run / "checkpoints" / "step_00000012")], run, **env)
     _train([*args, "--resume", "latest"], run, **env)  # nothing left to train: starts and stops
 
@@ -379,24 +378,13 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(reference, data_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(
-    recipe, request, data_dir, hellaswag_file, tmp_path
-):
+def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(recipe, request, data_dir, tmp_path):
     """Both recipes: every optimizer's state (AdamW's moments, Muon's momentum) is in the checkpoint."""
     fixture, recipe_args = RECIPES[recipe]
     reference = request.getfixturevalue(fixture)
     ref_losses, ref_evals = _metrics(reference[0])
     out = tmp_path / "run"
-    args = [
-        *TINY_ARGS,
-        *recipe_args,
-        "--data_dir",
-        str(data_dir),
-        "--hellaswag_file",
-        str(hellaswag_file),
-        "--output_dir",
-        str(out),
-    ]
+    args = [*TINY_ARGS, *recipe_args, "--data_dir", str(data_dir), "--hellaswag", "false", "--output_dir", str(out)]
     kill_after = random.randint(5, 11)  # anywhere: mid-step, mid-evaluation or mid-checkpoint
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
@@ -416,9 +404,7 @@ def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(
     done = metrics.read_text().count('"loss"')
     assert proc.returncode == -signal.SIGKILL and done < MAX_STEPS, f"run ended before the kill ({done} steps)"
 
-    resumed = _train(
-        [*recipe_args, "--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file), "--resume", "latest"], out
-    )
+    resumed = _train([*recipe_args, "--data_dir", str(data_dir), "--hellaswag", "false", "--resume", "latest"], out)
     losses, evals = _metrics(out)
     assert losses == ref_losses, f"killed after step {kill_after}"  # bit-identical, fp32 on CPU
     assert {s: e["val_loss"] for s, e in evals.items()} == {s: e["val_loss"] for s, e in ref_evals.items()}
@@ -783,13 +769,13 @@ def _tensors_finite(folder: Path) -> int:
 
 
 @pytest.mark.slow
-def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(reference, data_dir, hellaswag_file, tmp_path):
+def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(reference, data_dir, tmp_path):
     """LR 1e6 on a trained model: updates with a non-finite loss or gradient norm are skipped, the run stops after
     --max_bad_steps of them naming the last good checkpoint, and nothing non-finite is ever written."""
     out = tmp_path / "run"
     shutil.copytree(reference[0], out, symlinks=True)
     export_before = (out / "export" / "model.safetensors").read_bytes()
-    args = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    args = ["--data_dir", str(data_dir), "--hellaswag", "false"]
     args += ["--resume", "latest", "--max_steps", "24", "--max_lr", "1e6", "--min_lr", "1"]
     args += ["--max_bad_steps", "3", "--checkpoint_every", "2", "--eval_every", "2"]
     line = _expect_exit_2(_run(args, out))
@@ -828,14 +814,14 @@ def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(reference
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data_dir, hellaswag_file, tmp_path):
+def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data_dir, tmp_path):
     """One process. SIGTERM that reaches only `accelerate launch` (it does not forward it; train.py sees its
     launcher exit), then SIGTERM to train.py itself, run with --debug: each time a checkpoint at the current step and
     exit code 75 (--debug adds the traceback, not another exit code); the resumed losses and evaluations are
     bit-identical to the uninterrupted reference."""
     ref_losses, ref_evals = _metrics(reference[0])
     out = tmp_path / "run"
-    data = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    data = ["--data_dir", str(data_dir), "--hellaswag", "false"]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
     with _running(data, out, accelerate) as proc:
         _wait_for_step(out, random.randint(3, 5), proc)
@@ -861,13 +847,13 @@ def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data
 
 
 @pytest.mark.slow
-def test_sigterm_with_two_processes_and_elastic_resume(reference, data_dir, hellaswag_file, tmp_path):
+def test_sigterm_with_two_processes_and_elastic_resume(reference, data_dir, tmp_path):
     """Two gloo processes. SIGTERM to every process (as srun sends it) stops both at the same step; the run
     continues with one process (2 -> 1); its checkpoint continues with two (1 -> 2), stopped by SIGTERM to
     torchrun's agent alone (which forwards it). Losses match the one-process reference to float noise."""
     ref_losses, _ = _metrics(reference[0])
     out = tmp_path / "run"
-    data = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    data = ["--data_dir", str(data_dir), "--hellaswag", "false"]
     with _running(data, out, TORCHRUN, ACCELERATE_USE_CPU="true") as proc:
         _wait_for_step(out, random.randint(3, 6), proc)
         for p in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children())]:
@@ -1186,9 +1172,7 @@ def test_a_stale_export_and_leftovers_of_an_interrupted_save_are_mended_at_start
 
 
 @pytest.mark.slow
-def test_an_unreadable_checkpoint_is_skipped_by_latest_and_refused_by_path(
-    reference, data_dir, hellaswag_file, tmp_path
-):
+def test_an_unreadable_checkpoint_is_skipped_by_latest_and_refused_by_path(reference, data_dir, tmp_path):
     """A truncated model.safetensors in the newest checkpoint: --resume latest says so on one line and resumes the
     older one, which gives the reference's losses; naming the broken one is an error that names the older ones."""
     run = tmp_path / "run"
@@ -1199,7 +1183,7 @@ def test_an_unreadable_checkpoint_is_skipped_by_latest_and_refused_by_path(
     line = _expect_exit_2(_run(["--data_dir", str(data_dir), "--resume", str(broken)], tmp_path / "other"))
     assert f"{broken} cannot be resumed: model.safetensors cannot be read" in line
     assert f"Resume an older one by path: --resume {run / 'checkpoints' / 'step_00000012'}" in line
-    args = ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file), "--resume", "latest"]
+    args = ["--data_dir", str(data_dir), "--hellaswag", "false", "--resume", "latest"]
     proc = _train(args, run)
     skipped = [r for r in (proc.stdout + proc.stderr).splitlines() if r.startswith("warning: skipping")]
     assert len(skipped) == 1 and str(broken) in skipped[0] and "model.safetensors cannot be read" in skipped[0]
