@@ -193,12 +193,18 @@ class _External:
         return self.returncode
 
 
+def runner_args(args) -> tuple:
+    """Runner's arguments from the options every training subcommand shares."""
+    return Path(args.work), shards_of(args.data), args.val_tokens, args.threads, args.jobs
+
+
 class Runner:
     """train.py subprocesses, `jobs` at a time, each with `threads` torch threads; finished runs are reused."""
 
     def __init__(self, work: Path, data: str, val_tokens: int, threads: int, jobs: int):
         self.work, self.data, self.val_tokens, self.threads, self.jobs = (work, data, val_tokens, threads, jobs)
         self.running: list[tuple[subprocess.Popen, str]] = []
+        self.failed: list[str] = []
 
     @staticmethod
     def final(run_dir: Path) -> dict | None:
@@ -267,9 +273,9 @@ class Runner:
         print(f"[{time.strftime('%H:%M:%S')}] started {name}", flush=True)
         return run_dir
 
-    def run_all(self, tasks: list[dict]) -> None:
+    def run_all(self, tasks: list[dict]) -> list[str]:
         """Start the tasks in order as slots free up; one with "after" waits for that run, then resumes from its
-        checkpoint at "resume_step" (or starts fresh if there is none)."""
+        checkpoint at "resume_step" (or starts fresh if there is none). Returns the names of the runs that failed."""
         pending = list(tasks)
         while pending or self.running:
             self.wait(self.jobs - 1)
@@ -289,6 +295,7 @@ class Runner:
                 self.start(task["name"], task["preset"], task["options"], resume=resume)
             elif self.running:
                 self.wait(len(self.running) - 1)
+        return self.failed
 
     def wait(self, at_most: int = 0) -> None:
         while len(self.running) > at_most:
@@ -296,6 +303,8 @@ class Runner:
                 if proc.poll() is not None:
                     self.running.remove((proc, name))
                     status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                    if proc.returncode != 0:
+                        self.failed.append(name)
                     print(f"[{time.strftime('%H:%M:%S')}] {status} {name}", flush=True)
             time.sleep(1)
 
@@ -364,9 +373,9 @@ def base_options(common: list[str], lr: float, steps: int, eval_every: int) -> l
     ]
 
 
-def compare(args) -> None:
-    work, data = Path(args.work), shards_of(args.data)
-    runner = Runner(work, data, args.val_tokens, args.threads, args.jobs)
+def compare(args) -> list[str]:
+    work = Path(args.work)
+    runner = Runner(*runner_args(args))
     fast_extra = args.fast_option or []
     decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
     plan, tasks = {}, []  # plan: (size, seed) -> {"base": {lr: dir}, "fast": {steps: dir}}
@@ -391,9 +400,10 @@ def compare(args) -> None:
             for task in fast_budget_tasks(tag, args.fast_steps, common, fast_extra, decay_fraction):
                 plan[(size, seed)]["fast"][task["steps"]] = work / task["name"]
                 tasks.append({**task, "prio": (seed_i, size_i)})
-    if not args.report_only:
-        runner.run_all(sorted(tasks, key=lambda t: t["prio"]))  # seeds in turn, smaller sizes first
+    # seeds in turn, smaller sizes first
+    failed = [] if args.report_only else runner.run_all(sorted(tasks, key=lambda t: t["prio"]))
     report(plan, args)
+    return failed
 
 
 def _preset_optim(preset: Path, extra: list[str]) -> dict:
@@ -463,6 +473,7 @@ def report(plan: dict, args) -> None:
             f"max {max(values):.2f}, {len(values)} seeds){note} |"
         )
     out = Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"rows": rows, "ratio": summary}, indent=2))
     plot(plan, results, summary, out / "bench_recipe.png")
 
@@ -562,14 +573,14 @@ def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
     return plan, chains + sorted(bases, key=lambda t: -t["steps"])
 
 
-def horizons(args) -> None:
+def horizons(args) -> list[str]:
     """The gain against training length (see the module docstring): runs, then `horizon_report`."""
     fast_extra = args.fast_option or []
     decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
     plan, tasks = horizon_tasks(args, decay_fraction)
-    if not args.report_only:
-        Runner(Path(args.work), shards_of(args.data), args.val_tokens, args.threads, args.jobs).run_all(tasks)
+    failed = [] if args.report_only else Runner(*runner_args(args)).run_all(tasks)
     horizon_report(plan, args)
+    return failed
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -646,6 +657,7 @@ def horizon_report(plan: dict, args) -> None:
             f"({len(exact)} points)"
         )
     out = Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "horizons.json").write_text(json.dumps({"rows": rows, "fit": fit, "size": args.size}, indent=2, default=str))
     horizon_plot(finals, rows, fit, args, out / "horizons.png")
 
@@ -733,12 +745,11 @@ def width_tasks(args) -> tuple[dict, list[dict]]:
     return plan, sorted(tasks, key=lambda t: -t["steps"])  # the longest first: two runs at a time end together
 
 
-def widths(args) -> None:
+def widths(args) -> list[str]:
     """The fast recipe's LRs across widths at the same tokens per parameter: the best Muon LR (and AdamW-group LR)
     at each width, whether it moves with width, and the rule fitted to it (LR against width, log-log)."""
     plan, tasks = width_tasks(args)
-    if not args.report_only:
-        Runner(Path(args.work), shards_of(args.data), args.val_tokens, args.threads, args.jobs).run_all(tasks)
+    failed = [] if args.report_only else Runner(*runner_args(args)).run_all(tasks)
     finals = {key: r for key, d in plan.items() if (r := Runner.final(d))}
     print("\n| size | params | tokens | group | peak LR | val loss |\n|---|---|---|---|---|---|")
     best = {}
@@ -767,18 +778,18 @@ def widths(args) -> None:
         "best": {f"{k[0]} {k[1]}": v for k, v in best.items()},
         "fits": fits,
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "widths.json").write_text(json.dumps(summary, indent=2, default=str))
+    return failed
 
 
 # --------------------------------------------------------------------------------------------------- ablation
 
 
-def ablate(args) -> None:
+def ablate(args) -> list[str]:
     """The fast recipe (or, with 'base:' first, the baseline preset) at one budget with option overrides each:
     --variant "muon_lr=0.04,schedule=cosine". Prints final val loss per variant and seed."""
-    work, data = Path(args.work), shards_of(args.data)
-    runner = Runner(work, data, args.val_tokens, args.threads, args.jobs)
-    runs = []
+    runs, tasks = [], []
     for variant in args.variant:
         preset, spec = (BASE_PRESET, variant[5:]) if variant.startswith("base:") else (FAST_PRESET, variant)
         options = []
@@ -790,13 +801,15 @@ def ablate(args) -> None:
             name = re.sub(r"[^\w.=,:-]", "_", f"{args.size}-s{seed}-{variant or 'fast'}")
             opts = [*size_options(args.size), "--seed", str(seed), "--eval_every", "0", "--checkpoint_every", "0"]
             opts += [] if steps else ["--max_steps", str(args.steps)]
-            runs.append((variant, seed, runner.start(name, preset, [*opts, *options])))
-    runner.wait()
+            runs.append((variant, seed, Path(args.work) / name))
+            tasks.append({"name": name, "preset": preset, "options": [*opts, *options]})
+    failed = Runner(*runner_args(args)).run_all(tasks)
     print("\n| variant | seed | tokens | val loss |\n|---|---|---|---|")
     for variant, seed, run_dir in runs:
         r = Runner.final(run_dir)
-        loss = f"{r['val_loss']:.4f}" if r else "FAILED"
-        print(f"| {variant or '(preset)'} | {seed} | {r['tokens'] if r else '-':,} | {loss} |")
+        tokens, loss = (f"{r['tokens']:,}", f"{r['val_loss']:.4f}") if r else ("-", "FAILED")
+        print(f"| {variant or '(preset)'} | {seed} | {tokens} | {loss} |")
+    return failed
 
 
 # ----------------------------------------------------------------------------------------------------- timing
@@ -940,9 +953,10 @@ def main() -> None:
     if args.command == "prepare":
         prepare(Path(args.corpus), Path(args.out), args.val_tokens, args.max_tokens)
     else:
-        {"compare": compare, "horizons": horizons, "widths": widths, "ablate": ablate, "timing": timing}[args.command](
-            args
-        )
+        commands = {"compare": compare, "horizons": horizons, "widths": widths, "ablate": ablate, "timing": timing}
+        failed = commands[args.command](args)
+        if failed:  # the tables above leave these runs out: say so, and exit non-zero
+            sys.exit(f"error: {len(failed)} run(s) failed ({', '.join(failed)}); each one's train.log says why")
 
 
 if __name__ == "__main__":
