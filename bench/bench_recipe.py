@@ -357,20 +357,11 @@ def tokens_to_reach(target: float, points: list[tuple[int, float]]) -> tuple[flo
 
 
 def base_options(common: list[str], lr: float, steps: int, eval_every: int) -> list[str]:
-    """The reference recipe (tiny.yaml: AdamW, warmup 10, cosine to 10% at max_steps) at peak LR `lr`."""
-    return [
-        *common,
-        "--max_steps",
-        str(steps),
-        "--max_lr",
-        str(lr),
-        "--min_lr",
-        str(lr / 10),
-        "--eval_every",
-        str(eval_every),
-        "--checkpoint_every",
-        "0",
-    ]
+    """The reference recipe (tiny.yaml: AdamW, warmup 10, cosine to 10% at max_steps) at peak LR `lr`. It keeps its
+    newest checkpoint (one per evaluation), so a killed comparison resumes it instead of starting it over."""
+    schedule = ["--max_steps", str(steps), "--max_lr", str(lr), "--min_lr", str(lr / 10)]
+    saves = ["--eval_every", str(eval_every), "--checkpoint_every", str(eval_every), "--keep_last", "1"]
+    return [*common, *schedule, *saves]
 
 
 def compare(args) -> list[str]:
