@@ -115,11 +115,11 @@ def test_the_card_of_a_muon_wsd_run_names_them_and_its_metadata_is_the_hubs(tmp_
     source = {"dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train"}
     path = write_model_card(
         tmp_path,
-        step=9537,
-        tokens=9537 * 524288,
+        step=12716,
+        tokens=12716 * 524288,
         config=config,
         val_loss=3.3,
-        val_step=9537,
+        val_step=12716,
         hellaswag_acc_norm=0.3,
         hellaswag_examples=10042,
         data_source=source,
@@ -129,8 +129,8 @@ def test_the_card_of_a_muon_wsd_run_names_them_and_its_metadata_is_the_hubs(tmp_
     training = card.text[card.text.index("## Training") : card.text.index("## Evaluation")]
     assert "Muon (PyTorch's `torch.optim.Muon`" in training and "peak LR 0.008" in training
     assert "AdamW (betas 0.9/0.95" in training and "tied LM head" in training
-    assert "warmup-stable-decay" in training and "final 3,815 steps (40%)" in training and "cosine" not in training
-    assert "tokens seen: 5,000,134,656 (524,288 per step" in training
+    assert "warmup-stable-decay" in training and "final 5,086 steps (40%)" in training and "cosine" not in training
+    assert "tokens seen: 6,666,846,208 (524,288 per step" in training
     data = card.data.to_dict()
     name, results = model_index_to_eval_results(data["model-index"])
     assert name == "fast" and eval_results_to_model_index(name, results) == data["model-index"]
