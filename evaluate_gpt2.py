@@ -12,6 +12,7 @@ file, the model card's evaluation section, and a plot of the training run's curv
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -208,8 +209,6 @@ def preflight(args: EvaluateArgs, output: Path) -> list[dict] | None:
 
 def _check_model_folder(args: EvaluateArgs, model: Path) -> None:
     """A local model folder: its config.json, the safetensors headers, the context --seq_len asks for."""
-    import json
-
     from gpt2_repro.checkpoint import safetensors_problem
     from gpt2_repro.errors import EvaluationInputError
 
@@ -291,7 +290,7 @@ def _hellaswag_examples(args: EvaluateArgs, accelerator) -> list[dict] | None:
     examples, error = None, None
     with accelerator.main_process_first():  # the main process downloads, the others then read the cache
         try:
-            examples = load_hellaswag(args.hellaswag_file, args.limit)
+            examples = load_hellaswag(None, args.limit)  # a named file was read by preflight
         except HellaSwagUnavailable as e:
             logger.warning("HellaSwag skipped: %s", e)
         except Exception as e:  # raised after the barrier, so no process waits forever

@@ -232,17 +232,23 @@ def test_what_cannot_work_is_refused_up_front(fineweb, gpt2_encoding, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_read_errors_are_retried_or_stop_cleanly_then_resume(gpt2_encoding, tmp_path, capsys):
-    """Reads of one file fail (a stand-in for the network). Twice: retried, the same shards. Always: exit 2 with
-    one error line, finished shards and manifest intact, nothing half-written; the rerun then finishes the same
-    shards as a run that never failed."""
+def _eight_parts_and_a_clean_run(tmp_path: Path) -> tuple[Path, list[str], dict]:
+    """A folder of eight parquet parts (20 documents each) and the manifest of an undisturbed run into
+    tmp_path/"clean" (2,000-token shards): what the read-error tests compare against."""
     texts = make_texts(160, seed=6, words=(50, 400))
     folder = tmp_path / "data"
     folder.mkdir()
     for i in range(8):
         write_fineweb_parquet(folder / f"part_{i:03d}.parquet", texts[i * 20 : (i + 1) * 20])
-    clean = prep(folder, tmp_path / "clean", shard_tokens=2000, progress=False)
+    return folder, texts, prep(folder, tmp_path / "clean", shard_tokens=2000, progress=False)
+
+
+@pytest.mark.slow
+def test_read_errors_are_retried_or_stop_cleanly_then_resume(gpt2_encoding, tmp_path, capsys):
+    """Reads of one file fail (a stand-in for the network). Twice: retried, the same shards. Always: exit 2 with
+    one error line, finished shards and manifest intact, nothing half-written; the rerun then finishes the same
+    shards as a run that never failed."""
+    folder, _, clean = _eight_parts_and_a_clean_run(tmp_path)
     with FlakyReads("part_005", failures=2) as flaky:
         prep(folder, tmp_path / "transient", shard_tokens=2000, progress=False)
     assert flaky.failed == 2 and folder_bytes(tmp_path / "transient") == folder_bytes(tmp_path / "clean")
@@ -267,12 +273,7 @@ def test_read_errors_are_retried_or_stop_cleanly_then_resume(gpt2_encoding, tmp_
 def test_the_shard_a_killed_run_was_writing_survives_a_refusal_and_is_redone_by_the_resume(gpt2_encoding, tmp_path):
     """SIGKILL can land between a shard's rename and manifest.json's update: the shard is on disk, unrecorded. A rerun
     refused because the source changed leaves it where it is ("nothing was changed"); the resume redoes it."""
-    texts = make_texts(160, seed=6, words=(50, 400))
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i in range(8):
-        write_fineweb_parquet(folder / f"part_{i:03d}.parquet", texts[i * 20 : (i + 1) * 20])
-    clean = prep(folder, tmp_path / "clean", shard_tokens=2000, progress=False)
+    folder, texts, clean = _eight_parts_and_a_clean_run(tmp_path)
     out = tmp_path / "killed"
     with FlakyReads("part_005", failures=10**9), pytest.raises(DataError):
         prep(folder, out, shard_tokens=2000, progress=False, retries=0)
