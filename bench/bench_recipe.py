@@ -11,8 +11,15 @@ The report corpus is GCIDE (the Collaborative International Dictionary of Englis
     python bench/bench_recipe.py compare --data data/recipe-gcide --work runs/recipe-gcide \\
         --sizes 4x128 6x256 --seeds 0 1 --base_steps 200 --fast_steps 30 40 60 80 100 120 --base_lrs 3e-3 1.5e-3
     python bench/bench_recipe.py timing --data data/recipe-gcide --sizes 4x128 6x256
+    python bench/bench_recipe.py horizons --data data/recipe-gcide --work runs/h-gcide --size 4x128 \\
+        --horizons 100 400 800 --seeds 0 1 --extra_seed_lrs 1.5e-3 --max_ratio 2.9 \\
+        --fast_steps 50 70 100 140 200 280 400 560                                  # the gain against length
+    python bench/bench_recipe.py widths --data data/recipe-gcide --work runs/w-gcide --sizes 4x128 5x192 6x256
     python bench/bench_recipe.py ablate --data DIR --work DIR --size 4x128 --steps 80 \\
         --variant "muon_lr=0.04" --variant "schedule=cosine" ...     # tuning runs (on another corpus)
+
+A second corpus, the Linux kernel's documentation (Debian's linux-doc-6.1, gzip'd reStructuredText):
+`prepare --corpus data/corpora/x/usr/share/doc/linux-doc-6.1/Documentation --out data/recipe-linux`.
 
 Cost of the `compare` above: 644 optimizer steps per size and seed (baseline 2 x 200; fast budgets chained: 30 +
 22 + 36 + 44 + 52 + 60); one thread per run: a 4x128 step about 3.3 s, a 6x256 step about 7 s on the 2-vCPU dev
@@ -105,10 +112,13 @@ def _clean_rst(text: str) -> str:
 
 
 def text_tree_documents(folder: Path) -> list[str]:
-    """Files of a folder (*.rst.txt, *.rst, *.txt) as paragraphs, joined into documents of about DOC_CHARS."""
+    """Files of a folder (*.rst.txt, *.rst, *.txt, and *.rst.gz: Debian ships linux-doc's reStructuredText gzip'd) as
+    paragraphs, joined into documents of about DOC_CHARS."""
     docs = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith((".rst", ".txt"))):
-        text = _clean_rst(path.read_text(encoding="utf-8", errors="replace"))
+    names = (".rst", ".txt", ".rst.gz")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(names)):
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        text = _clean_rst(raw.decode("utf-8", errors="replace"))
         paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
         docs += _group(paragraphs, sep="\n\n")
     return docs
@@ -367,7 +377,7 @@ def base_options(common: list[str], lr: float, steps: int, eval_every: int) -> l
 def compare(args) -> list[str]:
     work = Path(args.work)
     runner = Runner(*runner_args(args))
-    fast_extra = args.fast_option or []
+    fast_extra, suffix = fast_overrides(args.fast_option)
     decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
     plan, tasks = {}, []  # plan: (size, seed) -> {"base": {lr: dir}, "fast": {steps: dir}}
     for size_i, size in enumerate(args.sizes):
@@ -388,13 +398,24 @@ def compare(args) -> list[str]:
                         "prio": prio,
                     }
                 )
-            for task in fast_budget_tasks(tag, args.fast_steps, common, fast_extra, decay_fraction):
+            for task in fast_budget_tasks(tag + suffix, args.fast_steps, common, fast_extra, decay_fraction):
                 plan[(size, seed)]["fast"][task["steps"]] = work / task["name"]
                 tasks.append({**task, "prio": (seed_i, size_i)})
     # seeds in turn, smaller sizes first
     failed = [] if args.report_only else runner.run_all(sorted(tasks, key=lambda t: t["prio"]))
     report(plan, args)
     return failed
+
+
+def fast_overrides(specs: list[str] | None) -> tuple[list[str], str]:
+    """--fast_option KEY=VALUE ... -> (train.py options, run-name suffix). The suffix keeps runs with other settings
+    apart from the preset's in one --work folder, where a finished run of the same name would be reused."""
+    pairs = [spec.split("=", 1) for spec in specs or []]
+    if any(len(pair) != 2 for pair in pairs):
+        print(f"error: --fast_option takes KEY=VALUE each (muon_lr=0.01), got {specs}", file=sys.stderr)
+        raise SystemExit(2)
+    options = [item for key, value in pairs for item in (f"--{key.strip()}", value.strip())]
+    return options, "".join(f"-{key.strip()}{value.strip()}" for key, value in pairs)
 
 
 def _preset_optim(preset: Path, extra: list[str]) -> dict:
@@ -465,8 +486,9 @@ def report(plan: dict, args) -> None:
         )
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "ratio": summary}, indent=2))
-    plot(plan, results, summary, out / "bench_recipe.png")
+    suffix = fast_overrides(args.fast_option)[1]
+    (out / f"summary{suffix}.json").write_text(json.dumps({"rows": rows, "ratio": summary}, indent=2))
+    plot(plan, results, summary, out / f"bench_recipe{suffix}.png")
 
 
 def plot(plan: dict, results: dict, summary: dict, path: Path) -> None:
@@ -544,6 +566,7 @@ def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
     list (it is sequential, the critical path), then the reference runs, longest first.
     """
     work, longest = Path(args.work), max(args.horizons)
+    fast_extra, suffix = fast_overrides(args.fast_option)
     plan, chains, bases = {}, [], []
     for i, seed in enumerate(args.seeds):
         common = [*size_options(args.size), "--seed", str(seed)]
@@ -552,7 +575,7 @@ def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
         lrs = args.base_lrs if i == 0 else (args.extra_seed_lrs or args.base_lrs)
         budgets = [b for b in args.fast_steps if i == 0 or b * args.max_ratio >= longest]
         plan[seed] = {"base": {}, "fast": {}}
-        for task in fast_budget_tasks(tag, budgets, common, args.fast_option or [], decay_fraction):
+        for task in fast_budget_tasks(tag + suffix, budgets, common, fast_extra, decay_fraction):
             plan[seed]["fast"][task["steps"]] = work / task["name"]
             chains.append(task)
         for steps in horizons:
@@ -566,7 +589,7 @@ def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
 
 def horizons(args) -> list[str]:
     """The gain against training length (see the module docstring): runs, then `horizon_report`."""
-    fast_extra = args.fast_option or []
+    fast_extra, _ = fast_overrides(args.fast_option)
     decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
     plan, tasks = horizon_tasks(args, decay_fraction)
     failed = [] if args.report_only else Runner(*runner_args(args)).run_all(tasks)
@@ -638,6 +661,11 @@ def horizon_report(plan: dict, args) -> None:
                 f"| {b['tokens']:,} | {sweep} | {best:g}{edge} | {s} | {b['val_loss']:.4f} | {tokens:,.0f} | "
                 f"{bound}{ratio:.2f} |"
             )
+    for steps in sorted({r["horizon_steps"] for r in rows}):
+        ratios = [r["ratio"] for r in rows if r["horizon_steps"] == steps and r["bound"] == "="]
+        if len(ratios) >= 2:
+            mean, low = statistics.mean(ratios), min(ratios)
+            print(f"{steps} steps: ratio {mean:.2f}, the mean of {len(ratios)} seeds (lowest {low:.2f})")
     exact = [r for r in rows if r["bound"] == "="]
     fit = None
     if len({r["tokens"] for r in exact}) >= 2:
@@ -649,8 +677,10 @@ def horizon_report(plan: dict, args) -> None:
         )
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "horizons.json").write_text(json.dumps({"rows": rows, "fit": fit, "size": args.size}, indent=2, default=str))
-    horizon_plot(finals, rows, fit, args, out / "horizons.png")
+    name = "horizons" + fast_overrides(args.fast_option)[1]
+    summary = {"rows": rows, "fit": fit, "size": args.size, "fast_option": args.fast_option}
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
+    horizon_plot(finals, rows, fit, args, out / f"{name}.png")
 
 
 def horizon_plot(finals: dict, rows: list[dict], fit: dict | None, args, path: Path) -> None:
@@ -736,6 +766,18 @@ def width_tasks(args) -> tuple[dict, list[dict]]:
     return plan, sorted(tasks, key=lambda t: -t["steps"])  # the longest first: two runs at a time end together
 
 
+def log_vertex(sweep: dict[float, float]) -> float | None:
+    """The LR at the minimum of a parabola in log(LR) through the best swept LR and its two neighbours (equal
+    log spacing assumed, as a sweep by factors of 2 has); None when the best is at an edge of the sweep."""
+    lrs = sorted(sweep)
+    i = min(range(len(lrs)), key=lambda k: sweep[lrs[k]])
+    if i in (0, len(lrs) - 1):
+        return None
+    left, mid, right = (sweep[lrs[k]] for k in (i - 1, i, i + 1))
+    offset = (left - right) / (2 * (left + right - 2 * mid))  # in steps of the sweep's factor, from the best
+    return math.exp(math.log(lrs[i]) + offset * (math.log(lrs[i + 1]) - math.log(lrs[i])))
+
+
 def widths(args) -> list[str]:
     """The fast recipe's LRs across widths at the same tokens per parameter: the best Muon LR (and AdamW-group LR)
     at each width, whether it moves with width, and the rule fitted to it (LR against width, log-log)."""
@@ -751,14 +793,16 @@ def widths(args) -> list[str]:
             swept = {lr: r["val_loss"] for (sz, g, lr), r in finals.items() if sz == size and g == group}
             if len(swept) >= 2:
                 lr = min(swept, key=swept.get)
-                best[(size, group)] = {"lr": lr, "interior": min(swept) < lr < max(swept), "sweep": swept}
-    print("\n| size | group | best peak LR | interior | losses by LR |\n|---|---|---|---|---|")
+                vertex = log_vertex(swept)
+                best[(size, group)] = {"lr": lr, "interior": vertex is not None, "vertex": vertex, "sweep": swept}
+    print("\n| size | group | best peak LR | parabola's minimum | losses by LR |\n|---|---|---|---|---|")
     for (size, group), b in best.items():
         losses = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(b["sweep"].items()))
-        print(f"| {size} | {group} | {b['lr']:g} | {'yes' if b['interior'] else 'no (edge)'} | {losses} |")
+        vertex = f"{b['vertex']:.2g}" if b["vertex"] else "- (best at the edge)"
+        print(f"| {size} | {group} | {b['lr']:g} | {vertex} | {losses} |")
     fits = {}
     for group in ("muon", "adamw"):
-        points = [(int(size.split("x")[1]), b["lr"]) for (size, g), b in best.items() if g == group]
+        points = [(int(size.split("x")[1]), b["vertex"] or b["lr"]) for (size, g), b in best.items() if g == group]
         if len({w for w, _ in points}) >= 2:
             a, slope = fit_line([math.log(w) for w, _ in points], [math.log(lr) for _, lr in points])
             fits[group] = {"slope": slope, "lr_at_768": math.exp(a + slope * math.log(768))}
@@ -909,7 +953,7 @@ def main() -> None:
     c.add_argument("--base_eval_every", type=int, default=100)
     c.add_argument("--fast_steps", type=int, nargs="*", default=[60, 80, 100], help="none: baselines only")
     c.add_argument("--report_only", action="store_true", help="tables and plot of the finished runs; train none")
-    c.add_argument("--fast_option", nargs="*", help="extra train.py options for the fast recipe (--muon_lr 0.03)")
+    c.add_argument("--fast_option", nargs="*", help="fast recipe overrides, KEY=VALUE each (muon_lr=0.01)")
     h = sub.choices["horizons"]
     h.add_argument("--size", default="4x128", help="LAYERSxWIDTH")
     h.add_argument("--horizons", type=int, nargs="+", default=[200, 800, 1600], help="reference max_steps")
@@ -918,12 +962,12 @@ def main() -> None:
     h.add_argument("--base_eval_every", type=int, default=200)
     h.add_argument("--fast_steps", type=int, nargs="+", default=[50, 70, 100, 140, 200, 280, 400, 560, 800, 1120])
     h.add_argument("--max_ratio", type=float, default=4.0, help="later seeds: budgets >= longest / max_ratio")
-    h.add_argument("--fast_option", nargs="*", help="extra train.py options for the fast recipe")
+    h.add_argument("--fast_option", nargs="*", help="fast recipe overrides, KEY=VALUE each (muon_lr=0.01)")
     h.add_argument("--report_only", action="store_true")
     w = sub.choices["widths"]
     w.add_argument("--sizes", nargs="+", default=["4x128", "5x192", "6x256"], help="LAYERSxWIDTH")
     w.add_argument("--tokens_per_param", type=float, default=0.056, help="the same at every size")
-    w.add_argument("--muon_lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04])
+    w.add_argument("--muon_lrs", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02])
     w.add_argument("--adamw_sizes", nargs="*", default=["4x128", "6x256"], help="sizes whose AdamW LR is swept too")
     w.add_argument("--adamw_lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3])
     w.add_argument("--report_only", action="store_true")
