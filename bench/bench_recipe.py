@@ -377,7 +377,7 @@ def base_options(common: list[str], lr: float, steps: int, eval_every: int) -> l
 def compare(args) -> list[str]:
     work = Path(args.work)
     runner = Runner(*runner_args(args))
-    fast_extra, suffix = fast_overrides(args.fast_option)
+    fast_extra, suffix = fast_overrides(args)
     decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
     plan, tasks = {}, []  # plan: (size, seed) -> {"base": {lr: dir}, "fast": {steps: dir}}
     for size_i, size in enumerate(args.sizes):
@@ -407,15 +407,24 @@ def compare(args) -> list[str]:
     return failed
 
 
-def fast_overrides(specs: list[str] | None) -> tuple[list[str], str]:
-    """--fast_option KEY=VALUE ... -> (train.py options, run-name suffix). The suffix keeps runs with other settings
-    apart from the preset's in one --work folder, where a finished run of the same name would be reused."""
-    pairs = [spec.split("=", 1) for spec in specs or []]
-    if any(len(pair) != 2 for pair in pairs):
-        print(f"error: --fast_option takes KEY=VALUE each (muon_lr=0.01), got {specs}", file=sys.stderr)
-        raise SystemExit(2)
-    options = [item for key, value in pairs for item in (f"--{key.strip()}", value.strip())]
-    return options, "".join(f"-{key.strip()}{value.strip()}" for key, value in pairs)
+def key_value(spec: str) -> tuple[str, str]:
+    """argparse type of one override, "muon_lr=0.01" -> ("muon_lr", "0.01")."""
+    key, sep, value = spec.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{spec!r} is not KEY=VALUE (muon_lr=0.01)")
+    return key.strip(), value.strip()
+
+
+def train_options(pairs: list[tuple[str, str]]) -> list[str]:
+    """[("muon_lr", "0.01")] -> ["--muon_lr", "0.01"]: overrides as train.py options."""
+    return [item for key, value in pairs for item in (f"--{key}", value)]
+
+
+def fast_overrides(args) -> tuple[list[str], str]:
+    """--fast_option's train.py options and run-name suffix. The suffix keeps runs with other settings apart from
+    the preset's in one --work folder, where a finished run of the same name would be reused."""
+    pairs = args.fast_option or []
+    return train_options(pairs), "".join(f"-{key}{value}" for key, value in pairs)
 
 
 def _preset_optim(preset: Path, extra: list[str]) -> dict:
@@ -486,7 +495,7 @@ def report(plan: dict, args) -> None:
         )
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = fast_overrides(args.fast_option)[1]
+    suffix = fast_overrides(args)[1]
     (out / f"summary{suffix}.json").write_text(json.dumps({"rows": rows, "ratio": summary}, indent=2))
     plot(plan, results, summary, out / f"bench_recipe{suffix}.png")
 
@@ -566,7 +575,7 @@ def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
     list (it is sequential, the critical path), then the reference runs, longest first.
     """
     work, longest = Path(args.work), max(args.horizons)
-    fast_extra, suffix = fast_overrides(args.fast_option)
+    fast_extra, suffix = fast_overrides(args)
     plan, chains, bases = {}, [], []
     for i, seed in enumerate(args.seeds):
         common = [*size_options(args.size), "--seed", str(seed)]
@@ -589,7 +598,7 @@ def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
 
 def horizons(args) -> list[str]:
     """The gain against training length (see the module docstring): runs, then `horizon_report`."""
-    fast_extra, _ = fast_overrides(args.fast_option)
+    fast_extra, _ = fast_overrides(args)
     decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
     plan, tasks = horizon_tasks(args, decay_fraction)
     failed = [] if args.report_only else Runner(*runner_args(args)).run_all(tasks)
@@ -677,8 +686,9 @@ def horizon_report(plan: dict, args) -> None:
         )
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    name = "horizons" + fast_overrides(args.fast_option)[1]
-    summary = {"rows": rows, "fit": fit, "size": args.size, "fast_option": args.fast_option}
+    name = "horizons" + fast_overrides(args)[1]
+    specs = [f"{key}={value}" for key, value in args.fast_option or []]
+    summary = {"rows": rows, "fit": fit, "size": args.size, "fast_option": specs}
     (out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
     horizon_plot(finals, rows, fit, args, out / f"{name}.png")
 
@@ -827,10 +837,7 @@ def ablate(args) -> list[str]:
     runs, tasks = [], []
     for variant in args.variant:
         preset, spec = (BASE_PRESET, variant[5:]) if variant.startswith("base:") else (FAST_PRESET, variant)
-        options = []
-        for item in filter(None, spec.split(",")):
-            key, value = item.split("=", 1)
-            options += [f"--{key.strip()}", value.strip()]
+        options = train_options([key_value(item) for item in filter(None, spec.split(","))])
         steps = next((v for k, v in zip(options[::2], options[1::2], strict=False) if k == "--max_steps"), None)
         for seed in args.seeds:
             name = re.sub(r"[^\w.=,:-]", "_", f"{args.size}-s{seed}-{variant or 'fast'}")
@@ -953,7 +960,7 @@ def main() -> None:
     c.add_argument("--base_eval_every", type=int, default=100)
     c.add_argument("--fast_steps", type=int, nargs="*", default=[60, 80, 100], help="none: baselines only")
     c.add_argument("--report_only", action="store_true", help="tables and plot of the finished runs; train none")
-    c.add_argument("--fast_option", nargs="*", help="fast recipe overrides, KEY=VALUE each (muon_lr=0.01)")
+    c.add_argument("--fast_option", nargs="*", type=key_value, help="fast recipe overrides: KEY=VALUE (muon_lr=0.01)")
     h = sub.choices["horizons"]
     h.add_argument("--size", default="4x128", help="LAYERSxWIDTH")
     h.add_argument("--horizons", type=int, nargs="+", default=[200, 800, 1600], help="reference max_steps")
@@ -962,7 +969,7 @@ def main() -> None:
     h.add_argument("--base_eval_every", type=int, default=200)
     h.add_argument("--fast_steps", type=int, nargs="+", default=[50, 70, 100, 140, 200, 280, 400, 560, 800, 1120])
     h.add_argument("--max_ratio", type=float, default=4.0, help="later seeds: budgets >= longest / max_ratio")
-    h.add_argument("--fast_option", nargs="*", help="fast recipe overrides, KEY=VALUE each (muon_lr=0.01)")
+    h.add_argument("--fast_option", nargs="*", type=key_value, help="fast recipe overrides: KEY=VALUE (muon_lr=0.01)")
     h.add_argument("--report_only", action="store_true")
     w = sub.choices["widths"]
     w.add_argument("--sizes", nargs="+", default=["4x128", "5x192", "6x256"], help="LAYERSxWIDTH")
