@@ -762,6 +762,7 @@ def width_tasks(args) -> tuple[dict, list[dict]]:
     """plan {(size, group, lr): dir} and the tasks: the fast recipe at each size for tokens_per_param x parameters
     tokens, its Muon LR swept (muon_lrs), and at adamw_sizes its AdamW group's peak LR swept (adamw_lrs)."""
     work, plan, tasks = Path(args.work), {}, []
+    preset = _preset_optim(FAST_PRESET, [])
     for size in args.sizes:
         steps = max(20, round(args.tokens_per_param * size_params(size) / 2048))
         common = [*size_options(size), "--seed", str(args.seeds[0]), "--max_steps", str(steps)]
@@ -770,6 +771,9 @@ def width_tasks(args) -> tuple[dict, list[dict]]:
         if size in args.adamw_sizes:
             sweeps += [("adamw", lr, ["--max_lr", str(lr), "--min_lr", str(lr / 10)]) for lr in args.adamw_lrs]
         for group, lr, opts in sweeps:
+            if group == "adamw" and lr == preset["max_lr"] and (size, "muon", preset["muon_lr"]) in plan:
+                plan[(size, group, lr)] = plan[(size, "muon", preset["muon_lr"])]  # both LRs the preset's: one run
+                continue
             name = f"{size}-{steps}steps-{group}{lr:g}"
             plan[(size, group, lr)] = work / name
             tasks.append({"name": name, "preset": FAST_PRESET, "options": [*common, *opts], "steps": steps})
@@ -973,9 +977,9 @@ def main() -> None:
     h.add_argument("--report_only", action="store_true")
     w = sub.choices["widths"]
     w.add_argument("--sizes", nargs="+", default=["4x128", "5x192", "6x256"], help="LAYERSxWIDTH")
-    w.add_argument("--tokens_per_param", type=float, default=0.056, help="the same at every size")
+    w.add_argument("--tokens_per_param", type=float, default=0.04, help="the same at every size")
     w.add_argument("--muon_lrs", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02])
-    w.add_argument("--adamw_sizes", nargs="*", default=["4x128", "6x256"], help="sizes whose AdamW LR is swept too")
+    w.add_argument("--adamw_sizes", nargs="*", default=["4x128", "5x192"], help="sizes whose AdamW LR is swept too")
     w.add_argument("--adamw_lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3])
     w.add_argument("--report_only", action="store_true")
     a = sub.choices["ablate"]
