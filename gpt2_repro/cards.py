@@ -208,8 +208,11 @@ def _optimizer_lines(optim: dict) -> list[str]:
     adamw += f" on matrices and embeddings), peak LR {optim['max_lr']:g}"
     if optim.get("optimizer", "adamw") != "muon":
         return [f"- Optimizer: {adamw}, on every parameter."]
+    momentum = f"{optim['muon_momentum']}"
+    if warmup := optim.get("muon_momentum_warmup_steps"):  # absent from the configs of older runs
+        momentum = f"{optim['muon_momentum_start']} rising to {momentum} over {warmup:,} steps"
     muon = (
-        f"Muon (PyTorch's `torch.optim.Muon`: momentum {optim['muon_momentum']}"
+        f"Muon (PyTorch's `torch.optim.Muon`: momentum {momentum}"
         f"{', Nesterov' if optim['muon_nesterov'] else ''}, {optim['muon_ns_steps']} Newton-Schulz steps, "
         f"LR adjustment `{optim['muon_adjust_lr_fn']}`, weight decay {optim['muon_weight_decay']}), "
         f"peak LR {optim['muon_lr']:g}"
@@ -226,8 +229,9 @@ def _schedule_text(optim: dict) -> str:
     warmup = f"linear warmup over {optim['warmup_steps']:,} steps"
     if optim.get("schedule", "cosine") == "wsd":
         decay = max(1, round(optim["decay_fraction"] * optim["max_steps"]))
+        shape = "1 - sqrt" if optim.get("decay_shape") == "sqrt" else "linear"
         return (
-            f"warmup-stable-decay: {warmup}, constant, then a linear cool-down over the final {decay:,} steps "
+            f"warmup-stable-decay: {warmup}, constant, then a {shape} cool-down over the final {decay:,} steps "
             f"({optim['decay_fraction']:.0%}) to {floor}"
         )
     return f"{warmup}, then cosine to {floor} at step {optim['max_steps']:,}"

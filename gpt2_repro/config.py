@@ -131,9 +131,12 @@ class OptimConfig:
     schedule: Literal["cosine", "wsd"] = opt(
         "cosine",
         "cosine: warmup, then cosine to min_lr at max_steps; wsd (warmup-stable-decay): warmup, "
-        "constant, then linear to min_lr over the final decay_fraction of max_steps",
+        "constant, then down to min_lr over the final decay_fraction of max_steps (decay_shape)",
     )
     decay_fraction: float = opt(0.2, "wsd: the final fraction of max_steps spent cooling down")
+    decay_shape: Literal["linear", "sqrt"] = opt(
+        "linear", "wsd: the cool-down's shape: linear, or sqrt (1 - sqrt of its progress: a fast drop, a long tail)"
+    )
     max_lr: float = opt(6e-4, "peak learning rate of AdamW (with optimizer=muon: the AdamW group's)")
     min_lr: float = opt(6e-5, "final AdamW LR; every group ends at min_lr / max_lr of its own peak")
     warmup_steps: int = opt(715, "linear warmup steps (every group)")
@@ -143,6 +146,10 @@ class OptimConfig:
     eps: float = opt(1e-8, "AdamW epsilon")
     muon_lr: float = opt(0.02, "Muon: peak LR of the blocks' 2-D weights (scaled by muon_adjust_lr_fn)")
     muon_momentum: float = opt(0.95, "Muon: momentum of the gradient average it orthogonalizes")
+    muon_momentum_warmup_steps: int = opt(
+        0, "Muon: raise momentum linearly from muon_momentum_start to muon_momentum over the first N steps (0 = off)"
+    )
+    muon_momentum_start: float = opt(0.85, "Muon: momentum at step 0 of muon_momentum_warmup_steps")
     muon_nesterov: bool = opt(True, "Muon: Nesterov momentum")
     muon_ns_steps: int = opt(5, "Muon: Newton-Schulz iterations per step")
     muon_weight_decay: float = opt(0.0, "Muon: decoupled weight decay (param *= 1 - lr * wd)")
@@ -192,6 +199,14 @@ class OptimConfig:
             (self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0"),
             (self.muon_lr > 0, f"optim.muon_lr={self.muon_lr} must be positive"),
             (0.0 <= self.muon_momentum < 1.0, f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)"),
+            (
+                0.0 <= self.muon_momentum_start < 1.0,
+                f"optim.muon_momentum_start={self.muon_momentum_start} must be in [0, 1)",
+            ),
+            (
+                self.muon_momentum_warmup_steps >= 0,
+                f"optim.muon_momentum_warmup_steps={self.muon_momentum_warmup_steps} must be >= 0",
+            ),
             (1 <= self.muon_ns_steps < 100, f"optim.muon_ns_steps={self.muon_ns_steps} must be in [1, 100)"),
             (self.muon_weight_decay >= 0, f"optim.muon_weight_decay={self.muon_weight_decay} must be >= 0"),
         ]

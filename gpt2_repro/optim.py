@@ -69,9 +69,10 @@ def lr_at(step: int, optim: OptimConfig, peak: float | None = None, floor: float
 
     The defaults are AdamW's (max_lr, min_lr); the Muon group passes (muon_lr, muon_lr * min_lr / max_lr).
     schedule=cosine: linear warmup to peak, cosine to floor at max_steps, then flat.
-    schedule=wsd: linear warmup to peak, constant, then linear to floor over the last `optim.decay_steps`
-    steps, flat after max_steps. Only the cool-down depends on max_steps, so a run can be extended (resume
-    a checkpoint taken before the cool-down with a larger --max_steps) or cut short the same way.
+    schedule=wsd: linear warmup to peak, constant, then down to floor over the last `optim.decay_steps`
+    steps (decay_shape: linear, or 1 - sqrt of the cool-down's progress), flat after max_steps. Only the
+    cool-down depends on max_steps, so a run can be extended (resume a checkpoint taken before the cool-down with
+    a larger --max_steps) or cut short the same way.
 
     A pure function of the step, so a resumed run needs nothing but the step count. The trainer sets it on the
     optimizers' param_groups once per optimizer step rather than through an LR scheduler passed to
@@ -89,6 +90,8 @@ def lr_at(step: int, optim: OptimConfig, peak: float | None = None, floor: float
         decay = optim.decay_steps
         if step < optim.max_steps - decay:
             return peak
+        if optim.decay_shape == "sqrt":  # Hagele et al. 2024 found 1 - sqrt(progress) beat linear for wsd
+            return floor + (peak - floor) * (1.0 - math.sqrt(1.0 - (optim.max_steps - step) / decay))
         return floor + (peak - floor) * (optim.max_steps - step) / decay  # peak at its first step
     progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)  # 0 -> 1
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
@@ -105,13 +108,27 @@ def schedule_peaks(optim) -> list[tuple[float, float]]:
     return [adamw, muon] if optim.optimizer == "muon" else [adamw]
 
 
+def muon_momentum_at(step: int, optim: OptimConfig) -> float:
+    """Muon's momentum for optimizer step `step`: linear from muon_momentum_start to muon_momentum over the first
+    muon_momentum_warmup_steps (a short memory while the gradients change fast), then constant."""
+    if step >= optim.muon_momentum_warmup_steps:
+        return optim.muon_momentum
+    start, end = optim.muon_momentum_start, optim.muon_momentum
+    return start + (end - start) * step / optim.muon_momentum_warmup_steps
+
+
 def set_lrs(optimizers: list, step: int, optim) -> dict[str, float]:
-    """Every param group's LR for optimizer step `step`; returns {"lr": AdamW's, "muon_lr": Muon's}."""
+    """Every param group's LR (and Muon's momentum, when it warms up) for optimizer step `step`; returns {"lr":
+    AdamW's, "muon_lr": Muon's} and, during a momentum warmup, "muon_momentum"."""
     lrs = {}
     for name, optimizer, (peak, floor) in zip(("lr", "muon_lr"), optimizers, schedule_peaks(optim), strict=False):
         lrs[name] = lr_at(step, optim, peak, floor)
         for group in optimizer.param_groups:
             group["lr"] = lrs[name]
+    if len(optimizers) > 1 and optim.muon_momentum_warmup_steps:
+        lrs["muon_momentum"] = muon_momentum_at(step, optim)
+        for group in optimizers[1].param_groups:
+            group["momentum"] = lrs["muon_momentum"]
     return lrs
 
 

@@ -125,6 +125,9 @@ def test_grad_accum_refusals_list_valid_values():
         ({"decay_fraction": 0}, "decay_fraction=0.0 must be in (0, 1]"),
         ({"muon_adjust_lr_fn": "rms"}, "expected one of original, match_rms_adamw"),
         ({"muon_momentum": 1.0}, "muon_momentum=1.0 must be in [0, 1)"),
+        ({"muon_momentum_start": -0.1}, "muon_momentum_start=-0.1 must be in [0, 1)"),
+        ({"muon_momentum_warmup_steps": -1}, "muon_momentum_warmup_steps=-1 must be >= 0"),
+        ({"decay_shape": "cosine"}, "--decay_shape: expected one of linear, sqrt, got 'cosine'"),
         ({"schedule": "wsd", "max_steps": 12, "warmup_steps": 10}, "overlaps the wsd cool-down"),
     ],
 )

@@ -41,6 +41,32 @@ def test_wsd_schedule_boundaries_and_it_follows_max_steps():
     assert [lr_at(s, o) for s in range(60)] == [lr_at(s, longer) for s in range(60)]  # extendable
 
 
+def test_wsd_sqrt_cool_down_drops_first_and_keeps_the_same_ends():
+    linear = OptimConfig(schedule="wsd", max_steps=100, warmup_steps=10, decay_fraction=0.4, max_lr=1e-2, min_lr=1e-3)
+    sqrt = OptimConfig(**{**linear.__dict__, "decay_shape": "sqrt"})
+    assert [lr_at(s, sqrt) for s in range(61)] == [lr_at(s, linear) for s in range(61)]  # same until the cool-down
+    assert lr_at(70, sqrt) == pytest.approx(1e-3 + 9e-3 * (1 - 0.5))  # a quarter of the way: 1 - sqrt(1/4)
+    assert all(lr_at(s, sqrt) < lr_at(s, linear) for s in range(61, 100))  # below linear inside the cool-down
+    assert lr_at(100, sqrt) == 1e-3 and lr_at(101, sqrt) == 1e-3
+
+
+def test_muon_momentum_warms_up_and_is_left_alone_when_it_does_not():
+    from gpt2_repro.optim import build_optimizers, set_lrs
+
+    overrides = {"max_steps": 100, "warmup_steps": 10, "muon_momentum_warmup_steps": 40, "muon_momentum_start": 0.85}
+    cfg = load_config(ROOT / "configs" / "tiny_fast.yaml", overrides)
+    adamw, muon = build_optimizers(_tiny_model(), cfg, torch.device("cpu"))
+    momenta = {step: set_lrs([adamw, muon], step, cfg.optim)["muon_momentum"] for step in (0, 20, 40, 99)}
+    assert momenta == pytest.approx({0: 0.85, 20: 0.90, 40: 0.95, 99: 0.95})
+    assert muon.param_groups[0]["momentum"] == 0.95 and "momentum" not in adamw.param_groups[0]
+    set_lrs([adamw, muon], 0, cfg.optim)  # a resume sets it again from the step alone
+    assert muon.param_groups[0]["momentum"] == pytest.approx(0.85)
+    plain = load_config(ROOT / "configs" / "tiny_fast.yaml", {"max_steps": 100, "warmup_steps": 10})
+    adamw, muon = build_optimizers(_tiny_model(), plain, torch.device("cpu"))
+    assert "muon_momentum" not in set_lrs([adamw, muon], 0, plain.optim)
+    assert muon.param_groups[0]["momentum"] == plain.optim.muon_momentum
+
+
 def test_cosine_ignores_the_group_arguments_it_defaults_to():
     o = OptimConfig(max_steps=50, warmup_steps=5, max_lr=3e-3, min_lr=3e-4)
     assert all(lr_at(step, o) == lr_at(step, o, 3e-3, 3e-4) for step in range(0, 60, 3))
