@@ -2,10 +2,12 @@
 
 - `StopRequest`: SIGTERM (what SLURM, Kubernetes and spot instances send first) and SIGUSR1 (what SLURM sends ahead
   of time with `--signal=USR1@120`) set a flag, and so does the exit of the launcher that started this process:
-  `accelerate launch` with one process runs train.py as a child and does not forward signals, so a SIGTERM that
-  reaches only the launcher kills it and would leave the child training on, orphaned. The trainer folds the flag
+  `accelerate launch` with one process runs train.py as a child; a signal it does not pass on (any, before version
+  1.16; SIGUSR1 or SIGKILL since) kills it and would leave the child training on, orphaned. The trainer folds the flag
   into the loss reduction its step already does (every process learns it at the same step, at no extra cost),
   saves a complete checkpoint at that step and exits with PREEMPTED_EXIT_CODE.
+- `keep_stderr_writable`: `accelerate launch` (1.16 and later) relays the child's stderr through a pipe it reads, so
+  once the launcher is gone every write there fails; stderr then falls back to stdout, and the run goes on to save.
 - `DivergenceGuard`: counts consecutive optimizer steps whose update was skipped because the loss or the gradient
   norm was not finite, and says when the run must stop.
 - `nonfinite_parameters`: the parameters holding NaN or inf (checked before a checkpoint or an export is written,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -34,7 +37,60 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 def _say(message: str) -> None:
     """Print from a signal handler: os.write, because print() may be interrupted inside its own buffer's lock."""
     if os.environ.get("RANK", "0") == "0":  # one process speaks for all
-        os.write(2, f"\n{message}\n".encode())
+        _retry_broken_pipe(lambda: os.write(2, f"\n{message}\n".encode()))
+
+
+# Where fd 2 goes once its reader is gone: stdout (which launchers pass through: the terminal or job log they were
+# started with), then nowhere when stdout is gone too.
+_STDERR_FALLBACKS = ["stdout", os.devnull]
+
+
+def _retry_broken_pipe(write):
+    """write(), retried on a fallback stderr while it raises BrokenPipeError (Python ignores SIGPIPE: a write to a
+    pipe without a reader raises instead of killing the process)."""
+    while True:
+        try:
+            return write()
+        except BrokenPipeError:
+            if not _STDERR_FALLBACKS:
+                raise
+            target = _STDERR_FALLBACKS.pop(0)
+            if target == "stdout":
+                os.dup2(1, 2)
+            else:
+                fd = os.open(target, os.O_WRONLY)
+                os.dup2(fd, 2)
+                os.close(fd)
+
+
+class _FallbackStderr:
+    """sys.stderr whose writes survive the loss of its reader (see keep_stderr_writable); the rest is the stream's.
+    Python's stderr writes through (no buffer), so a retried write is not printed twice."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return _retry_broken_pipe(lambda: self.stream.write(text))
+
+    def flush(self) -> None:
+        _retry_broken_pipe(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def keep_stderr_writable() -> None:
+    """Make stderr outlive its reader, for the rest of this process (idempotent).
+
+    `accelerate launch` 1.16 and later reads its child's stderr through a pipe (to quote it if the child fails).
+    When the launcher dies (SIGKILL, a signal it leaves at its default action such as SIGUSR1 or SIGHUP), the next
+    write to stderr, a progress bar's, raises BrokenPipeError and would end the run before it saves; and the last
+    words of a run, printed after training, need stderr most. On the first such error, fd 2 is pointed at stdout
+    (at /dev/null if that fails too) and the write is retried, so the stop message reaches the terminal or job log.
+    """
+    if not isinstance(sys.stderr, _FallbackStderr):
+        sys.stderr = _FallbackStderr(sys.stderr)
 
 
 def launcher_pid(env=os.environ) -> int | None:
@@ -85,6 +141,7 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
         launcher = launcher_pid()
         if launcher is not None:
+            keep_stderr_writable()  # a launcher may read stderr through a pipe that dies with it
             watch = threading.Thread(target=self._watch, args=(launcher,), name="launcher-watch", daemon=True)
             watch.start()
         return self

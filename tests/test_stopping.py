@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,3 +58,35 @@ def test_nonfinite_parameters_one_value_is_enough(bad):
     with torch.no_grad():
         model.weight[63, 63] = bad
     assert nonfinite_parameters(model) == ["weight"]
+
+
+CHILD = """
+import os, sys
+from gpt2_repro import stopping
+if sys.argv[1] == "keep":
+    stopping.keep_stderr_writable()
+os.read(0, 1)  # the parent has closed the reading end of our stderr
+print("progress", file=sys.stderr)
+stopping._say("signal handler's message")
+print("last words", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_stderr_falls_back_to_stdout_when_its_reader_is_gone(keep):
+    """A real process whose stderr reader (a launcher relaying it) exits: with keep_stderr_writable every later message
+    reaches stdout and the process goes on; without, its first write to stderr ends it (the control)."""
+    args = [sys.executable, "-c", CHILD, "keep" if keep else "no"]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stderr.close()
+    stdout, _ = proc.communicate("x", timeout=60)
+    if keep:
+        assert proc.returncode == 0 and stdout.split("\n") == [
+            "progress",
+            "",
+            "signal handler's message",
+            "last words",
+            "",
+        ]
+    else:
+        assert proc.returncode != 0 and stdout == ""
