@@ -143,7 +143,7 @@ def build(cfg: TrainConfig, checked: Checked, cleanup: contextlib.ExitStack) -> 
 
     from gpt2_repro.checkpointer import Checkpointer
     from gpt2_repro.evaluator import Evaluator, LastEval
-    from gpt2_repro.optim import build_optimizers
+    from gpt2_repro.optim import build_optimizers, zero_output_projections
     from gpt2_repro.resume import refresh_export, start_line
     from gpt2_repro.stopping import StopRequest
     from gpt2_repro.tracking import tracker_config, tracker_init_kwargs, truncate_metrics
@@ -154,6 +154,8 @@ def build(cfg: TrainConfig, checked: Checked, cleanup: contextlib.ExitStack) -> 
     stop = cleanup.enter_context(StopRequest())  # SIGTERM, SIGUSR1, launcher exit: save and stop
     set_seed(cfg.run.seed)  # the same initial weights on every rank
     raw_model = GPT2ReproForCausalLM(cfg.model_config())
+    if cfg.optim.zero_init_proj:  # a resumed run then loads its checkpoint's weights over these
+        zero_output_projections(raw_model)
     model, *optimizers = acc.prepare(raw_model, *build_optimizers(raw_model, cfg, acc.device))
     loader = make_loader(cfg, acc)
     cleanup.callback(loader.close)  # a stream's reader threads, also when the run fails

@@ -194,6 +194,7 @@ def _training_section(config: dict, step: int, tokens: int, data_text: str) -> s
         f"- Data: {data_text}, GPT-2 BPE, documents separated by `<|endoftext|>`.",
         f"- Steps: {step:,} of {optim['max_steps']:,}; tokens seen: {tokens:,} ({batch}).",
         *_optimizer_lines(optim),
+        *(["- Init: GPT-2's, with the blocks' output projections at zero."] if optim.get("zero_init_proj") else []),
         f"- Schedule: {_schedule_text(optim)}.",
         f"- Gradient clipping at norm {optim['grad_clip']}.",
     ]

@@ -121,7 +121,8 @@ class OptimConfig:
     weight matrices inside the transformer blocks (attention and MLP), AdamW (max_lr, betas, eps,
     weight_decay) on the rest: token and position embeddings (the tied LM head is the token embedding),
     LayerNorms and biases. Each group follows the schedule from its own peak LR (max_lr for AdamW, muon_lr for
-    Muon) down to the same fraction min_lr / max_lr of it.
+    Muon) down to the same fraction min_lr / max_lr of it. zero_init_proj, the one init setting, is here because
+    it belongs to a recipe, not to the model (a checkpoint or export does not depend on how training began).
     """
 
     max_steps: int = opt(19073, "optimizer steps; also where the schedule reaches min_lr (10B tokens at 2**19)")
@@ -157,6 +158,11 @@ class OptimConfig:
         "match_rms_adamw",
         "Muon: per-matrix LR scale: match_rms_adamw (0.2 * sqrt(max dim): AdamW-sized updates) or "
         "original (sqrt(max(1, rows / cols)))",
+    )
+    zero_init_proj: bool = opt(
+        False,
+        "start the blocks' output projections (attn.c_proj, mlp.c_proj weights) at zero, so each block starts as "
+        "the identity (GPT-2's init: normal, std initializer_range / sqrt(2 n_layer))",
     )
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
     max_bad_steps: int = opt(

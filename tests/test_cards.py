@@ -140,6 +140,8 @@ def test_the_card_of_a_muon_wsd_run_names_them_and_its_metadata_is_the_hubs(tmp_
     plain = write_model_card(tmp_path / "adamw", step=1, tokens=524288, config=cosine).read_text()
     assert "AdamW (betas 0.9/0.95" in plain and "then cosine to 10% of each peak at step 19,073" in plain
     tuned = {**config, "optim": {**config["optim"], "decay_shape": "sqrt", "muon_momentum_warmup_steps": 300}}
+    tuned["optim"]["zero_init_proj"] = True
     text = write_model_card(tmp_path / "tuned", step=1, tokens=524288, config=tuned).read_text()
     assert "a 1 - sqrt cool-down" in text and "momentum 0.85 rising to 0.95 over 300 steps" in text
+    assert "output projections at zero" in text and "output projections" not in training
     assert "Muon" not in plain

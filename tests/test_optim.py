@@ -145,3 +145,27 @@ def test_muon_orthogonalizes_cpu_gradients_in_fp32_like_pytorch_does_in_bf16():
     cfg = load_config(ROOT / "configs" / "tiny_fast.yaml")
     build_optimizers(model, cfg, torch.device("cpu"))
     assert torch.optim._muon._zeropower_via_newtonschulz is _newton_schulz  # what Muon calls
+
+
+def test_zero_output_projections_make_every_block_the_identity():
+    """With the projections at zero the logits are the embeddings' alone: ln_f(wte + wpe) @ wte^T. One optimizer step
+    then moves the projections off zero, and the matrices before them stay put that step (no gradient reaches them)."""
+    from gpt2_repro.optim import build_optimizers, zero_output_projections
+
+    model = _tiny_model()
+    zero_output_projections(model)
+    zeroed = sorted(n for n, p in model.named_parameters() if p.dim() == 2 and not p.any())
+    assert zeroed == sorted(f"transformer.h.{i}.{m}.c_proj.weight" for i in range(2) for m in ("attn", "mlp"))
+    real = model.config.tokenizer_vocab_size  # the padding ids' logits are masked
+    ids = torch.randint(0, real, (2, 16))
+    t = model.transformer
+    hidden = t.ln_f(t.wte(ids) + t.wpe(torch.arange(16)))  # (2, 16, 32)
+    torch.testing.assert_close(model(ids).logits[..., :real], (hidden @ t.wte.weight.T)[..., :real])
+
+    cfg = load_config(ROOT / "configs" / "tiny_fast.yaml")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(ids, labels=ids).loss.backward()
+    for opt in build_optimizers(model, cfg, torch.device("cpu")):
+        opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert set(zeroed) <= moved and not any(n.endswith(("c_attn.weight", "c_fc.weight")) for n in moved)
