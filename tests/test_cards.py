@@ -128,7 +128,7 @@ def test_the_card_of_a_muon_wsd_run_names_them_and_its_metadata_is_the_hubs(tmp_
     card = ModelCard.load(path)
     training = card.text[card.text.index("## Training") : card.text.index("## Evaluation")]
     assert "Muon (PyTorch's `torch.optim.Muon`" in training and "peak LR 0.001" in training
-    assert "AdamW (betas 0.9/0.95" in training and "tied LM head" in training
+    assert "AdamW (betas 0.8/0.95" in training and "tied LM head" in training
     assert "warmup-stable-decay" in training and "final 5,086 steps (40%)" in training and "cosine" not in training
     assert "tokens seen: 6,666,846,208 (524,288 per step" in training
     assert "a linear cool-down" in training and "momentum 0.95," in training
