@@ -27,13 +27,14 @@ def muon_param_names(model: torch.nn.Module) -> set[str]:
 
 
 def zero_output_projections(model: torch.nn.Module) -> None:
-    """Zero the weights of every block's attn.c_proj and mlp.c_proj (biases are zero already): each block then
-    adds nothing to the residual stream at step 0, and the logits are ln_f(wte + wpe) @ wte^T. Gradients still
-    reach them (their input is not zero); the matrices before them get none until they move off zero."""
+    """Zero the weights of every block's residual output projections (attn.c_proj, mlp.c_proj: the layers the model
+    flags RESIDUAL_SCALE_INIT for its own init; biases are zero already): each block then adds nothing to the
+    residual stream at step 0, and the logits are ln_f(wte + wpe) @ wte^T. Gradients still reach them (their input
+    is not zero); the matrices before them get none until they move off zero."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
-                p.zero_()
+        for module in model.modules():
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                module.weight.zero_()
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:

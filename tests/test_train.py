@@ -860,7 +860,7 @@ def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data
 
     _train([*data, "--resume", "latest"], out)
     losses, evals = _metrics(out)
-    assert losses == ref_losses, (first, second)
+    assert losses == ref_losses, (first, second, third)
     assert {s: e["val_loss"] for s, e in evals.items()} == {s: e["val_loss"] for s, e in ref_evals.items()}
     attempts = json.loads((out / "run_info.json").read_text())["attempts"]
     assert [a["start_step"] for a in attempts] == [0, first, second, third]
