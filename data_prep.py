@@ -19,8 +19,8 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
-from gpt2_repro import cli
-from gpt2_repro.errors import Stop
+from gpt2_repro.base import cli
+from gpt2_repro.base.errors import Stop
 
 
 def _interrupt(signum, frame):
@@ -28,8 +28,8 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from gpt2_repro.prepare import PrepConfig, prepare, verify
-    from gpt2_repro.shards import read_manifest
+    from gpt2_repro.data.prepare import PrepConfig, prepare, verify
+    from gpt2_repro.data.shards import read_manifest
 
     logging.basicConfig(format="%(message)s")  # the libraries' own notices stay at their default: warnings
     logging.getLogger("gpt2_repro").setLevel(logging.INFO)

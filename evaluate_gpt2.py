@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gpt2_repro import cli
-from gpt2_repro.cli import opt
-from gpt2_repro.errors import ConfigError
-from gpt2_repro.published import BUILD_NANOGPT_VAL_TOKENS, GPT2_124M, GPT3_124M, HELLASWAG_VAL_SIZE
+from gpt2_repro.base import cli
+from gpt2_repro.base.cli import opt
+from gpt2_repro.base.errors import ConfigError
+from gpt2_repro.base.published import BUILD_NANOGPT_VAL_TOKENS, GPT2_124M, GPT3_124M, HELLASWAG_VAL_SIZE
 
 logger = logging.getLogger("evaluate_gpt2")
 
@@ -78,7 +78,7 @@ def evaluate_model(
 
     val_data: what `validation_loss` reads (default: --data_dir); val_tokens: how many of its tokens to score
     (default --val_tokens; fewer when the split is smaller)."""
-    from gpt2_repro.evaluation import score_hellaswag, validation_loss
+    from gpt2_repro.evaluation.scoring import score_hellaswag, validation_loss
 
     out = {"val_loss": None, "val_tokens": None, "seq_len": None, "hellaswag_acc": None, "hellaswag_acc_norm": None}
     out["hellaswag_examples"] = 0
@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from gpt2_repro.errors import EvaluationInputError
-    from gpt2_repro.evaluation import check_vocab, compile_body, context_length, load_model
-    from gpt2_repro.reports import comparison_notes
-    from gpt2_repro.tokenizer import get_gpt2_encoding
+    from gpt2_repro.base.errors import EvaluationInputError
+    from gpt2_repro.data.tokenizer import get_gpt2_encoding
+    from gpt2_repro.evaluation.models import check_vocab, compile_body, context_length, load_model
+    from gpt2_repro.evaluation.reports import comparison_notes
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible here. Use --device cpu (or auto).")
@@ -171,7 +171,7 @@ def preflight(args: EvaluateArgs, output: Path) -> list[dict] | None:
     folder, weights that cannot be read, a --seq_len past the model's context, a HellaSwag file that is missing or
     malformed, a data folder without val shards, and results (the JSON, the plot, the model card) that cannot be
     written. Returns the examples of the --hellaswag_file named (read here, once), or None."""
-    from gpt2_repro.errors import EvaluationInputError
+    from gpt2_repro.base.errors import EvaluationInputError
 
     model = Path(args.model).expanduser()
     if model.exists():
@@ -183,7 +183,7 @@ def preflight(args: EvaluateArgs, output: Path) -> list[dict] | None:
         )
     examples = None
     if args.hellaswag_file is not None:
-        from gpt2_repro.hellaswag import load_hellaswag
+        from gpt2_repro.evaluation.hellaswag import load_hellaswag
 
         if not Path(args.hellaswag_file).is_file():
             raise EvaluationInputError(
@@ -192,7 +192,7 @@ def preflight(args: EvaluateArgs, output: Path) -> list[dict] | None:
             )
         examples = load_hellaswag(args.hellaswag_file, args.limit)  # a malformed line: its number and the fix
     if args.data_dir is not None:
-        from gpt2_repro.shards import find_shards
+        from gpt2_repro.data.shards import find_shards
 
         find_shards(args.data_dir, "val")  # FileNotFoundError naming the folder and the fix
     writes = {"--output": output}
@@ -209,8 +209,8 @@ def preflight(args: EvaluateArgs, output: Path) -> list[dict] | None:
 
 def _check_model_folder(args: EvaluateArgs, model: Path) -> None:
     """A local model folder: its config.json, the safetensors headers, the context --seq_len asks for."""
-    from gpt2_repro.checkpoint import safetensors_problem
-    from gpt2_repro.errors import EvaluationInputError
+    from gpt2_repro.base.errors import EvaluationInputError
+    from gpt2_repro.checkpointing.folders import safetensors_problem
 
     if not (model / "config.json").is_file():
         raise EvaluationInputError(
@@ -238,7 +238,7 @@ def _unwritable(path: Path) -> str | None:
     """Why a file cannot be written at `path` (its folder is made if missing), or None: tried, not guessed."""
     import tempfile
 
-    from gpt2_repro.errors import ENVIRONMENT_ERRNOS
+    from gpt2_repro.base.errors import ENVIRONMENT_ERRNOS
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,9 +253,9 @@ def _validation_data(args: EvaluateArgs, encoding) -> tuple:
     """(what validation_loss reads: the shards' folder or a stream's first tokens, how many tokens to score): the
     --val_tokens budget, or when the split is smaller all of its whole windows (one line says so; the figure is
     then labelled as not comparable with the published one)."""
-    from gpt2_repro.errors import EvaluationInputError
-    from gpt2_repro.evaluation import stream_validation_tokens
-    from gpt2_repro.loader import val_split
+    from gpt2_repro.base.errors import EvaluationInputError
+    from gpt2_repro.data.windows import val_split
+    from gpt2_repro.evaluation.scoring import stream_validation_tokens
 
     if args.data_dir is None and args.dataset is None:
         return None, None
@@ -284,8 +284,8 @@ def _validation_data(args: EvaluateArgs, encoding) -> tuple:
 def _hellaswag_examples(args: EvaluateArgs, accelerator) -> list[dict] | None:
     """The HellaSwag examples to score when no file was named: the cached download; None (with a warning) when they
     cannot be had here."""
-    from gpt2_repro.errors import HellaSwagUnavailable
-    from gpt2_repro.hellaswag import load_hellaswag
+    from gpt2_repro.base.errors import HellaSwagUnavailable
+    from gpt2_repro.evaluation.hellaswag import load_hellaswag
 
     examples, error = None, None
     with accelerator.main_process_first():  # the main process downloads, the others then read the cache
@@ -302,8 +302,13 @@ def _hellaswag_examples(args: EvaluateArgs, accelerator) -> list[dict] | None:
 
 def _report(args: EvaluateArgs, results: dict, output: Path) -> None:
     """Print the table; write the JSON, the model card section and the plot (main process only)."""
-    from gpt2_repro.atomic_io import write_json_atomic
-    from gpt2_repro.reports import comparison_table, find_metrics_log, plot_training_curves, write_results_to_card
+    from gpt2_repro.base.atomic_io import write_json_atomic
+    from gpt2_repro.evaluation.reports import (
+        comparison_table,
+        find_metrics_log,
+        plot_training_curves,
+        write_results_to_card,
+    )
 
     is_folder = Path(args.model).is_dir()
     metrics_file = find_metrics_log(args.log_dir, args.model)  # the training run's, when the model folder is in one

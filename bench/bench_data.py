@@ -104,7 +104,7 @@ _enc = None
 
 def _pool_init():
     global _enc
-    from gpt2_repro.tokenizer import get_gpt2_encoding
+    from gpt2_repro.data.tokenizer import get_gpt2_encoding
 
     _enc = get_gpt2_encoding()
 
@@ -117,7 +117,7 @@ def _encode_one(doc: dict) -> np.ndarray:
 
 
 def _encode_batch(texts: list) -> np.ndarray:
-    from gpt2_repro import text_stream
+    from gpt2_repro.data import text_stream as text_stream
 
     return text_stream.encode_documents(_enc, texts)[0]
 
@@ -152,8 +152,8 @@ def run_pool(parquet: str, out: str, cache_dir: str) -> None:
 
 
 def run_pool_batches(parquet: str, out: str) -> None:
-    from gpt2_repro import text_stream
-    from gpt2_repro.shards import write_shard
+    from gpt2_repro.data import text_stream as text_stream
+    from gpt2_repro.data.shards import write_shard
 
     src = text_stream.open_text_stream(parquet)
     Path(out).mkdir()
@@ -181,7 +181,7 @@ def children_cpu() -> float:
 
 
 def all_tokens(folder: Path) -> np.ndarray:
-    from gpt2_repro.shards import read_shard
+    from gpt2_repro.data.shards import read_shard
 
     files = [f for f in folder.iterdir() if f.suffix in (".bin", ".npy")]
     files.sort(key=lambda f: f.stem.rsplit("_", 1)[-1])  # by shard index: val first
@@ -230,8 +230,8 @@ def _per_document(encoding, texts: list) -> np.ndarray:
 
 
 def bench_one_thread(parquet: Path, repeats: int, max_tokens: int = 3_000_000) -> dict:
-    from gpt2_repro import text_stream
-    from gpt2_repro.tokenizer import get_gpt2_encoding
+    from gpt2_repro.data import text_stream as text_stream
+    from gpt2_repro.data.tokenizer import get_gpt2_encoding
 
     shared = get_gpt2_encoding()
     batches, n = [], 0
@@ -269,21 +269,15 @@ def bench_one_thread(parquet: Path, repeats: int, max_tokens: int = 3_000_000) -
 
 
 def bench_loaders(parquet: Path, shards: Path, tokens: int, repeats: int) -> dict:
-    from gpt2_repro.loader import TokenShardLoader
-    from gpt2_repro.stream_loader import StreamingTokenLoader
+    from gpt2_repro.data.shard_loader import TokenShardLoader
+    from gpt2_repro.data.stream_loader import StreamingTokenLoader, StreamSpec
 
     B, T = 64, 1024
     steps = max(1, tokens // (B * T))
 
     def streaming(world_size: int) -> float:
-        loader = StreamingTokenLoader(
-            str(parquet),
-            batch_size=B,
-            seq_len=T,
-            world_size=world_size,
-            val_tokens=VAL_TOKENS,
-            shard_tokens=SHARD_TOKENS,
-        )
+        stream = StreamSpec(str(parquet), val_tokens=VAL_TOKENS, shard_tokens=SHARD_TOKENS)
+        loader = StreamingTokenLoader(stream, batch_size=B, seq_len=T, world_size=world_size)
         loader.next_batch()  # start-up: the validation tokens, the first block
         t0 = time.perf_counter()
         for _ in range(steps):

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and tests/synthetic.py
 
-from gpt2_repro.evaluation import hellaswag_losses
-from gpt2_repro.hellaswag import load_hellaswag, render_example
-from gpt2_repro.tokenizer import get_gpt2_encoding
+from gpt2_repro.data.tokenizer import get_gpt2_encoding
+from gpt2_repro.evaluation.hellaswag import load_hellaswag, render_example
+from gpt2_repro.evaluation.scoring import hellaswag_losses
 from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
 from synthetic import hellaswag_examples
 

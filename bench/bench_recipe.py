@@ -751,7 +751,7 @@ def horizon_plot(finals: dict, rows: list[dict], fit: dict | None, args, path: P
 def size_params(size: str) -> int:
     """Parameters of the tiny presets' GPT-2 at `size` (LAYERSxWIDTH; 50304-row vocabulary, 128 positions)."""
     sys.path.insert(0, str(ROOT))
-    from gpt2_repro.config import load_config, parameter_count
+    from gpt2_repro.base.config import load_config, parameter_count
 
     opts = size_options(size)
     cfg = load_config(BASE_PRESET, dict(zip((o.lstrip("-") for o in opts[::2]), opts[1::2], strict=True)))
@@ -867,11 +867,12 @@ def timing(args) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from gpt2_repro.accelerator import make_accelerator
-    from gpt2_repro.config import parse_args
-    from gpt2_repro.loader import TokenShardLoader
-    from gpt2_repro.optim import build_optimizers, set_lrs
-    from gpt2_repro.step import train_step
+    from gpt2_repro.base.config import parse_args
+    from gpt2_repro.base.run_folder import RunFolder
+    from gpt2_repro.data.shard_loader import TokenShardLoader
+    from gpt2_repro.training.accelerator import make_accelerator
+    from gpt2_repro.training.optim import build_optimizers, set_lrs
+    from gpt2_repro.training.step import train_step
     from modeling_gpt2_repro import GPT2ReproForCausalLM
 
     torch.set_num_threads(args.threads)
@@ -892,7 +893,7 @@ def timing(args) -> None:
                     str(args.threads),
                 ]
             )
-            accelerator = make_accelerator(cfg, Path(args.work) / "timing")
+            accelerator = make_accelerator(cfg, RunFolder(Path(args.work) / "timing"))
             torch.set_num_threads(args.threads)
             torch.manual_seed(0)
             raw = GPT2ReproForCausalLM(cfg.model_config())

@@ -70,7 +70,7 @@ def main() -> None:
             sys.path[:0] = [str(ROOT)]
             import numpy as np
 
-            from gpt2_repro.shards import write_shard
+            from gpt2_repro.data.shards import write_shard
 
             data.mkdir()
             write_shard(data / "x_val_000000.bin", np.arange(40000) % 50000)

@@ -32,14 +32,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt2_repro.accelerator import make_accelerator
-from gpt2_repro.config import parse_args
-from gpt2_repro.loader import TokenShardLoader
-from gpt2_repro.optim import build_optimizers, lr_at, set_lrs
-from gpt2_repro.shards import write_shard
-from gpt2_repro.step import train_step
-from gpt2_repro.stopping import DivergenceGuard, StopRequest
-from gpt2_repro.tracking import append_jsonl
+from gpt2_repro.base.config import parse_args
+from gpt2_repro.base.run_folder import RunFolder
+from gpt2_repro.data.shard_loader import TokenShardLoader
+from gpt2_repro.data.shards import write_shard
+from gpt2_repro.training.accelerator import make_accelerator
+from gpt2_repro.training.optim import build_optimizers, lr_at, set_lrs
+from gpt2_repro.training.step import train_step
+from gpt2_repro.training.stopping import DivergenceGuard, StopRequest
 from modeling_gpt2_repro import GPT2ReproForCausalLM
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     write_shard(work / "bench_train_000001.bin", tokens)
     make_loader = lambda: TokenShardLoader(work, batch_size=data.micro_batch_size, seq_len=data.seq_len, seed=0)
 
-    accelerator = make_accelerator(cfg, work / "run")  # sets threads as train.py does
+    accelerator = make_accelerator(cfg, RunFolder(work / "run"))  # sets threads as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
     accum = accelerator.gradient_accumulation_steps
@@ -90,7 +90,7 @@ def main() -> None:
     if str(accelerator.state.dynamo_plugin.backend.value) != "NO":
         model_b = torch.compile(model_b)  # what prepare() did to model_a
     loader_a, loader_b = make_loader(), make_loader()
-    metrics = work / "metrics.jsonl"
+    folder = RunFolder(work)
     print(
         f"# torch {torch.__version__}, threads {torch.get_num_threads()}, device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, compile {accelerator.state.dynamo_plugin.backend.value}"
@@ -105,7 +105,7 @@ def main() -> None:
         result = train_step(accelerator, model_a, opt_a, loader_a, optim.grad_clip, stop)
         guard.update(step + 1, result.bad, result.loss)
         row = {"step": step + 1, "loss": result.loss, "grad_norm": result.grad_norm}
-        append_jsonl(metrics, row)
+        folder.append_metrics(row)
         return result.loss, time.perf_counter() - t0
 
     def run_bare(step: int) -> tuple[float, float]:

@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt2_repro.shards import MANIFEST, verify_shards, write_shard
+from gpt2_repro.data.shards import MANIFEST, verify_shards, write_shard
 
 
 def main() -> None:

@@ -26,13 +26,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt2_repro.accelerator import make_accelerator
-from gpt2_repro.config import load_config
-from gpt2_repro.loader import TokenShardLoader
-from gpt2_repro.optim import build_optimizers, set_lrs
-from gpt2_repro.run_info import mfu, peak_bf16_flops
-from gpt2_repro.shards import write_shard
-from gpt2_repro.step import train_step
+from gpt2_repro.base.config import load_config
+from gpt2_repro.base.machine import peak_bf16_flops
+from gpt2_repro.base.run_folder import RunFolder
+from gpt2_repro.data.shard_loader import TokenShardLoader
+from gpt2_repro.data.shards import write_shard
+from gpt2_repro.training.accelerator import make_accelerator
+from gpt2_repro.training.optim import build_optimizers, set_lrs
+from gpt2_repro.training.step import train_step
+from gpt2_repro.training.tracking import mfu
 from modeling_gpt2_repro import GPT2ReproForCausalLM, estimate_flops_per_token
 
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64, "seq_len": 64}
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(ROOT / "configs" / "gpt2_124m.yaml", overrides | (TINY if args.tiny else {}))
     data, optim = cfg.data, cfg.optim
 
-    accelerator = make_accelerator(cfg, work / "run")
+    accelerator = make_accelerator(cfg, RunFolder(work / "run"))
     if accelerator.num_processes != 1:
         raise SystemExit("gpu_bench.py measures one device: run it with python, not a multi-process launcher.")
     steps_total = args.warmup + args.steps

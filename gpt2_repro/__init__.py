@@ -1,16 +1,19 @@
 """gpt2-repro's components; the entry points (train.py, data_prep.py, evaluate_gpt2.py) and the model
 (modeling_gpt2_repro.py) sit at the repository's root, and only they import this package.
 
-Data:      tokenizer (the GPT-2 BPE), text_stream (datasets as token streams), shards (the shard format and its
-           integrity), prepare (text -> shards), loader (batches from shards), stream_loader (batches from a stream)
-Training:  config (the typed config), accelerator, optim (optimizers and LR schedules), step (one optimizer step),
-           evaluator (periodic evaluation), checkpoint (checkpoint folders, what can be read), checkpointer (saving
-           and restoring a run), resume (which checkpoint, whether it fits, lines of training, the export kept
-           current), lock (one writer per folder), run_folder (room, data checks, records), run_info (versions,
-           hardware, MFU), stopping (signals, divergence), tracking (metrics.jsonl, TensorBoard, W&B)
-Evaluation: evaluation (validation loss, HellaSwag scoring, loading models), hellaswag (its examples), reports
-           (tables, plots), cards (model cards), hub (reachability, uploads), published (reference figures)
-Plumbing:  cli (one command-line convention), errors (every expected error), atomic_io (whole-or-absent files)
+Grouped by concern; imports between the groups run one way, down this list (tests/test_layout.py checks it):
+
+training/       accelerator, optim (optimizers, LR schedules), step (one optimizer step), stopping (signals,
+                divergence), periodic_eval (evaluation during training), tracking (metrics, TensorBoard, W&B, MFU)
+checkpointing/  folders (checkpoint format, readability, commit, rotation), checkpoints (the component: find,
+                fit, restore, save, exports, lines of training)
+evaluation/     models (loading, checks), scoring (validation loss, HellaSwag), hellaswag (its examples), reports
+publishing/     cards (model cards), hub (uploads)
+data/           tokenizer, shards (format, integrity), text_stream, prepare (text -> shards), source (the data
+                source interface), shard_loader and stream_loader (its two kinds), windows (batches, val set)
+base/           errors, atomic_io (whole-or-absent files), lock, cli (one command-line convention), config (the
+                typed config), published (reference figures), machine (versions, hardware, Hub), launch, run_folder
+                (the run folder's paths and records)
 
 Nothing is imported here: importing a module of the package loads only what that module needs.
 """

@@ -7,7 +7,6 @@ them (`shared_folder`).
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,24 +23,9 @@ THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
 torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)  # the same share for the processes the tests start
 
-
-def shared_folder(tmp_path_factory, name: str, make) -> Path:
-    """A folder made once per test session, also when pytest-xdist runs the tests in several processes: the first
-    process that asks for it makes it, under a file lock, and the others wait and reuse it. `make(folder)` fills
-    the folder; tests only read it (a test that changes a run works on a copy)."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above each process's own
-    folder, done = root / name, root / f"{name}.done"
-    with FileLock(str(root / f"{name}.lock")):
-        if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            make(folder)
-            done.touch()
-    return folder
+from gpt2_repro.data.shards import write_shard  # noqa: E402  (the repository's root is on sys.path now)
+from runs import MUON_ARGS, shared_folder, shared_run  # noqa: E402
+from synthetic import hellaswag_examples, learnable_tokens, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +79,7 @@ def pytest_collection_modifyitems(config, items):
     # Longest first: training runs, then the other slow tests, then the unit tests. With --dist worksteal each worker
     # starts on its share of this list and an idle worker takes tests from the end of a busy one's queue, so the last
     # tests to run are short ones and the workers finish together.
-    items.sort(key=lambda item: ("slow" not in item.keywords, item.path.name != "test_train.py"))
+    items.sort(key=lambda item: ("slow" not in item.keywords, not item.path.name.startswith("test_train")))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -116,8 +100,8 @@ def repro():
 def val_dir(tmp_path_factory):
     """A val shard of SEQ_LEN * VAL_WINDOWS + 1 GPT-2 ids (synthetic's constants), written by shards.write_shard."""
     import numpy as np
-
     from gpt2_repro.shards import write_shard
+
     from synthetic import SEQ_LEN, VAL_WINDOWS
 
     folder = tmp_path_factory.mktemp("shards")
@@ -141,3 +125,45 @@ def readonly_dir(tmp_path):
         pytest.skip("running as root and cannot mount a read-only tmpfs: no read-only folder to test")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
+
+
+# ------------------------------------------------------------------- data and runs that several test files read
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, gpt2_encoding):
+    """Train/val shards of structured token ids (a random Markov chain over 200 GPT-2 ids: learnable)."""
+
+    def make(folder):
+        tokens = learnable_tokens(30000)
+        write_shard(folder / "test_val_000000.bin", tokens[:4096])
+        write_shard(folder / "test_train_000001.bin", tokens[4096:])
+
+    return shared_folder(tmp_path_factory, "shards", make)
+
+
+@pytest.fixture(scope="session")
+def hellaswag_file(tmp_path_factory):
+    folder = shared_folder(
+        tmp_path_factory, "hellaswag", lambda f: write_jsonl(f / "hellaswag_val.jsonl", hellaswag_examples(6))
+    )
+    return folder / "hellaswag_val.jsonl"
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, data_dir, hellaswag_file):
+    """One uninterrupted single-process run: MAX_STEPS optimizer steps of 2 x 4 x 32 tokens, under umask 002 (a
+    group's shared folder)."""
+    return shared_run(
+        tmp_path_factory,
+        "reference",
+        ["--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)],
+        umask=0o002,
+    )
+
+
+@pytest.fixture(scope="session")
+def muon_reference(tmp_path_factory, data_dir, hellaswag_file):
+    """One uninterrupted single-process run of the fast recipe, like `reference`."""
+    args = [*MUON_ARGS, "--data_dir", str(data_dir), "--hellaswag_file", str(hellaswag_file)]
+    return shared_run(tmp_path_factory, "muon_reference", args)

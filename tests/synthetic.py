@@ -185,7 +185,7 @@ class FlakyReads:
     def _open(self, file, mode="r", *args, **kwargs):
         handle = self._real_open(file, mode, *args, **kwargs)
         # prepare.py's source fingerprint hashes the local file itself: a local check, not a read of the stream
-        if sys._getframe(1).f_globals.get("__name__") == "gpt2_repro.prepare":
+        if sys._getframe(1).f_globals.get("__name__") == "gpt2_repro.data.prepare":
             return handle
         if isinstance(file, (str, os.PathLike)) and self.match in os.fspath(file) and "b" in mode:
             return _FlakyFile(handle, self)

@@ -1,14 +1,14 @@
-"""accelerator.py: mixed precision and compilation follow the device and the launch config."""
+"""training/accelerator.py: mixed precision and compilation follow the device and the launch config."""
 
 from pathlib import Path
 
-from gpt2_repro.config import load_config, parse_args
+from gpt2_repro.base.config import load_config, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_auto_precision_and_compile_follow_the_device_and_the_launch_config():
-    from gpt2_repro.accelerator import precision_and_compile
+    from gpt2_repro.training.accelerator import precision_and_compile
 
     auto = load_config(ROOT / "configs" / "gpt2_124m.yaml")
     unset = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}  # a bare `accelerate launch`

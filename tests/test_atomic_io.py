@@ -1,4 +1,4 @@
-"""atomic_io.py: whole-or-absent files and folders, with the permissions a plain open() would give."""
+"""base/atomic_io.py: whole-or-absent files and folders, with the permissions a plain open() would give."""
 
 import os
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_repro.atomic_io import link_tree, write_atomic, write_json_atomic
+from gpt2_repro.base.atomic_io import link_tree, write_atomic, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

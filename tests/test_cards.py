@@ -1,4 +1,5 @@
-"""cards.py: the model cards of the exports: the run, the reference figures, no local path, results updated."""
+"""publishing/cards.py: the model cards of the exports: the run, the reference figures, no local path, results
+updated."""
 
 from pathlib import Path
 
@@ -8,9 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_model_card_states_the_run_and_the_reference_figures(tmp_path):
     from huggingface_hub import ModelCard
 
-    from gpt2_repro.cards import write_model_card
-    from gpt2_repro.config import TrainConfig
-    from gpt2_repro.published import GPT2_124M
+    from gpt2_repro.base.config import TrainConfig
+    from gpt2_repro.base.published import GPT2_124M
+    from gpt2_repro.publishing.cards import write_model_card
 
     config = TrainConfig().to_dict()
     source = {"dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train"}
@@ -43,8 +44,8 @@ def test_model_card_of_local_data_names_no_local_path(tmp_path):
     """A card is meant to be shared: local data by its file name only, no run folder, a subset labelled."""
     from huggingface_hub import ModelCard
 
-    from gpt2_repro.cards import write_model_card
-    from gpt2_repro.config import TrainConfig
+    from gpt2_repro.base.config import TrainConfig
+    from gpt2_repro.publishing.cards import write_model_card
 
     config = TrainConfig().to_dict()
     config["data"]["data_dir"] = str(tmp_path / "private" / "shards")
@@ -76,8 +77,8 @@ def test_model_card_of_local_data_names_no_local_path(tmp_path):
 def test_update_model_card_replaces_the_trainers_results_and_keeps_the_rest(tmp_path):
     from huggingface_hub import ModelCard
 
-    from gpt2_repro.cards import update_model_card, write_model_card
-    from gpt2_repro.config import TrainConfig
+    from gpt2_repro.base.config import TrainConfig
+    from gpt2_repro.publishing.cards import update_model_card, write_model_card
 
     source = {"dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT"}
     write_model_card(
@@ -108,8 +109,8 @@ def test_the_card_of_a_muon_wsd_run_names_them_and_its_metadata_is_the_hubs(tmp_
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
-    from gpt2_repro.cards import write_model_card
-    from gpt2_repro.config import load_config
+    from gpt2_repro.base.config import load_config
+    from gpt2_repro.publishing.cards import write_model_card
 
     config = load_config(ROOT / "configs" / "gpt2_124m_fast.yaml").to_dict()
     source = {"dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train"}

@@ -1,4 +1,4 @@
-"""cli.py: one command-line convention for train.py, data_prep.py and evaluate_gpt2.py."""
+"""base/cli.py: one command-line convention for train.py, data_prep.py and evaluate_gpt2.py."""
 
 import subprocess
 import sys
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from evaluate_gpt2 import EvaluateArgs
-from gpt2_repro.cli import DEBUG_ENV, debugging, parse, run
-from gpt2_repro.config import TrainConfig
-from gpt2_repro.errors import ConfigError, Stop
-from gpt2_repro.prepare import PrepConfig
+from gpt2_repro.base.cli import DEBUG_ENV, debugging, parse, run
+from gpt2_repro.base.config import TrainConfig
+from gpt2_repro.base.errors import ConfigError, NotFound, Stop
+from gpt2_repro.data.prepare import PrepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,9 +129,16 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_traceback(monkeypatch):
     def bug():
         raise KeyError("a real bug")
 
+    def missing_file_bug():  # a path the code got wrong, not one the user gave: NotFound is for those
+        Path("/nonexistent/gpt2-repro/file").read_text()
+
     monkeypatch.setattr(sys, "argv", ["script.py"])
     with pytest.raises(KeyError):
         run(bug)
+    with pytest.raises(FileNotFoundError):
+        run(missing_file_bug)
+    code, err = _exit_of(lambda: (_ for _ in ()).throw(NotFound("no shards in data/x: prepare them first")))
+    assert (code, err) == (2, "error: no shards in data/x: prepare them first\n")
 
     def config_error():
         raise ConfigError("bad")

@@ -1,12 +1,12 @@
-"""config.py: presets, the generated command line, the model section, batch arithmetic."""
+"""base/config.py: presets, the generated command line, the model section, batch arithmetic."""
 
 from pathlib import Path
 
 import pytest
 
-from gpt2_repro import cli
-from gpt2_repro.config import TrainConfig, grad_accum_steps, load_config, parse_args
-from gpt2_repro.errors import ConfigError
+from gpt2_repro.base import cli
+from gpt2_repro.base.config import TrainConfig, grad_accum_steps, load_config, parse_args
+from gpt2_repro.base.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,7 @@ def test_every_numeric_option_is_finite_and_in_range():
     range each option makes sense in."""
     import dataclasses
 
-    from gpt2_repro import cli
+    from gpt2_repro.base import cli
 
     for name, (_, _, tp) in cli.option_index(TrainConfig).items():
         base = cli._base_type(tp)[0]
@@ -197,3 +197,19 @@ def test_every_numeric_option_is_finite_and_in_range():
         with pytest.raises(ConfigError, match=name):
             parse_args([f"--{name}={value}"], check_model=False)
     assert dataclasses.asdict(parse_args([], check_model=False))  # the defaults pass
+
+
+def test_the_model_section_is_the_models_own_declaration():
+    """config.ModelConfig declares the fields a run sets as GPT2ReproConfig does: names, types, defaults, help."""
+    import dataclasses
+
+    from gpt2_repro.base.config import ModelConfig
+    from modeling_gpt2_repro import GPT2ReproConfig
+
+    ours = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    theirs = {f.name: f for f in dataclasses.fields(GPT2ReproConfig) if f.name in ours}
+    assert list(theirs) == list(ours)  # every field exists in the model's config, in the same order
+    for name, field in ours.items():
+        assert field.type == theirs[name].type in ("int", "float"), name  # both modules postpone annotations
+        assert field.default == theirs[name].default, name
+        assert field.metadata["help"] == theirs[name].metadata["help"], name

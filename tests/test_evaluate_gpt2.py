@@ -12,8 +12,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from gpt2_repro.cards import CARD_START
-from gpt2_repro.evaluation import score_hellaswag, validation_loss
+from gpt2_repro.evaluation.scoring import score_hellaswag, validation_loss
+from gpt2_repro.publishing.cards import CARD_START
 from synthetic import SEQ_LEN, VAL_WINDOWS, tiny_repro, write_jsonl
 from synthetic import hellaswag_examples as make_examples
 

@@ -1,12 +1,12 @@
-"""hellaswag.py: HellaSwag files: malformed lines named, a missing file, the download when online."""
+"""evaluation/hellaswag.py: HellaSwag files: malformed lines named, a missing file, the download when online."""
 
 import json
 
 import pytest
 
-from gpt2_repro.errors import EvaluationInputError, HellaSwagUnavailable
-from gpt2_repro.hellaswag import download_hellaswag, load_hellaswag
-from gpt2_repro.published import HELLASWAG_VAL_SIZE
+from gpt2_repro.base.errors import EvaluationInputError, HellaSwagUnavailable
+from gpt2_repro.base.published import HELLASWAG_VAL_SIZE
+from gpt2_repro.evaluation.hellaswag import download_hellaswag, load_hellaswag
 
 
 @pytest.mark.parametrize(

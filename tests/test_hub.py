@@ -1,4 +1,4 @@
-"""hub.py: the background uploader and start-up check (a fake HfApi stands in for the network)."""
+"""publishing/hub.py: the background uploader and start-up check (a fake HfApi stands in for the network)."""
 
 import shutil
 import threading
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_repro.hub import HubUploader
+from gpt2_repro.publishing.hub import HubUploader
 
 
 class FakeHfApi:
@@ -81,7 +81,7 @@ def test_hub_uploader_keeps_the_newest_per_branch(tmp_path):
 def test_check_access_creates_the_repo_and_its_gpt2_branch_or_says_why_not(tmp_path):
     from huggingface_hub.errors import LocalTokenNotFoundError
 
-    from gpt2_repro.errors import HubAccessError
+    from gpt2_repro.base.errors import HubAccessError
 
     api = FakeHfApi()
     api.whoami = lambda: {"name": "me"}

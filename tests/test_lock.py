@@ -1,4 +1,4 @@
-"""lock.py: one writer per folder: a lock the OS releases, naming its holder."""
+"""base/lock.py: one writer per folder: a lock the OS releases, naming its holder."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from gpt2_repro.errors import RunError
-from gpt2_repro.lock import LOCK_NAME, RunLock
+from gpt2_repro.base.errors import RunError
+from gpt2_repro.base.lock import LOCK_NAME, RunLock
 
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path):
@@ -29,7 +29,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from gpt2_repro.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "import sys, time; from gpt2_repro.base.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)",
             str(run),
         ],

@@ -1,13 +1,14 @@
-"""optim.py: AdamW/Muon parameter groups, each group's schedule (cosine, wsd), Muon's refusals and CPU override."""
+"""training/optim.py: AdamW/Muon parameter groups, each group's schedule (cosine, wsd), Muon's refusals and CPU
+override."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from gpt2_repro.config import OptimConfig, load_config
-from gpt2_repro.errors import ConfigError
-from gpt2_repro.optim import lr_at
+from gpt2_repro.base.config import OptimConfig, load_config
+from gpt2_repro.base.errors import ConfigError
+from gpt2_repro.training.optim import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_wsd_sqrt_cool_down_drops_first_and_keeps_the_same_ends():
 
 
 def test_muon_momentum_warms_up_and_is_left_alone_when_it_does_not():
-    from gpt2_repro.optim import build_optimizers, set_lrs
+    from gpt2_repro.training.optim import build_optimizers, set_lrs
 
     overrides = {"max_steps": 100, "warmup_steps": 10, "muon_momentum_warmup_steps": 40, "muon_momentum_start": 0.85}
     cfg = load_config(ROOT / "configs" / "tiny_fast.yaml", overrides)
@@ -80,7 +81,7 @@ def _tiny_model(n_layer=2):
 
 
 def test_muon_and_adamw_groups_hold_every_parameter_once():
-    from gpt2_repro.optim import MUON_MATRICES, build_optimizers
+    from gpt2_repro.training.optim import MUON_MATRICES, build_optimizers
 
     model = _tiny_model()
     cfg = load_config(ROOT / "configs" / "tiny_fast.yaml")
@@ -105,7 +106,7 @@ def test_muon_and_adamw_groups_hold_every_parameter_once():
 
 
 def test_each_optimizer_follows_the_schedule_from_its_own_peak():
-    from gpt2_repro.optim import build_optimizers, set_lrs
+    from gpt2_repro.training.optim import build_optimizers, set_lrs
 
     cfg = load_config(ROOT / "configs" / "tiny_fast.yaml", {"max_steps": 100, "warmup_steps": 10})
     optimizers = build_optimizers(_tiny_model(), cfg, torch.device("cpu"))
@@ -121,7 +122,7 @@ def test_muon_is_refused_under_fsdp_and_allowed_with_ddp():
     """FSDP shards the matrices Muon orthogonalizes whole (FSDP itself cannot start on a CPU)."""
     from accelerate import DistributedType
 
-    from gpt2_repro.optim import check_optimizer_support
+    from gpt2_repro.training.optim import check_optimizer_support
 
     fast = load_config(ROOT / "configs" / "tiny_fast.yaml")
     with pytest.raises(ConfigError, match="optimizer=muon cannot run under FSDP.*--optimizer adamw"):
@@ -132,7 +133,7 @@ def test_muon_is_refused_under_fsdp_and_allowed_with_ddp():
 
 def test_muon_orthogonalizes_cpu_gradients_in_fp32_like_pytorch_does_in_bf16():
     """The CPU's fp32 Newton-Schulz is the same function as PyTorch's bf16 one, to bf16 precision."""
-    from gpt2_repro.optim import _TORCH_NEWTON_SCHULZ, _newton_schulz, build_optimizers
+    from gpt2_repro.training.optim import _TORCH_NEWTON_SCHULZ, _newton_schulz, build_optimizers
 
     coefficients = (3.4445, -4.7750, 2.0315)
     for shape in [(96, 32), (32, 96), (64, 64)]:
@@ -150,7 +151,7 @@ def test_muon_orthogonalizes_cpu_gradients_in_fp32_like_pytorch_does_in_bf16():
 def test_zero_output_projections_make_every_block_the_identity():
     """With the projections at zero the logits are the embeddings' alone: ln_f(wte + wpe) @ wte^T. One optimizer step
     then moves the projections off zero, and the matrices before them stay put that step (no gradient reaches them)."""
-    from gpt2_repro.optim import build_optimizers, zero_output_projections
+    from gpt2_repro.training.optim import build_optimizers, zero_output_projections
 
     model = _tiny_model()
     zero_output_projections(model)

@@ -1,4 +1,4 @@
-"""prepare.py and data_prep.py: text to shards (tokens, manifest, resume after SIGKILL, refusals, bad input), on
+"""data/prepare.py and data_prep.py: text to shards (tokens, manifest, resume after SIGKILL, refusals, bad input), on
 generated data."""
 
 import hashlib
@@ -17,11 +17,11 @@ import psutil
 import pytest
 
 import data_prep as dp
-from gpt2_repro import cli
-from gpt2_repro.atomic_io import is_temporary
-from gpt2_repro.errors import DataError
-from gpt2_repro.prepare import PrepConfig, prepare
-from gpt2_repro.shards import read_shard, write_shard
+from gpt2_repro.base import cli
+from gpt2_repro.base.atomic_io import is_temporary
+from gpt2_repro.base.errors import DataError
+from gpt2_repro.data.prepare import PrepConfig, prepare
+from gpt2_repro.data.shards import read_shard, write_shard
 from synthetic import EOT, FlakyReads, make_texts, reference_tokens, write_fineweb_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_the_shard_set_is_the_manifests_and_one_preparation_holds_a_folder(finew
         [
             sys.executable,
             "-c",
-            "import sys, time; from gpt2_repro.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "import sys, time; from gpt2_repro.base.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)",
             str(tmp_path / "busy"),
         ],

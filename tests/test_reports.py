@@ -1,7 +1,7 @@
-"""reports.py: the model card's evaluation section, the training curves read from metrics.jsonl."""
+"""evaluation/reports.py: the model card's evaluation section, the training curves read from metrics.jsonl."""
 
-from gpt2_repro.cards import CARD_START
-from gpt2_repro.reports import plot_training_curves, read_curves, write_results_to_card
+from gpt2_repro.evaluation.reports import plot_training_curves, read_curves, write_results_to_card
+from gpt2_repro.publishing.cards import CARD_START
 
 
 def test_model_card_section_is_replaced_not_duplicated(tmp_path):

@@ -1,6 +1,18 @@
-"""run_folder.py: the history of attempts in run_info.json."""
+"""base/run_folder.py: metrics.jsonl kept to the steps a resume keeps; the history of attempts in run_info.json."""
 
-from gpt2_repro.run_folder import config_changes, record_attempt
+import json
+
+from gpt2_repro.base.run_folder import RunFolder, config_changes, record_attempt
+
+
+def test_truncate_metrics_drops_redone_steps_and_half_lines(tmp_path):
+    folder = RunFolder(tmp_path)
+    path = folder.metrics
+    rows = [{"step": s, "loss": 10.0 - s} for s in range(1, 6)] + [{"step": 4, "val_loss": 7.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
+    folder.truncate_metrics(4)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == [r for r in rows if r["step"] <= 4]
 
 
 def test_each_attempt_is_recorded_with_what_changed():

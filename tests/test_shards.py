@@ -1,4 +1,4 @@
-"""shards.py: the shard format, SHA-256 verification against manifest.json, the data fingerprint."""
+"""data/shards.py: the shard format, SHA-256 verification against manifest.json, the data fingerprint."""
 
 import hashlib
 import json
@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from gpt2_repro.errors import DataError
-from gpt2_repro.loader import TokenShardLoader
-from gpt2_repro.shards import MANIFEST, check_shards, data_fingerprint, read_shard, verify_shards, write_shard
+from gpt2_repro.base.errors import DataError
+from gpt2_repro.data.shard_loader import TokenShardLoader
+from gpt2_repro.data.shards import MANIFEST, check_shards, data_fingerprint, read_shard, verify_shards, write_shard
 
 
 def test_shard_header_layout_and_roundtrip(tmp_path):

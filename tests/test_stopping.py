@@ -1,4 +1,4 @@
-"""stopping.py: stop requests (signals, launcher exit), the divergence guard, the finite-weights check."""
+"""training/stopping.py: stop requests (signals, launcher exit), the divergence guard."""
 
 import os
 import signal
@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from gpt2_repro.stopping import DivergenceGuard, StopRequest, launcher_pid, nonfinite_parameters
+from gpt2_repro.evaluation.models import nonfinite_parameters
+from gpt2_repro.training.stopping import DivergenceGuard, StopRequest, launcher_pid
 
 
 def test_stop_request_catches_sigterm_and_sigusr1_and_restores_the_handlers():
@@ -43,15 +44,6 @@ def test_divergence_guard_counts_consecutive_bad_steps():
     assert "steps 5-7 (3 in a row" in guard.describe(7) and "4.0000 at step 4" in guard.describe(7)
 
 
-def test_nonfinite_parameters_names_them():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
-    assert nonfinite_parameters(model) == []
-    with torch.no_grad():
-        model[0].bias[1] = float("nan")
-        model[1].weight[0] = float("inf")
-    assert nonfinite_parameters(model) == ["0.bias", "1.weight"]
-
-
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_nonfinite_parameters_one_value_is_enough(bad):
     model = torch.nn.Linear(64, 64)
@@ -62,7 +54,7 @@ def test_nonfinite_parameters_one_value_is_enough(bad):
 
 CHILD = """
 import os, sys
-from gpt2_repro import stopping
+from gpt2_repro.training import stopping as stopping
 if sys.argv[1] == "keep":
     stopping.keep_stderr_writable()
 os.read(0, 1)  # the parent has closed the reading end of our stderr

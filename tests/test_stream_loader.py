@@ -1,25 +1,28 @@
-"""stream_loader.py: batches cut from a text stream equal those of shards made of it; processes, resume, read
+"""data/stream_loader.py: batches cut from a text stream equal those of shards made of it; processes, resume, read
 errors."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from gpt2_repro import prepare as data_prep
-from gpt2_repro.errors import DataError
-from gpt2_repro.loader import TokenShardLoader
-from gpt2_repro.shards import find_shards, read_shard
-from gpt2_repro.stream_loader import StreamingTokenLoader
+from gpt2_repro.base.errors import DataError
+from gpt2_repro.data import prepare as data_prep
+from gpt2_repro.data.shard_loader import TokenShardLoader
+from gpt2_repro.data.shards import find_shards, read_shard
+from gpt2_repro.data.stream_loader import StreamingTokenLoader, StreamSpec
 from synthetic import FlakyReads, reference_tokens, reference_windows
 
 VAL, SHARD, SEQ = 2048, 1000, 32  # the stream's validation tokens, shard tokens, seq_len
 
 
 def stream_loader(folder, **kw) -> StreamingTokenLoader:
+    """The loader of the local stream `folder`: the stream's settings (StreamSpec's fields) and the loader's in `kw`."""
     kw = {"batch_size": 4, "seq_len": SEQ, "val_tokens": VAL, "shard_tokens": SHARD, "batch_docs": 4, **kw}
-    return StreamingTokenLoader(str(folder), **kw)
+    spec = {k: kw.pop(k) for k in [f.name for f in dataclasses.fields(StreamSpec)] if k in kw}
+    return StreamingTokenLoader(StreamSpec(str(folder), **spec), **kw)
 
 
 def served_windows(loader, n_batches: int) -> np.ndarray:
@@ -132,8 +135,8 @@ def test_stream_that_is_all_validation_is_refused(stream_files):
 
 def test_a_read_error_that_retrying_cannot_mend_is_not_told_to_wait():
     """The advice after a read error: resume once the network is back, or fix the data (no waiting helps)."""
-    from gpt2_repro.errors import StreamReadError
-    from gpt2_repro.stream_loader import _resumable
+    from gpt2_repro.base.errors import StreamReadError
+    from gpt2_repro.data.stream_loader import _resumable
 
     network = _resumable(StreamReadError("Reading the dataset failed 9 times in a row"))
     data = _resumable(StreamReadError("Reading the dataset failed: ArrowInvalid: bad page", transient=False))

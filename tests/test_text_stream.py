@@ -1,10 +1,10 @@
-"""text_stream.py: documents to GPT-2 tokens (EOT before each, empty documents skipped), the shard cut, reads."""
+"""data/text_stream.py: documents to GPT-2 tokens (EOT before each, empty documents skipped), the shard cut, reads."""
 
 import numpy as np
 import pytest
 
-from gpt2_repro.shards import shard_capacity
-from gpt2_repro.text_stream import (
+from gpt2_repro.data.shards import shard_capacity
+from gpt2_repro.data.text_stream import (
     EncodedBatch,
     cut_shards,
     encode_documents,

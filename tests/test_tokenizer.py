@@ -7,8 +7,8 @@ import pytest
 import tiktoken.load
 from transformers import AutoTokenizer
 
-from gpt2_repro import tokenizer as gpt2_tokenizer
-from gpt2_repro.tokenizer import EOT_ID, R50K_URL, build_hf_tokenizer, get_gpt2_encoding
+from gpt2_repro.data import tokenizer as gpt2_tokenizer
+from gpt2_repro.data.tokenizer import EOT_ID, R50K_URL, build_hf_tokenizer, get_gpt2_encoding
 
 SAMPLES = [
     "Hello world",

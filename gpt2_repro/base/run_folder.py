@@ -1,0 +1,209 @@
+"""The run folder (`--output_dir`): the one object that names what it holds, and its own bookkeeping.
+
+    checkpoints/     complete training states (checkpointing/), each a model folder too
+    export/          the newest checkpoint's model (hard links), export-gpt2/ the same as a stock GPT2LMHeadModel
+    metrics.jsonl    one strict-JSON line per optimizer step and per evaluation
+    config.yaml      the resolved config of the newest attempt (re-runnable with --config)
+    run_info.json    what ran where (versions, commit, hardware), with the history of attempts
+    logs/            TensorBoard; wandb_run_id: the Weights & Biases run a resume continues
+    .lock            one run at a time (lock.RunLock)
+
+- `RunFolder.claim`: the folder's lock, held by the main process for the whole run.
+- `RunFolder.room_problem`: whether the disk can hold a checkpoint (free space, the file-size limit).
+- `RunFolder.append_metrics` / `truncate_metrics`: metrics.jsonl, whose lines after a resumed step are redone.
+- `RunFolder.record_run` / `record_attempt`: config.yaml and run_info.json, written once every check has passed;
+  run_info.json keeps the facts of the newest attempt at its top level plus `attempts`, one entry per start or
+  resume with what changed since the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from .atomic_io import strict_json, write_atomic, write_json_atomic
+from .cli import flat_options
+from .errors import RunError, describe_environment_error
+from .lock import RunLock
+
+STOCK_EXPORT = "export-gpt2"  # the stock GPT2LMHeadModel: in the run folder, and inside each checkpoint
+
+
+class RunFolder:
+    """`--output_dir` and the paths of what a run keeps there."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.export = self.root / "export"
+        self.stock_export = self.root / STOCK_EXPORT
+        self.metrics = self.root / "metrics.jsonl"
+        self.config = self.root / "config.yaml"
+        self.run_info = self.root / "run_info.json"
+        self.logs = self.root / "logs"
+        self.wandb_id = self.root / "wandb_run_id"
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def claim(self, log) -> RunLock:
+        """Lock the folder for the whole run (main process); a folder in use, read-only or not a folder is refused
+        at once."""
+        lock = RunLock(self.root)
+        try:
+            lock.acquire()
+        except OSError as e:
+            described = describe_environment_error(e)
+            if described is None:
+                raise
+            raise RunError(f"cannot use --output_dir {self.root}: {described}") from None
+        if lock.warning:
+            log(lock.warning)
+        return lock
+
+    # -------------------------------------------------------------------------------------------------- room
+
+    def check_room(self, need: int, what: str) -> None:
+        """Refuse up front what the disk cannot hold (room_problem)."""
+        problem = self.room_problem(need, what)
+        if problem:
+            raise RunError(problem)
+
+    def room_problem(self, need: int, what: str) -> str | None:
+        """What keeps the disk from holding `need` bytes (a whole checkpoint) in files of up to 2/5 of that (the
+        optimizer state): too little free space, or a file-size limit; None when it fits."""
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            return (
+                f"{self.root} has {free / 1e9:.2f} GB free, but {what} needs about {need / 1e9:.2f} GB. Free some "
+                "space or choose --output_dir on another disk."
+            )
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and limit < need // 2:  # with a margin over the 2/5
+            return (
+                f"the file-size limit (ulimit -f) is {limit:,} bytes, but {what} writes files of up to about "
+                f"{need * 2 // 5:,} bytes. Raise it (ulimit -f unlimited) before training."
+            )
+        return None
+
+    # ----------------------------------------------------------------------------------------------- metrics
+
+    def append_metrics(self, row: dict) -> None:
+        """One strict-JSON line (a non-finite number becomes null). Reopened per line: a killed run loses at most
+        the line being written."""
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(strict_json(row)) + "\n")
+
+    def metrics_rows(self) -> list[str]:
+        """metrics.jsonl's lines, without a half-written last one ([] when there is none)."""
+        if not self.metrics.is_file():
+            return []
+        return [row for row in self.metrics.read_text().splitlines() if step_of(row) is not None]
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop the lines of steps after `step` (run after the checkpoint a start resumes from: they are redone)."""
+        if self.metrics.is_file():
+            write_atomic(self.metrics, "".join(row + "\n" for row in self.metrics_rows() if step_of(row) <= step))
+
+    # ------------------------------------------------------------------------------------------ attempt history
+
+    def read_previous(self) -> tuple[dict | None, dict | None]:
+        """(config.yaml, run_info.json) of the previous attempt, None where absent or unreadable."""
+        import yaml
+
+        config = info = None
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            config = yaml.safe_load(self.config.read_text())
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(self.run_info.read_text())
+        return (config if isinstance(config, dict) else None), (info if isinstance(info, dict) else None)
+
+    def record_run(self, cfg, accelerator, log, **attempt) -> None:
+        """Print and save the resolved config and the facts of this run (versions, commit, hardware, batch).
+
+        Called once every check has passed, so a refused run leaves the folder as it was. run_info.json keeps a
+        history: `attempt` (start step, checkpoint resumed from) and what changed since the previous attempt are
+        appended.
+        """
+        from .config import save_config
+        from .machine import collect_run_info
+
+        data, accum = cfg.data, accelerator.gradient_accumulation_steps
+        if not accelerator.is_main_process:
+            return
+        info = collect_run_info(
+            {
+                "num_processes": accelerator.num_processes,
+                "grad_accum_steps": accum,
+                "device": str(accelerator.device),
+                "mixed_precision": accelerator.mixed_precision,
+                "compile": str(accelerator.state.dynamo_plugin.backend.value),
+                "optimizer_fused": accelerator.device.type == "cuda",
+            }
+        )
+        previous_config, previous_info = self.read_previous()
+        info = record_attempt(info, previous_info, previous_config, cfg.to_dict(), **attempt)
+        save_config(cfg, self.config)
+        write_json_atomic(self.run_info, info)
+        shown = {k: v for k, v in info.items() if k != "attempts"}
+        log(self.config.read_text() + json.dumps(shown, indent=2))
+        if info["attempts"][-1]["changed"]:
+            log(f"changed since the previous attempt: {info['attempts'][-1]['changed']}")
+        log(
+            f"batch: {data.total_batch_tokens:,} tokens/step = {data.micro_batch_size} x {data.seq_len} x "
+            f"{accelerator.num_processes} processes x {accum} accumulation steps"
+        )
+
+
+def step_of(row: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line that does not parse (the half-written last line of a
+    killed run)."""
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def config_changes(before: dict | None, after: dict) -> dict[str, list]:
+    """{option: [before, after]} for every option whose value differs (sectioned or flat configs)."""
+    if not before:
+        return {}
+    old, new = flat_options(before), flat_options(after)
+    return {k: [old.get(k), new.get(k)] for k in new if old.get(k) != new.get(k)}
+
+
+def record_attempt(
+    info: dict, previous_info: dict | None, previous_config: dict | None, config: dict, **attempt
+) -> dict:
+    """run_info.json's new content: this attempt's facts on top, and the history with this attempt appended.
+
+    `attempt` holds what the trainer knows (start step, the checkpoint resumed from, ...); what changed since the
+    previous attempt is added: config options, process count, code commit, library versions.
+    """
+    history = list((previous_info or {}).get("attempts", []))
+    if previous_info and not history:  # a run folder from before the history existed
+        history.append({"started": None, "git_commit": previous_info.get("git_commit")})
+    changed = config_changes(previous_config, config)
+    if previous_info:
+        for key in ("num_processes", "git_commit"):
+            if key in previous_info and previous_info.get(key) != info.get(key):
+                changed[key] = [previous_info.get(key), info.get(key)]
+        old_versions, new_versions = previous_info.get("versions") or {}, info.get("versions") or {}
+        for lib, version in new_versions.items():
+            if lib in old_versions and old_versions[lib] != version:
+                changed[f"versions.{lib}"] = [old_versions[lib], version]
+    entry = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": socket.gethostname(),
+        "command": info.get("command"),
+        "git_commit": info.get("git_commit"),
+        "num_processes": info.get("num_processes"),
+        **attempt,
+        "changed": changed,
+    }
+    return {**info, "attempts": [*history, entry]}

@@ -1,0 +1,105 @@
+"""The training loop's periodic evaluation: validation loss, HellaSwag and samples, logged like the steps.
+
+It calls the same kernels as evaluate_gpt2.py (`evaluation/scoring.py`), on the uncompiled module, which shares its
+parameters with the compiled, distributed one: no recompiling for every new shape (HellaSwag rows and generation
+steps vary in length), and no DDP collectives, which would hang when ranks run different numbers of batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator, DistributedType
+
+from ..base.config import TrainConfig
+from ..base.errors import HellaSwagUnavailable
+from ..base.run_folder import RunFolder
+from ..checkpointing.checkpoints import LastEval
+from ..evaluation.hellaswag import load_hellaswag
+from ..evaluation.scoring import score_hellaswag, validation_loss
+from .tracking import log_to_trackers
+
+
+def training_hellaswag(cfg: TrainConfig, accelerator: Accelerator, log) -> list[dict] | None:
+    """The HellaSwag examples the run scores (None: not asked for, FSDP, or offline without a local file, which
+    only warns). A malformed file is refused: loading is one of the run's start-up checks."""
+    if not cfg.eval.hellaswag or accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    with accelerator.main_process_first():  # the first process downloads into the cache, then the rest
+        try:
+            return load_hellaswag(cfg.eval.hellaswag_file, limit=cfg.eval.hellaswag_limit)
+        except HellaSwagUnavailable as e:  # offline and no local file: warn once and train on
+            log(f"warning: no HellaSwag during training: {e}")
+            return None
+
+
+class Evaluator:
+    """Evaluates the model at the steps `due` says; `val_data` is what `validation_loss` reads (the shards' folder,
+    or a stream's first tokens: the same tokens as the val shard data_prep.py would write from it)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        accelerator: Accelerator,
+        encoding,
+        folder: RunFolder,
+        log,
+        val_data,
+        hellaswag: list[dict] | None = None,
+        line: int = 1,
+    ):
+        self.cfg, self.accelerator, self.encoding = cfg, accelerator, encoding
+        self.folder, self.log, self.val_data, self.hellaswag = folder, log, val_data, hellaswag
+        self.line = line  # the line of training (metrics.jsonl says it from line 2 on, as the step lines do)
+        self.enabled = accelerator.distributed_type != DistributedType.FSDP
+        if not self.enabled:
+            log(
+                "warning: no evaluation during FSDP training (it needs the whole model in every process); "
+                "run evaluate_gpt2.py on the exports instead"
+            )
+
+    def due(self, step: int) -> bool:
+        return self.enabled and self.cfg.optim.is_due(step, self.cfg.eval.eval_every)
+
+    def __call__(self, model, step: int) -> LastEval:
+        evals, data, accelerator = self.cfg.eval, self.cfg.data, self.accelerator
+        batch_size = evals.eval_batch_size or data.micro_batch_size
+        val_loss = validation_loss(model, self.val_data, evals.val_tokens, batch_size, data.seq_len, accelerator)
+        results = {"val_loss": val_loss}
+        broken = not math.isfinite(val_loss)  # the same on every process (reduced)
+        if broken:
+            self.log(
+                f"step {step}: validation loss {val_loss}: the model's outputs are not finite, so HellaSwag and "
+                "samples are skipped"
+            )
+        if self.hellaswag is not None and not broken:
+            batch = evals.eval_batch_size or 16
+            scores = score_hellaswag(model, self.encoding, self.hellaswag, batch, accelerator=accelerator)
+            results |= {"hellaswag_acc_norm": scores["acc_norm"], "hellaswag_acc": scores["acc"]}
+        log_to_trackers(accelerator, {"step": step, **results})
+        if accelerator.is_main_process:
+            self.folder.append_metrics({"step": step, **results} | ({"line": self.line} if self.line > 1 else {}))
+            self.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            for i, text in enumerate(self.sample(model, step) if evals.num_samples and not broken else []):
+                self.log(f"--- sample {i} at step {step}:\n{text}")
+        examples = len(self.hellaswag) if self.hellaswag is not None else None
+        return LastEval(val_step=step, hellaswag_examples=examples, **results)
+
+    @torch.no_grad()
+    def sample(self, model, step: int) -> list[str]:
+        """Top-k samples with the KV cache (generate), on a forked RNG so training randomness is untouched."""
+        evals, device = self.cfg.eval, self.accelerator.device
+        prompt = [self.encoding.encode(evals.sample_prompt)] * evals.num_samples
+        prompt = torch.tensor(prompt, device=device)  # (n, P)
+        was_training = model.training
+        model.eval()
+        cuda_rng = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_rng):  # autocast: prepare() set it on the module
+            torch.manual_seed(self.cfg.run.seed + step)
+            # (n, P + sample_tokens); remove_invalid_values: a bad model's NaN/inf logits are sampled without a crash
+            kwargs = {"max_new_tokens": evals.sample_tokens, "do_sample": True, "top_k": 50}
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), remove_invalid_values=True, **kwargs)
+        model.train(was_training)
+        n_vocab = self.encoding.n_vocab  # a bad model may even sample the padding ids
+        return [self.encoding.decode([t for t in row.tolist() if t < n_vocab]) for row in out]

@@ -1,0 +1,62 @@
+"""One optimizer step of the training loop: accumulation, clipping, the divergence guard's test, the stop flag."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from accelerate import Accelerator
+
+from .stopping import StopRequest
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step reports; every field is the same on every process."""
+
+    loss: float  # mean over every micro-batch of every process; NaN or inf when the step diverged
+    grad_norm: float  # global gradient norm before clipping
+    skipped: bool  # no update: a non-finite loss or norm, or a gradient-scaler overflow
+    bad: bool  # skipped for a non-finite loss or norm: what the divergence guard counts
+    stop: bool  # some process was asked to stop (StopRequest)
+
+
+def train_step(
+    accelerator: Accelerator, model, optimizers: list, source, grad_clip: float, stop: StopRequest | None = None
+) -> StepResult:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches per process.
+
+    `optimizers` (AdamW, or AdamW + Muon) have their LRs set before (set_lrs). The update is applied only when the
+    loss and the gradient norm are finite. Both are known after the step's one device sync (placed before the
+    optimizers' step, so the guard costs no extra sync), and both are the same on every process (the loss is
+    reduced, the norm is that of the all-reduced gradients): every process decides alike. Whether `stop` was
+    requested (by now, on any process) rides along in the loss reduction, so all processes agree to stop after the
+    same step.
+    """
+    accum = accelerator.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for _ in range(accum):
+        x, y = source.next_batch()  # (B, T) int64 each: this rank's share of the global batch
+        x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-step
+            loss = model(input_ids=x, shift_labels=y, return_logits=False).loss  # fp32 scalar
+            accelerator.backward(loss)  # scaled by 1 / accum inside
+            loss_sum += loss.detach()
+    # The last micro-step synced the gradients (accelerator.sync_gradients stays True until the next accumulate).
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    flag = torch.full((), float(stop is not None and stop.requested), device=accelerator.device)
+    mean_loss, stop_flag = accelerator.reduce(torch.stack([loss_sum / accum, flag]), "mean")
+    grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # FSDP2: a DTensor
+    # The step's one device sync: the loss, the gradient norm and the stop flag together.
+    loss_value, norm_value, stop_value = torch.stack([mean_loss, grad_norm.detach().float(), stop_flag]).tolist()
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    # fp16: a GradScaler skips overflowing steps itself and lowers its scale
+    scaler = accelerator.scaler is not None
+    skipped = not finite
+    for optimizer in optimizers:
+        if finite or scaler:
+            optimizer.step()
+        skipped = skipped or (scaler and optimizer.step_was_skipped)
+        optimizer.zero_grad(set_to_none=True)  # the gradients of a skipped step go too
+    bad = not math.isfinite(loss_value) or (not finite and not scaler)
+    return StepResult(loss_value, norm_value, skipped, bad, stop_value > 0)

@@ -1,0 +1,85 @@
+"""checkpointing/checkpoints.py: a resume that does not fit the checkpoint is refused, naming what differs; the model
+files of a checkpoint, also of a module whose class FSDP swapped."""
+
+from pathlib import Path
+
+import torch
+
+from gpt2_repro.base.config import load_config
+from gpt2_repro.checkpointing.checkpoints import resume_mismatches
+from synthetic import tiny_repro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_model_whose_class_fsdp_swapped_saves_as_our_model(tmp_path, gpt2_encoding):
+    """FSDP2 replaces a module's class with a subclass defined in torch; the saved folder must still carry
+    our modeling file as its remote code, not torch's FSDP sources (seen on a GPU before this was fixed)."""
+    from gpt2_repro.checkpointing.checkpoints import save_model_files
+    from gpt2_repro.data.tokenizer import build_hf_tokenizer
+    from modeling_gpt2_repro import GPT2ReproForCausalLM
+
+    model = tiny_repro()
+    fsdp_api = "torch.distributed.fsdp._fully_shard._fsdp_api"
+    model.__class__ = type("FSDPGPT2ReproForCausalLM", (GPT2ReproForCausalLM,), {"__module__": fsdp_api})
+    card = {"config": load_config(ROOT / "configs" / "tiny.yaml").to_dict(), "step": 1, "tokens": 1}
+    save_model_files(model, tmp_path, build_hf_tokenizer(gpt2_encoding), card)
+    assert not list(tmp_path.glob("_fsdp*.py")) and (tmp_path / "modeling_gpt2_repro.py").is_file()
+    loaded = GPT2ReproForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_resume_mismatches_name_each_differing_setting():
+    config = {
+        "model": {"n_layer": 12, "n_embd": 768},
+        "data": {"data_dir": "data/a", "seq_len": 1024, "total_batch_tokens": 524288},
+        "optim": {"max_lr": 6e-4},
+        "run": {"seed": 1337},
+    }
+    state = {"step": 10, "config": config}
+    shards = {"shards": "f1", "shard_files": [["a_train_000001.bin", 1000], ["a_train_000002.bin", 700]]}
+    assert resume_mismatches(state, config, shards, shards) == []
+    changed = {
+        **config,
+        "model": {"n_layer": 6, "n_embd": 768},
+        "data": {"data_dir": "data/b", "seq_len": 512, "total_batch_tokens": 524288},
+        "optim": {"max_lr": 3e-4},  # may change on resume
+    }
+    now = {"shards": "f2", "shard_files": [["a_train_000001.bin", 1000], ["a_train_000003.bin", 64]]}
+    assert resume_mismatches(state, changed, shards, now) == [
+        "n_layer: 12 in the checkpoint, 6 now",
+        "seq_len: 1024 in the checkpoint, 512 now",
+        "data: the training shards are not the checkpoint's (a_train_000003.bin is new; a_train_000002.bin is gone)",
+    ]
+    grown = {"shards": "f3", "shard_files": [["a_train_000001.bin", 1000], ["a_train_000002.bin", 900]]}
+    assert resume_mismatches(state, config, shards, grown) == [
+        "data: the training shards are not the checkpoint's (a_train_000002.bin: 700 tokens then, 900 now)"
+    ]
+    assert resume_mismatches(state, config, {"shards": "f1"}, now) == [  # a checkpoint saved without the list
+        "data: the training shards are not the checkpoint's (their names or sizes changed since it was saved)"
+    ]
+    moved = {**config, "data": {**config["data"], "data_dir": "/scratch/a"}}
+    assert resume_mismatches(state, moved, shards, shards) == []  # same shards elsewhere: fine
+    old = {"step": 10, "seq_len": 1024}  # a checkpoint from before the config was saved in it
+    assert resume_mismatches(old, changed, None, now) == ["seq_len: 1024 in the checkpoint, 512 now"]
+
+
+def test_a_streamed_run_resumes_only_onto_the_same_stream_cut_the_same_way():
+    sharded = {"data": {"data_dir": "data/a", "dataset": None, "seq_len": 64}, "run": {"seed": 1}}
+    stream = {"data": {"data_dir": "data/a", "dataset": "HuggingFaceFW/fineweb-edu", "seq_len": 64}}
+    stream["data"] |= {"dataset_name": "sample-10BT", "stream_val_tokens": 1000}
+    stream["run"] = {"seed": 1}
+    state = {"step": 3, "config": stream}
+    assert resume_mismatches(state, stream, None, None) == []
+    assert resume_mismatches(state, sharded, None, {"shards": "f1"}) == [
+        "dataset: 'HuggingFaceFW/fineweb-edu' in the checkpoint, None now"
+    ]
+    assert resume_mismatches({"step": 3, "config": sharded}, stream, {"shards": "f1"}, None) == [
+        "dataset: None in the checkpoint, 'HuggingFaceFW/fineweb-edu' now"
+    ]
+    recut = {**stream, "data": {**stream["data"], "stream_val_tokens": 2000, "dataset_name": None}}
+    assert resume_mismatches(state, recut, None, None) == [
+        "dataset_name: 'sample-10BT' in the checkpoint, None now",
+        "stream_val_tokens: 1000 in the checkpoint, 2000 now",
+    ]

@@ -1,0 +1,156 @@
+"""train.py's refusals: bad input and a hostile environment end with one `error:` line, exit code 2, before anything is
+written and without importing torch where they can."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from gpt2_repro.base.errors import ConfigError, DataError
+from runs import ROOT, TINY_ARGS, expect_exit_2, run_env, run_unchecked
+
+
+def test_missing_data_is_reported_before_anything_starts(tmp_path):
+    import train
+
+    with pytest.raises(ConfigError, match="no training shards in data_dir=.*python data_prep.py"):
+        train.main(["--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_a_config_error_and_a_refused_start_import_no_torch(data_dir, tmp_path):
+    """What answers at once must not wait for torch and transformers (6-7 s of imports): --help, a config error,
+    a second run into a folder in use. Checked on what each process imported (python -X importtime)."""
+    from gpt2_repro.base.lock import RunLock
+
+    busy = tmp_path / "busy"
+    cases = {
+        "--help": ["--help"],
+        "config error": ["--max_lr", "-1", "--data_dir", str(data_dir)],
+        "folder in use": [*TINY_ARGS, "--data_dir", str(data_dir), "--output_dir", str(busy)],
+    }
+    with RunLock(busy):
+        for name, args in cases.items():
+            proc = subprocess.run(
+                [sys.executable, "-X", "importtime", str(ROOT / "train.py"), *args],
+                cwd=ROOT,
+                env=run_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            imported = {
+                line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")
+            }
+            assert proc.returncode == (0 if name == "--help" else 2), proc.stderr[-2000:]
+            assert not {"torch", "transformers", "accelerate", "datasets"} & imported, name
+
+
+@pytest.mark.slow
+def test_an_unfinished_data_folder_is_refused_with_the_command_that_finishes_it(gpt2_encoding, tmp_path):
+    """data_prep.py stopped after a few shards (manifest.json: complete false): training refuses to start on it,
+    naming the command that finishes it; once finished, the same command line trains."""
+    from gpt2_repro.data.prepare import PrepConfig, prepare
+    from synthetic import FlakyReads, make_texts, write_fineweb_parquet
+
+    source = tmp_path / "source"
+    source.mkdir()
+    texts = make_texts(160, seed=6, words=(50, 400))
+    for i in range(8):
+        write_fineweb_parquet(source / f"part_{i:03d}.parquet", texts[i * 20 : (i + 1) * 20])
+    data = tmp_path / "data"
+    cfg = PrepConfig(
+        dataset=str(source), output_dir=str(data), val_tokens=2048, shard_tokens=2000, batch_docs=16, retries=0
+    )
+    with FlakyReads("part_005", failures=10**9), pytest.raises(DataError):
+        prepare(cfg)  # a read that keeps failing: the finished shards stay, the rest is to come
+    assert not json.loads((data / "manifest.json").read_text())["complete"]
+    line = expect_exit_2(run_unchecked(["--data_dir", str(data), "--hellaswag", "false"], tmp_path / "run"))
+    assert f"{data} is unfinished: data_prep.py stopped after" in line and "complete: false" in line, line
+    finish = line.split("Finish it first: `")[1].split("`")[0]
+    assert finish.startswith("python data_prep.py --dataset ") and "--shard_tokens 2000" in finish
+    done = subprocess.run(
+        [sys.executable, *finish.split()[1:]], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    args = ["--data_dir", str(data), "--hellaswag", "false", "--max_steps", "2", "--eval_every", "0"]
+    proc = run_unchecked([*args, "--checkpoint_every", "0", "--num_samples", "0"], tmp_path / "run")
+    assert proc.returncode == 0 and "every shard matches manifest.json" in proc.stdout + proc.stderr, proc.stderr
+
+
+@pytest.fixture
+def corrupted_data(data_dir, tmp_path):
+    """The test shards with a manifest.json, and one bit of the training shard flipped afterwards."""
+    from gpt2_repro.data.shards import file_sha256
+
+    folder = tmp_path / "corrupted"
+    shutil.copytree(data_dir, folder)
+    files = sorted(folder.glob("*.bin"))
+    shards = [{"file": f.name, "tokens": (f.stat().st_size - 1024) // 2, "sha256": file_sha256(f)} for f in files]
+    (folder / "manifest.json").write_text(json.dumps({"created_by": "data_prep.py", "shards": shards}))
+    raw = bytearray(files[-1].read_bytes())
+    raw[5000] ^= 0x01
+    files[-1].write_bytes(raw)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad_yaml",
+        "yaml_not_utf8",
+        "infinite_lr",
+        "output_is_file",
+        "output_under_file",
+        "readonly",
+        "file_size_limit",
+        "corrupted",
+    ],
+)
+def test_input_and_environment_errors_exit_2_with_one_line(case, data_dir, tmp_path, request):
+    """Each ends with one `error:` line naming the problem and the fix, exit code 2, no traceback, and destroys
+    nothing. A full disk is simulated with a file-size limit (ulimit -f): the run refuses up front when a
+    checkpoint file would not fit."""
+    args, out, preexec = ["--data_dir", str(data_dir)], tmp_path / "run", None
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    if case == "bad_yaml":
+        (tmp_path / "bad.yaml").write_text("optim:\n  max_steps: [12\n")
+        args += ["--config", str(tmp_path / "bad.yaml")]
+        expected = "bad.yaml is not valid YAML"
+    elif case == "yaml_not_utf8":
+        (tmp_path / "latin1.yaml").write_bytes("run:\n  project_name: caf\xe9\n".encode("latin-1"))
+        args += ["--config", str(tmp_path / "latin1.yaml")]
+        expected = "latin1.yaml is not UTF-8 text (byte 0xe9 on line 2): save it as UTF-8"
+    elif case == "infinite_lr":
+        args += ["--max_lr", "inf"]
+        expected = "--max_lr: expected a finite number, got inf"
+    elif case == "output_is_file":
+        out, expected = a_file, "a file stands where a folder is needed"
+    elif case == "output_under_file":
+        out, expected = a_file / "run", "a file stands where a folder is needed"
+    elif case == "readonly":
+        out = request.getfixturevalue("readonly_dir") / "run"
+        expected = f"cannot use --output_dir {out}: " + (
+            "read-only file system" if os.geteuid() == 0 else "permission denied"
+        )
+    elif case == "file_size_limit":
+
+        def preexec():  # what a full disk does to the largest file, without filling a disk
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (10_000_000, 10_000_000))
+
+        expected = "the file-size limit (ulimit -f) is 10,000,000 bytes"
+    else:
+        args = ["--data_dir", str(request.getfixturevalue("corrupted_data"))]
+        expected = "its SHA-256 differs from manifest.json"
+    line = expect_exit_2(run_unchecked(args, out, preexec_fn=preexec))
+    assert expected in line, line
+    assert a_file.read_text() == "keep me"
+    assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
