@@ -101,7 +101,7 @@ def preflight(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> Checked:
     from gpt2_repro.optim import check_optimizer_support
 
     accelerator = make_accelerator(cfg, run_dir)
-    check_optimizer_support(cfg, accelerator.distributed_type)
+    check_optimizer_support(cfg, accelerator.distributed_type, 2 if accelerator.is_fsdp2 else 1)
     hellaswag = training_hellaswag(cfg, accelerator, log)  # a malformed file is refused now
     return Checked(accelerator, encoding, run_dir, log, found, uploader, hellaswag)
 
