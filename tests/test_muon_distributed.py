@@ -60,10 +60,18 @@ def _tiny_model(seed=0):
 # ------------------------------------------------------------------------------------------------ one process
 
 
-@pytest.mark.parametrize(("newton_schulz", "nesterov"), [("cpu_fp32", True), ("pytorch_bf16", False)])
-def test_one_process_is_torch_muon_bit_for_bit(newton_schulz, nesterov):
-    """Without a process group, DistributedMuon is torch.optim.Muon: the same weights and state after 20 steps, with
-    momentum and LR changed between steps, weight decay, both LR adjustments; and the state dicts load both ways."""
+@pytest.mark.parametrize(
+    ("newton_schulz", "nesterov", "device"),
+    [
+        ("cpu_fp32", True, "cpu"),
+        ("pytorch_bf16", False, "cpu"),
+        pytest.param("pytorch_bf16", True, "cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_one_process_is_torch_muon_bit_for_bit(newton_schulz, nesterov, device):
+    """Without a process group, DistributedMuon is torch.optim.Muon: the same weights and state after 20 steps on the
+    same gradients, with momentum and LR changed between steps, weight decay, both LR adjustments; and the state
+    dicts load both ways."""
     from gpt2_repro import optim
     from gpt2_repro.training.muon import DistributedMuon
 
@@ -72,7 +80,7 @@ def test_one_process_is_torch_muon_bit_for_bit(newton_schulz, nesterov):
         optim._newton_schulz if newton_schulz == "cpu_fp32" else optim._TORCH_NEWTON_SCHULZ
     )
     try:
-        models = [_tiny_model(), _tiny_model()]
+        models = [_tiny_model().to(device), _tiny_model().to(device)]
         matrices = [[p for n, p in m.named_parameters() if n in optim.muon_param_names(m)] for m in models]
         hyper = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9, "nesterov": nesterov}
         ours = DistributedMuon(
@@ -82,16 +90,22 @@ def test_one_process_is_torch_muon_bit_for_bit(newton_schulz, nesterov):
             [{"params": matrices[1][:4], "adjust_lr_fn": "match_rms_adamw"}, {"params": matrices[1][4:]}], **hyper
         )
         for step in range(20):
-            x = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(step))
-            for model, opt in zip(models, (ours, theirs), strict=True):
+            x = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(step)).to(device)
+            models[0](input_ids=x[:, :-1], shift_labels=x[:, 1:], return_logits=False).loss.backward()
+            for mine, other in zip(*matrices, strict=True):  # the same gradients (a GPU's backward is not exact)
+                other.grad = mine.grad.clone()
+            for opt in (ours, theirs):
                 for group in opt.param_groups:
                     group["lr"], group["momentum"] = 0.02 * (1 - step / 40), 0.85 + step / 200
-                model(input_ids=x[:, :-1], shift_labels=x[:, 1:], return_logits=False).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            models[0].zero_grad(set_to_none=True)
     finally:
         torch.optim._muon._zeropower_via_newtonschulz = saved
-    assert _equal(dict(models[0].named_parameters()), dict(models[1].named_parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*matrices, strict=True))
+    start = dict(_tiny_model().named_parameters())
+    names = [n for n, _ in models[0].named_parameters() if n in optim.muon_param_names(models[0])]
+    assert not any(torch.equal(p.cpu(), start[n]) for n, p in zip(names, matrices[0], strict=True))  # all moved
     state, reference = ours.state_dict(), theirs.state_dict()
     assert state["param_groups"] == reference["param_groups"]
     assert all(
