@@ -41,7 +41,8 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.dev
     """[AdamW], or with optimizer=muon [AdamW, Muon]: every trainable parameter in exactly one group.
 
     AdamW: weight decay on 2-D+ tensors (matmul weights, embeddings) only, not on biases and LayerNorms.
-    Muon (PyTorch's torch.optim.Muon): the blocks' attention and MLP matrices. AdamW keeps the rest, the
+    Muon (PyTorch's torch.optim.Muon; under a process group training.muon.DistributedMuon, its arithmetic with the
+    orthogonalizations shared among the processes): the blocks' attention and MLP matrices. AdamW keeps the rest, the
     token embedding included, which is also the tied LM head (named_parameters lists a shared tensor once).
     """
     optim = cfg.optim

@@ -8,8 +8,10 @@ process count sees the same global batch at every step.
         (rank 0): the weights after the last step, each process's Muon state and how many matrices it
         orthogonalized, the state saved or loaded
     python tests/muon_worker.py fsdp OUT
-        torch's fully_shard over gloo, as accelerate's FSDP2 wraps the model (each block, then the root), beside a
-        one-process reference in the same process; plus a model whose matrices split unevenly; writes OUT (rank 0)
+        torch's fully_shard over gloo, as accelerate's FSDP2 wraps the model (each block, then the root), against
+        one-process references trained first in the same process, with the global batch split and with every
+        process on the whole batch; plus a model whose matrices split unevenly, with PyTorch's bf16 Newton-Schulz;
+        writes OUT (rank 0): each pair of weights, the orthogonalizations per process, the uneven shards' shapes
 """
 
 from __future__ import annotations
