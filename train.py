@@ -110,7 +110,7 @@ def preflight(cfg: TrainConfig, folder: RunFolder, cleanup: contextlib.ExitStack
     from gpt2_repro.training.periodic_eval import training_hellaswag
 
     accelerator = make_accelerator(cfg, folder)
-    check_optimizer_support(cfg, accelerator.distributed_type)
+    check_optimizer_support(cfg, accelerator.distributed_type, 2 if accelerator.is_fsdp2 else 1)
     hellaswag = training_hellaswag(cfg, accelerator, log)  # a malformed file is refused now
     return Checked(accelerator, encoding, folder, log, found, uploader, hellaswag)
 

@@ -14,7 +14,9 @@
 #   3. eval:   evaluate_gpt2.py on the export, compiled;
 #   4. tests:  the gpu-marked tests;
 #   5. fsdp:   README's FSDP variant of accelerate_config.yaml, one process: a few steps, a checkpoint,
-#              `--resume latest`, and the gathered export loading with the Auto classes.
+#              `--resume latest`, and the gathered export loading with the Auto classes;
+#   6. fsdp_muon: the same with --optimizer muon (gpt2_repro/training/muon.py on FSDP2's DTensors, its state in
+#              accelerate's sharded checkpoint), a checkpoint and `--resume latest`.
 # --tiny runs the same steps with a tiny model on CPU (a check of this script, not of a GPU).
 set -u
 DATA=$(realpath "$1")
@@ -95,5 +97,10 @@ for folder in ('$FSDP_RUN/export', '$FSDP_RUN/export-gpt2'):
     assert torch.isfinite(logits[..., :50257]).all(), folder
     print(folder, type(model).__name__, 'loads; finite logits')
 "
+# 6. Muon under FSDP, one process: the step on DTensors, its state through the sharded checkpoint and a resume.
+MUON_ARGS=("${FSDP_ARGS[@]}" --optimizer muon --output_dir "$WORK/fsdp_muon")
+step fsdp_muon 150 accelerate launch --config_file "$FSDP_CONFIG" train.py "${MUON_ARGS[@]}" --max_steps 3 &&
+    step fsdp_muon 120 accelerate launch --config_file "$FSDP_CONFIG" train.py "${MUON_ARGS[@]}" \
+        --max_steps 6 --resume latest
 cat "$LOGS/summary.txt"
 rm -rf "$WORK"

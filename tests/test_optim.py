@@ -1,4 +1,4 @@
-"""training/optim.py: AdamW/Muon parameter groups, each group's schedule (cosine, wsd), Muon's refusals and CPU
+"""training/optim.py: AdamW/Muon parameter groups, each group's schedule (cosine, wsd), Muon's refusal and CPU
 override."""
 
 from pathlib import Path
@@ -118,17 +118,18 @@ def test_each_optimizer_follows_the_schedule_from_its_own_peak():
     assert end["muon_lr"] == pytest.approx(optim.muon_lr * optim.min_lr / optim.max_lr)
 
 
-def test_muon_is_refused_under_fsdp_and_allowed_with_ddp():
-    """FSDP shards the matrices Muon orthogonalizes whole (FSDP itself cannot start on a CPU)."""
+def test_muon_is_refused_under_fsdp1_and_allowed_with_fsdp2_and_ddp():
+    """FSDP1 flattens the matrices Muon orthogonalizes; FSDP2 keeps them (training.muon gathers them whole)."""
     from accelerate import DistributedType
 
     from gpt2_repro.training.optim import check_optimizer_support
 
     fast = load_config(ROOT / "configs" / "tiny_fast.yaml")
-    with pytest.raises(ConfigError, match="optimizer=muon cannot run under FSDP.*--optimizer adamw"):
-        check_optimizer_support(fast, DistributedType.FSDP)
-    check_optimizer_support(fast, DistributedType.MULTI_GPU)
-    check_optimizer_support(load_config(ROOT / "configs" / "tiny.yaml"), DistributedType.FSDP)
+    with pytest.raises(ConfigError, match="optimizer=muon needs fsdp_version: 2 under FSDP.*--optimizer adamw"):
+        check_optimizer_support(fast, DistributedType.FSDP, fsdp_version=1)
+    check_optimizer_support(fast, DistributedType.FSDP, fsdp_version=2)
+    check_optimizer_support(fast, DistributedType.MULTI_GPU, fsdp_version=1)
+    check_optimizer_support(load_config(ROOT / "configs" / "tiny.yaml"), DistributedType.FSDP, fsdp_version=1)
 
 
 def test_muon_orthogonalizes_cpu_gradients_in_fp32_like_pytorch_does_in_bf16():

@@ -27,10 +27,10 @@ import psutil
 
 from ..base.atomic_io import is_temporary, write_json_atomic
 from ..base.cli import opt
-from ..base.errors import ConfigError, DataError, StreamReadError
-from ..base.machine import hub_reachable
-from ..base.lock import LOCK_NAME, RunLock
 from ..base.config import READ_RETRIES, SHARD_TOKENS, VAL_TOKENS
+from ..base.errors import ConfigError, DataError, StreamReadError
+from ..base.lock import LOCK_NAME, RunLock
+from ..base.machine import hub_reachable
 from ..base.published import FINEWEB_EDU
 from .shards import (
     HEADER_INTS,

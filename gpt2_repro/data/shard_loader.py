@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..base.errors import ConfigError, DataError
-from .windows import as_xy, val_windows
 from .shards import (
     check_shards,
     find_shards,
@@ -25,6 +24,7 @@ from .shards import (
     read_shard,
     shards_fingerprint,
 )
+from .windows import as_xy, val_windows
 
 if TYPE_CHECKING:
     import torch

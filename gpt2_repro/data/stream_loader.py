@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..base.config import READ_RETRIES, SHARD_TOKENS, VAL_TOKENS
-from ..base.errors import ConfigError, DataError, StreamReadError
+from ..base.errors import DataError, StreamReadError
 from ..base.published import FINEWEB_EDU
 from . import text_stream as ts
-from .windows import as_xy
 from .shards import val_shard_tokens
 from .tokenizer import get_gpt2_encoding
+from .windows import as_xy
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..base.config import READ_RETRIES
 from ..base.errors import DataError, NotFound, StreamReadError
 from ..base.published import DEFAULT_DATASET_CONFIGS
-from ..base.config import READ_RETRIES
 from .tokenizer import EOT_ID
 
 logger = logging.getLogger("text_stream")

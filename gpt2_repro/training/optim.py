@@ -44,7 +44,8 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.dev
     """[AdamW], or with optimizer=muon [AdamW, Muon]: every trainable parameter in exactly one group.
 
     AdamW: weight decay on 2-D+ tensors (matmul weights, embeddings) only, not on biases and LayerNorms.
-    Muon (PyTorch's torch.optim.Muon): the blocks' attention and MLP matrices. AdamW keeps the rest, the
+    Muon (PyTorch's torch.optim.Muon; under a process group muon.DistributedMuon, its arithmetic with the
+    orthogonalizations shared among the processes): the blocks' attention and MLP matrices. AdamW keeps the rest, the
     token embedding included, which is also the tied LM head (named_parameters lists a shared tensor once).
     """
     optim = cfg.optim
@@ -63,7 +64,10 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.dev
         return [adamw]
     if device.type == "cpu":
         orthogonalize_in_fp32_on_cpu()
-    muon = torch.optim.Muon(
+    muon_class = torch.optim.Muon
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from .muon import DistributedMuon as muon_class  # each process orthogonalizes its share
+    muon = muon_class(
         [p for n, p in named if n in muon_names],
         lr=muon_peak[0][0],
         weight_decay=optim.muon_weight_decay,
@@ -177,11 +181,12 @@ def orthogonalize_in_fp32_on_cpu() -> None:
     torch.optim._muon._zeropower_via_newtonschulz = _newton_schulz
 
 
-def check_optimizer_support(cfg: TrainConfig, distributed_type: DistributedType) -> None:
-    """Refuse what Muon cannot do: orthogonalizing a weight needs the whole matrix in every process."""
-    if cfg.optim.optimizer == "muon" and distributed_type == DistributedType.FSDP:
+def check_optimizer_support(cfg: TrainConfig, distributed_type: DistributedType, fsdp_version: int = 2) -> None:
+    """Refuse what Muon cannot do: FSDP's version 1 flattens the weights into 1-D shards, where Muon needs each
+    weight's matrix (FSDP2 keeps it: muon.DistributedMuon gathers it whole to orthogonalize)."""
+    if cfg.optim.optimizer == "muon" and distributed_type == DistributedType.FSDP and fsdp_version != 2:
         raise ConfigError(
-            "optimizer=muon cannot run under FSDP: Muon orthogonalizes each whole weight matrix, and FSDP "
-            "shards them across processes. Use DDP (distributed_type: MULTI_GPU in the accelerate config) "
-            "or --optimizer adamw."
+            "optimizer=muon needs fsdp_version: 2 under FSDP: version 1 flattens the weight matrices Muon "
+            "orthogonalizes. Set fsdp_config: {fsdp_version: 2, ...} in the accelerate config, use DDP, or "
+            "--optimizer adamw."
         )
