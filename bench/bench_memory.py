@@ -5,6 +5,7 @@
     python bench/bench_memory.py --grid compiled       # torch.compile + bf16 autocast (each case compiles: minutes)
     python bench/bench_memory.py --grid rss            # the allocator's figure against the process's peak RSS
     python bench/bench_memory.py --case '{"n_layer": 2, "n_embd": 128, "seq_len": 64, "micro_batch": 4}'
+    python bench/bench_memory.py --grid eager --out eager.json; python bench/bench_memory.py --recorded eager.json
 
 Each case is a fresh Python process that builds GPT2ReproForCausalLM, its optimizer (the project's build_optimizers:
 AdamW with PyTorch's default foreach implementation on CPU, or fused) and random batches, runs one optimizer step
@@ -312,13 +313,16 @@ def h200_prediction() -> str:
     )
 
 
-def run_grid(name: str, out: Path | None) -> list[dict]:
+def run_grid(name: str, out: Path | None, recorded: list[dict] | None = None) -> list[dict]:
+    """Measure each case of the grid (or take `recorded` results, re-predicted by the current model) and print
+    predicted against measured."""
     rows = []
-    print(f"# grid {name}: {platform.platform()}, {os.cpu_count()} CPUs; one subprocess per case; MiB = 2**20 bytes")
+    source = "recorded results" if recorded else "one subprocess per case"
+    print(f"# grid {name}: {platform.platform()}, {os.cpu_count()} CPUs; {source}; MiB = 2**20 bytes")
     print(f"{'case':<58}{'predicted':>10}{'measured':>10}{'ratio':>7}  moment (predicted) / phase (measured)")
-    for case in grid(name):
-        result = run_child(case)
-        c, predicted = result["case"], predict(case)
+    for case in recorded or grid(name):
+        result = case if recorded else run_child(case)
+        c, predicted = result["case"], predict(result["case"])
         ratio = predicted.peak / result["peak_bytes"]
         phase = max(result["phase_peaks"], key=result["phase_peaks"].get) if "phase_peaks" in result else c["method"]
         print(
@@ -366,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", default="eager", help="eager (default), compiled, rss or losses")
     parser.add_argument("--case", help="one case as JSON (keys of DEFAULT_CASE), run in a subprocess")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--recorded", type=Path, help="print a grid's rows written by --out, predicted again")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -374,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run_child(json.loads(args.case))
         predicted = predict(result["case"])
         print(json.dumps({**result, "predicted_bytes": predicted.peak, "predicted_at": predicted.peak_at}, indent=1))
+    elif args.recorded:
+        run_grid(args.recorded.stem, None, json.loads(args.recorded.read_text()))
     else:
         run_grid(args.grid, args.out)
 
