@@ -8,10 +8,10 @@
     python bench/bench_memory.py --grid eager --out eager.json; python bench/bench_memory.py --recorded eager.json
 
 Each case is a fresh Python process that builds GPT2ReproForCausalLM, its optimizer (the project's build_optimizers:
-AdamW with PyTorch's default foreach implementation on CPU, or fused) and random batches, runs one optimizer step
-(forward, backward, gradient clipping, step, zero_grad(set_to_none)) to allocate the optimizer's state, then a
-second one, whose peak is reported: the steady state, as `torch.cuda.max_memory_allocated` after a warm-up reports it
-on a GPU.
+AdamW in PyTorch's default implementation on CPU, a loop over the parameters, or fused as on CUDA) and random
+batches, runs one optimizer step (forward, backward, gradient clipping, step, zero_grad(set_to_none)) to allocate the
+optimizer's state, then a second one, whose peak is reported: the steady state, as `torch.cuda.max_memory_allocated`
+after a warm-up reports it on a GPU.
 
 What is measured: the bytes of live tensors, from the allocation events of torch.profiler (profile_memory=True),
 summed in time order from before the model is built. That is the quantity the plan predicts and the one
@@ -53,7 +53,7 @@ DEFAULT_CASE = {
     "precision": "fp32",  # fp32 | bf16 (autocast, the GPU recipe's)
     "compile": False,
     "optimizer": "adamw",  # adamw | muon (the project's build_optimizers)
-    "fused": False,  # AdamW's fused kernel (the project's choice on CUDA) instead of foreach (its CPU default)
+    "fused": False,  # AdamW's fused kernel (the project's choice on CUDA) instead of PyTorch's CPU default (a loop)
     "method": "alloc",  # alloc: live tensor bytes (torch.profiler); rss: the process's peak resident set
     "steps": 2,
 }
@@ -197,7 +197,7 @@ def run_child(case: dict) -> dict:
 # ------------------------------------------------------------------------------------------------- the grids
 def grid(name: str) -> list[dict]:
     """The cases of a grid (each a dict of DEFAULT_CASE's keys)."""
-    if name == "eager":  # the CPU default: fp32, eager, foreach AdamW; two GPT-2 sizes with GPT-2's vocabulary
+    if name == "eager":  # the CPU defaults: fp32, eager, for-loop AdamW; two GPT-2 sizes with GPT-2's vocabulary
         sizes = [{"n_layer": 2, "n_head": 4, "n_embd": 128}, {"n_layer": 6, "n_head": 6, "n_embd": 384}]
         cases = [
             {**size, "seq_len": T, "micro_batch": B, "checkpointing": ckpt}

@@ -46,8 +46,8 @@ Alive during a step
   FSDP: the gathered parameters in the compute dtype: the root's (embeddings, ln_f; kept from the forward to the
       backward) and two blocks' (the current one and the one prefetched); in the backward, the same again for
       their unsharded gradients
-  the optimizer step: fused AdamW (the project's choice on CUDA) works in place; PyTorch's foreach AdamW (its CPU
-      default) allocates two temporaries the size of its weight-decay group (measured)
+  the optimizer step: fused AdamW (the project's choice on CUDA) works in place; PyTorch's default on CPU, a loop
+      over the parameters, allocates two temporaries the size of the one it updates (the embedding: 2 x 4 V C)
 Peak: the largest of three moments: the loss's backward (every saved activation, the loss's peak), a block's
   backward (the block's extra, the gradients so far) and the optimizer step (weights, state, gradients, its
   temporaries).
@@ -119,7 +119,7 @@ class Setup:
     precision: str = "bf16"  # bf16 | fp16 (autocast, fp32 weights) | fp32
     compiled: bool = True
     checkpointing: bool = False
-    fused_optimizer: bool = True  # fused AdamW (CUDA); False: PyTorch's foreach implementation (CPU)
+    fused_optimizer: bool = True  # fused AdamW (the project's on CUDA); False: PyTorch's CPU default, a for-loop
     distributed: str = "none"  # none | ddp | fsdp
     gpus: int = 1
 
@@ -206,7 +206,7 @@ def estimate(s: Setup) -> Memory:
         + recomputed
         + block_extra
         + 2 * (gathered_root + gathered_blocks),
-        "optimizer step": held + grads + _optimizer_temporaries(s, N, matrices) // shards,
+        "optimizer step": held + grads + _optimizer_temporaries(s) // shards,
     }
     return Memory(
         weights=weights,
@@ -221,15 +221,13 @@ def estimate(s: Setup) -> Memory:
     )
 
 
-def _optimizer_temporaries(s: Setup, n_params: int, muon_matrices: int) -> int:
-    """Bytes the optimizer step allocates for itself: none fused; foreach AdamW two temporaries the size of its
-    weight-decay group (the 2-D tensors it trains: all but the biases and LayerNorms, or the embeddings alone under
-    Muon). Muon's Newton-Schulz iterations work on one matrix at a time (a few 4C x C: negligible)."""
+def _optimizer_temporaries(s: Setup) -> int:
+    """Bytes the optimizer step allocates for itself: none fused; PyTorch's for-loop AdamW (its default on CPU)
+    `exp_avg_sq.sqrt() / bias_correction`, two temporaries the size of the largest tensor it updates (the token
+    embedding, under Muon too). Muon's Newton-Schulz iterations work on one matrix at a time: negligible."""
     if s.fused_optimizer:
         return 0
-    C, L = s.n_embd, s.n_layer
-    two_d = n_params - L * 13 * C - 2 * C - muon_matrices  # biases and LayerNorms are 13 C per block + ln_f's 2 C
-    return 2 * 4 * two_d
+    return 2 * 4 * max(s.vocab_size * s.n_embd, 4 * s.n_embd * s.n_embd)
 
 
 # ----------------------------------------------------------------------------------------- fitting a micro-batch
@@ -353,7 +351,7 @@ def plan_report(
     refused = [t for t in types if t == "fsdp" and base.optimizer == "muon"]  # Muon needs whole matrices
     columns = [t for t in types if t not in refused]
     precision = "fp32" if base.precision == "fp32" else f"{base.precision} autocast"
-    adamw = f"AdamW ({'fused' if base.fused_optimizer else 'foreach'})"
+    adamw = f"AdamW ({'fused' if base.fused_optimizer else 'for-loop'})"
     optimizer = adamw if base.optimizer == "adamw" else f"Muon + {adamw}"
     lines = [
         f"Memory plan (no GPU touched): GPT-2 {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads, "
