@@ -27,6 +27,7 @@ from gpt2_repro.training.memory_plan import (
     parameter_count,
     parse_memory,
     plan_report,
+    split_plan_options,
     usable_bytes,
 )
 from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM, estimate_flops_per_token
@@ -212,19 +213,32 @@ def test_plan_report_of_a_preset():
         plan_report(cfg, 80 * GIB, gpus=3)
 
 
+def test_plan_options_come_out_of_a_train_command_line():
+    argv = ["--config", "c.yaml", "--plan", "--gpu-memory", "141GB", "--gpus", "8", "--max_steps", "5", "--mfu", "0.5"]
+    options, rest = split_plan_options(argv)
+    assert (options.plan, options.gpu_memory, options.gpus, options.mfu) == (True, "141GB", 8, 0.5)
+    assert (options.distributed_type, options.gpu) == (None, "H100")
+    assert rest == ["--config", "c.yaml", "--max_steps", "5"]  # for config.parse_args
+    assert split_plan_options(["--plan", "false", "--distributed_type", "fsdp"])[0].distributed_type == "fsdp"
+    assert split_plan_options(["--max_lr", "1e-3"]) == (split_plan_options([])[0], ["--max_lr", "1e-3"])
+    assert not split_plan_options([])[0].plan
+    with pytest.raises(ConfigError, match="--gpus"):
+        split_plan_options(["--plan", "--gpus", "eight"])
+
+
 def test_plan_answers_fast_without_torch():
-    """What `train.py --plan` runs: config reading and the plan, in a fresh process, without importing torch."""
+    """What `train.py --config ... --plan` will run, in a fresh process: it imports neither torch nor transformers."""
     code = (
         "import sys, time; t = time.perf_counter()\n"
-        "from gpt2_repro import cli\n"
-        "from gpt2_repro.config import TrainConfig\n"
-        "from gpt2_repro.training.memory_plan import parse_memory, plan_report\n"
-        "cfg = cli.build(TrainConfig, 'configs/gpt2_774m.yaml', {})\n"
-        "text = plan_report(cfg, parse_memory('80GB'), 8, 'ddp')\n"
+        "from gpt2_repro.config import parse_args\n"
+        "from gpt2_repro.training.memory_plan import print_plan, split_plan_options\n"
+        "options, rest = split_plan_options(['--config', 'configs/gpt2_774m.yaml', '--plan', '--gpus', '8'])\n"
+        "print_plan(parse_args(rest, check_model=False), options)\n"
         "print(time.perf_counter() - t, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    seconds, torch_imported, transformers_imported = out.split()
+    assert "largest micro-batch that fits" in out
+    seconds, torch_imported, transformers_imported = out.splitlines()[-1].split()
     assert (torch_imported, transformers_imported) == ("False", "False")
     assert float(seconds) < 2.0 and time.perf_counter() - start < 10

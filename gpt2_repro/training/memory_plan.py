@@ -64,9 +64,12 @@ per token of hardware FLOPs, not model FLOPs (MFU counts the model's).
 
 from __future__ import annotations
 
+import argparse
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
+from .. import cli
+from ..cli import opt
 from ..errors import ConfigError
 from ..run_info import PEAK_BF16_FLOPS, peak_bf16_flops
 
@@ -292,6 +295,45 @@ def gpu_peak_flops(gpu: str) -> float:
     return peak
 
 
+@dataclass
+class PlanOptions:
+    """train.py's options for the memory plan (not part of a run's config: nothing is saved or trained)."""
+
+    plan: bool = opt(
+        False,
+        "print the memory plan (bytes per GPU, the largest micro-batch that fits, step time) and exit: no GPU, "
+        "data or run folder is touched",
+    )
+    gpu_memory: str = opt("80GB", "--plan: memory of one GPU (80GB, 141GB, 24GiB; GB means GiB, as GPU names use it)")
+    gpus: int = opt(1, "--plan: GPUs (processes) of the run")
+    distributed_type: str | None = opt(None, "--plan: ddp, fsdp or none (default: ddp on several GPUs, none on one)")
+    mfu: float = opt(0.4, "--plan: model FLOPs utilization the step time assumes")
+    gpu: str = opt("H100", "--plan: the GPU whose dense bf16 peak the step time assumes (--peak_tflops overrides)")
+
+
+def split_plan_options(argv: list[str]) -> tuple[PlanOptions, list[str]]:
+    """(the plan's options, the rest of the command line for config.parse_args). The project's convention: `--a_b` or
+    `--a-b`, a bare `--plan` is true, values typed and checked by cli.coerce."""
+    parser = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    for f in fields(PlanOptions):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        extra = {"nargs": "?", "const": "true"} if f.name == "plan" else {}
+        parser.add_argument(*flags, dest=f.name, **extra)
+    given, rest = parser.parse_known_args(argv)
+    hints = cli._hints(PlanOptions)
+    values = {name: cli.coerce(value, hints[name], f"--{name}") for name, value in vars(given).items()}
+    return PlanOptions(**values), rest
+
+
+def print_plan(cfg, options: PlanOptions) -> None:
+    """What `train.py --plan` prints."""
+    print(
+        plan_report(
+            cfg, parse_memory(options.gpu_memory), options.gpus, options.distributed_type, options.mfu, options.gpu
+        )
+    )
+
+
 def setup_from_config(cfg, gpus: int, distributed: str, **changes) -> Setup:
     """The Setup a TrainConfig asks for on CUDA GPUs: mixed_precision auto = bf16, compile None = on, fused AdamW."""
     m, d, run = cfg.model, cfg.data, cfg.run
@@ -338,6 +380,8 @@ def plan_report(
         raise ConfigError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
     distributed = normalize_distributed(distributed_type, gpus)
     m, d = cfg.model, cfg.data
+    if m.n_embd % m.n_head:  # the model's own check imports transformers; this one is all the plan needs
+        raise ConfigError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}: every head needs the same width")
     total, seq = d.total_batch_tokens, d.seq_len
     sequences = len(micro_batch_candidates(total, seq, gpus)) and total // (seq * gpus)  # refuses a bad batch first
     base = setup_from_config(cfg, gpus, distributed)
