@@ -42,7 +42,9 @@ Alive during a step
   activation checkpointing (transformers' own, on each GPT2ReproBlock): a block keeps only its input (C r per
       token) and runs again in the backward, so one block's activations and weight copies are alive at a time
   the backward of a block: the MLP's gradients while the block's other activations are alive (4 C a + C r per
-      token beyond them)
+      token beyond them); from block to block the gradients grow and the saved activations shrink, so the largest
+      is at the first block the backward reaches or at the last (with checkpointing and small micro-batches, the
+      last: all the gradients are there and the saved inputs are small)
   FSDP: the gathered parameters in the compute dtype: the root's (embeddings, ln_f; kept from the forward to the
       backward) and two blocks' (the current one and the one prefetched); in the backward, the same again for
       their unsharded gradients
@@ -195,20 +197,21 @@ def estimate(s: Setup) -> Memory:
     gathered_root = a * root if fsdp else 0
     gathered_blocks = 2 * a * block if fsdp else 0
 
+    # A block's backward, at the first block (L-1) and the last (0) it reaches: the gradients grow by a block's at
+    # each, the saved activations shrink by a layer's (with checkpointing, by an input only), so the largest is at
+    # one of the two ends.
     accumulating = s.accumulation > 1
     grads_at_loss = grads if accumulating else 0
-    grads_at_block = grads if accumulating else 4 * (V * C + 2 * C + block) // shards  # the head's, the last block's
-    block_extra = BT * (4 * C * a + C * r)
+    grads_first = grads if accumulating else 4 * (V * C + 2 * C + block) // shards  # the head's, the block's own
+    grads_last = grads if accumulating else 4 * (N - s.n_positions * C) // shards  # all but the position table's
+    per_layer = checkpoint_input if s.checkpointing else layer
+    per_layer_copies = 0 if s.checkpointing else copies_block
     recomputed = (layer - checkpoint_input + copies_block) if s.checkpointing else 0
+    in_block = held + recomputed + BT * (4 * C * a + C * r) + 2 * (gathered_root + gathered_blocks)
     moments = {
         "loss backward": held + grads_at_loss + activations + saved_copies + loss + gathered_root + gathered_blocks,
-        "block backward": held
-        + grads_at_block
-        + saved_blocks
-        + (saved_copies - copies_head)
-        + recomputed
-        + block_extra
-        + 2 * (gathered_root + gathered_blocks),
+        "block backward": in_block
+        + max(grads_first + L * (per_layer + per_layer_copies), grads_last + per_layer + per_layer_copies),
         "optimizer step": held + grads + _optimizer_temporaries(s) // shards,
     }
     return Memory(
