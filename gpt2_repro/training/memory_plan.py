@@ -42,9 +42,10 @@ Alive during a step
   activation checkpointing (transformers' own, on each GPT2ReproBlock): a block keeps only its input (C r per
       token) and runs again in the backward, so one block's activations and weight copies are alive at a time
   the backward of a block: the MLP's gradients while the block's other activations are alive (4 C a + C r per
-      token beyond them); from block to block the gradients grow and the saved activations shrink, so the largest
-      is at the first block the backward reaches or at the last (with checkpointing and small micro-batches, the
-      last: all the gradients are there and the saved inputs are small)
+      token beyond them; under autocast, C a more for the residual gradient's bf16 cast, and a bf16 weight
+      gradient). From block to block the gradients grow and the saved activations shrink, so the largest is at the
+      first block the backward reaches or at the last (with checkpointing and small micro-batches, the last: the
+      gradients are nearly all there and the saved inputs are small)
   FSDP: the gathered parameters in the compute dtype: the root's (embeddings, ln_f; kept from the forward to the
       backward) and two blocks' (the current one and the one prefetched); in the backward, the same again for
       their unsharded gradients
@@ -202,12 +203,17 @@ def estimate(s: Setup) -> Memory:
     # one of the two ends.
     accumulating = s.accumulation > 1
     grads_at_loss = grads if accumulating else 0
-    grads_first = grads if accumulating else 4 * (V * C + 2 * C + block) // shards  # the head's, the block's own
-    grads_last = grads if accumulating else 4 * (N - s.n_positions * C) // shards  # all but the position table's
+    # at the MLP's backward, the block's own gradients are mlp.c_proj's (4 C^2 + C)
+    mlp_proj = 4 * C * C + C
+    grads_first = grads if accumulating else 4 * (V * C + 2 * C + mlp_proj) // shards  # the head's and those
+    grads_last = grads if accumulating else 4 * (V * C + 2 * C + (L - 1) * block + mlp_proj) // shards
     per_layer = checkpoint_input if s.checkpointing else layer
     per_layer_copies = 0 if s.checkpointing else copies_block
     recomputed = (layer - checkpoint_input + copies_block) if s.checkpointing else 0
-    in_block = held + recomputed + BT * (4 * C * a + C * r) + 2 * (gathered_root + gathered_blocks)
+    # the MLP's gradients beyond the block's activations; under autocast also the residual's gradient cast to bf16
+    # for the matmul and a weight's bf16 gradient before it is added to the fp32 one
+    extra = BT * (4 * C * a + C * r) + (BT * C * a + 2 * 4 * C * C if mixed else 0)
+    in_block = held + recomputed + extra + 2 * (gathered_root + gathered_blocks)
     moments = {
         "loss backward": held + grads_at_loss + activations + saved_copies + loss + gathered_root + gathered_blocks,
         "block backward": in_block
