@@ -418,13 +418,13 @@ def plan_report(
         f"  {gpus} x {gpu_memory_bytes / GIB:.0f} GiB GPU{'s' if gpus > 1 else ''}, {label[distributed]}, {precision}, "
         f"{optimizer}; {_gib(usable)} usable per GPU (90% less 1 GiB: CUDA context, allocator fragmentation)",
         f"  {total:,} tokens per step = micro-batch {d.micro_batch_size} x {seq:,} tokens x {gpus} GPU"
-        f"{'s' if gpus > 1 else ''} x accumulation {base.accumulation} (micro-batch {sequences}: no accumulation)",
+        f"{'s' if gpus > 1 else ''} x accumulation {base.accumulation} (none at micro-batch {sequences})",
     ]
     if refused:
         lines.append("  FSDP: not with optimizer=muon (Muon orthogonalizes whole matrices, which FSDP shards)")
 
     per_type = {t: estimate(replace(base, distributed=t)) for t in columns}
-    state = "AdamW: 2 moments" if base.optimizer == "adamw" else "Muon momentum, AdamW moments"
+    state = "AdamW: 2 moments" if base.optimizer == "adamw" else "Muon + AdamW"
     lines += ["", _row("bytes per GPU", [label[t] for t in columns])]
     for name, get in [
         ("weights (fp32)", lambda x: x.weights),
