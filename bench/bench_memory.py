@@ -4,6 +4,7 @@
                                                        # lengths, micro-batches 1-16, activation checkpointing off/on
     python bench/bench_memory.py --grid compiled       # torch.compile + bf16 autocast (each case compiles: minutes)
     python bench/bench_memory.py --grid rss            # the allocator's figure against the process's peak RSS
+    python bench/bench_memory.py --grid gpu            # a CUDA GPU: torch.cuda.max_memory_allocated, 124M and 350M
     python bench/bench_memory.py --case '{"n_layer": 2, "n_embd": 128, "seq_len": 64, "micro_batch": 4}'
     python bench/bench_memory.py --grid eager --out eager.json; python bench/bench_memory.py --recorded eager.json
 
@@ -54,7 +55,7 @@ DEFAULT_CASE = {
     "compile": False,
     "optimizer": "adamw",  # adamw | muon (the project's build_optimizers)
     "fused": False,  # AdamW's fused kernel (the project's choice on CUDA) instead of PyTorch's CPU default (a loop)
-    "method": "alloc",  # alloc: live tensor bytes (torch.profiler); rss: the process's peak resident set
+    "method": "alloc",  # alloc: live tensor bytes (torch.profiler); rss: the peak resident set; cuda: see below
     "steps": 2,
 }
 
@@ -64,12 +65,15 @@ def run_case(case: dict) -> dict:
     """One case, in this process: build, step, measure. Returns the measured figures and the losses."""
     import torch
 
-    torch.set_num_threads(1)  # the allocator figure does not depend on threads; the machine is shared
+    c = {**DEFAULT_CASE, **case}
+    cuda = c["method"] == "cuda"  # torch.cuda.max_memory_allocated on a GPU (TF32 and all, as train.py runs there)
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(1)  # the allocator figure does not depend on threads; the machine is shared
     from gpt2_repro.config import load_config
     from gpt2_repro.optim import build_optimizers
     from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM
 
-    c = {**DEFAULT_CASE, **case}
     B, T, V = c["micro_batch"], c["seq_len"], c["vocab_size"]
     model_fields = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], n_positions=T, vocab_size=V)
     # the optimizer's settings (build_optimizers reads only those; a small test vocabulary would fail the preset's
@@ -78,25 +82,31 @@ def run_case(case: dict) -> dict:
     real_ids = min(V, 50257)  # a small vocabulary (to isolate the blocks' activations) is all real ids
     gen = torch.Generator().manual_seed(1)
     batches = [
-        (torch.randint(0, real_ids, (B, T), generator=gen), torch.randint(0, real_ids, (B, T), generator=gen))
+        (
+            torch.randint(0, real_ids, (B, T), generator=gen).to(device),
+            torch.randint(0, real_ids, (B, T), generator=gen).to(device),
+        )
         for _ in range(c["steps"])
     ]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c["precision"] == "bf16" else contextlib.nullcontext()
+    mixed = c["precision"] == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+    if cuda:
+        torch.set_float32_matmul_precision("high")
     rss = c["method"] == "rss"
     rss_before = _status_kib("VmRSS") * 1024 if rss else 0
 
     profiler = None
-    if not rss:
+    if not rss and not cuda:
         from torch.profiler import ProfilerActivity, profile
 
         profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         profiler.__enter__()
     torch.manual_seed(0)
-    model = GPT2ReproForCausalLM(GPT2ReproConfig(**model_fields, tokenizer_vocab_size=real_ids)).train()
+    model = GPT2ReproForCausalLM(GPT2ReproConfig(**model_fields, tokenizer_vocab_size=real_ids)).to(device).train()
     if c["checkpointing"]:
         model.activation_checkpointing_enable()  # transformers' own: each GPT2ReproBlock re-runs in the backward
-    optimizers = build_optimizers(model, cfg, torch.device("cpu"))
-    if c["fused"]:
+    optimizers = build_optimizers(model, cfg, device)  # fused on CUDA
+    if c["fused"] and not cuda:
         adamw = optimizers[0]
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in adamw.param_groups]
         optimizers[0] = torch.optim.AdamW(groups, lr=adamw.defaults["lr"], betas=adamw.defaults["betas"], fused=True)
@@ -119,6 +129,9 @@ def run_case(case: dict) -> dict:
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(batches):
         if i == len(batches) - 1:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             if rss:
                 rss_held = _status_kib("VmRSS") * 1024  # the model, the optimizer state, the libraries
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -136,7 +149,9 @@ def run_case(case: dict) -> dict:
         if torch.is_tensor(t)
     )
     out["held_bytes"] = state_bytes  # weights + optimizer state, alive between steps
-    if rss:
+    if cuda:
+        out.update(peak_bytes=torch.cuda.max_memory_allocated(), device=torch.cuda.get_device_name())
+    elif rss:
         hwm = _status_kib("VmHWM") * 1024
         # what the process held besides the weights and optimizer state (libraries, interpreter, caches)
         overhead = rss_held - state_bytes
@@ -254,6 +269,13 @@ def grid(name: str) -> list[dict]:
             ]
         )
         return [{**c, "method": m} for c in cases for m in ("alloc", "rss")]
+    if name == "gpu":  # a CUDA GPU: the recipe's step (bf16, compiled, fused AdamW) at 124M and 350M
+        gpu = {"method": "cuda", "precision": "bf16", "compile": True, "fused": True, "seq_len": 1024, "steps": 3}
+        gpt2_124m = {"n_layer": 12, "n_head": 12, "n_embd": 768}
+        gpt2_350m = {"n_layer": 24, "n_head": 16, "n_embd": 1024}
+        cases = [{**gpt2_124m, "micro_batch": B} for B in (16, 64)]
+        cases += [{**gpt2_350m, "micro_batch": B, "checkpointing": ckpt} for B in (8, 32) for ckpt in (False, True)]
+        return [{**gpu, **c} for c in cases]
     if name == "losses":  # activation checkpointing against none: 10 optimizer steps
         return [
             {
@@ -269,7 +291,7 @@ def grid(name: str) -> list[dict]:
             for precision in ("fp32", "bf16")
             for ckpt in (False, True)
         ]
-    raise SystemExit(f"unknown grid {name!r}: eager, compiled, rss or losses")
+    raise SystemExit(f"unknown grid {name!r}: eager, compiled, rss, losses or gpu")
 
 
 def predict(case: dict) -> Memory:
@@ -367,7 +389,7 @@ def _compare_losses(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", default="eager", help="eager (default), compiled, rss or losses")
+    parser.add_argument("--grid", default="eager", help="eager (default), compiled, rss, losses or gpu (CUDA)")
     parser.add_argument("--case", help="one case as JSON (keys of DEFAULT_CASE), run in a subprocess")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--recorded", type=Path, help="print a grid's rows written by --out, predicted again")
