@@ -31,6 +31,8 @@ def test_model_card_states_the_run_and_the_reference_figures(tmp_path):
     assert card.data.datasets == ["HuggingFaceFW/fineweb-edu"] and "custom_code" in card.data.tags
     assert "step 500" in card.text and "3.5000" in card.text and f"{GPT2_124M['val_loss']}" in card.text
     assert 'from_pretrained("me/gpt2-repro", trust_remote_code=True)' in card.text
+    # the tokenizer too: AutoTokenizer reads the repo's config.json, whose class is the repo's code
+    assert 'AutoTokenizer.from_pretrained("me/gpt2-repro", trust_remote_code=True)' in card.text
     assert 'from_pretrained("me/gpt2-repro", revision="gpt2")' in card.text  # the stock variant
     assert "12 layers" in card.text and "context 1024" in card.text
     results = {(r.dataset_type, r.metric_type): r for r in card.data.eval_results}

@@ -691,6 +691,23 @@ def test_padding_logits_are_finite_in_half_precision(dtype):
 
 
 # ------------------------------------------------------------------------------ remote code is per folder
+def test_auto_classes_build_save_and_reload_our_config_once_registered(tmp_path):
+    """transformers' causal-LM tester (test_causal_lm_can_accept_training_kwargs), in the project's process:
+    AutoModelForCausalLM.from_config with our config, save_pretrained, from_pretrained without trust_remote_code, and
+    a forward with Trainer's num_items_in_batch: the loss is the summed cross-entropy over that count."""
+    register_auto_classes()
+    config = GPT2ReproConfig(**TINY)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    assert type(model) is GPT2ReproForCausalLM
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device_map="cpu").eval()
+    assert type(loaded) is GPT2ReproForCausalLM and type(AutoModel.from_config(config)) is GPT2ReproModel
+    x = ids(3, 8)
+    loss, logits = loaded(input_ids=x, labels=x, num_items_in_batch=torch.tensor(5), return_dict=False)[:2]
+    summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+    torch.testing.assert_close(loss, summed / 5)
+
+
 def test_a_second_remote_code_folder_needs_trust_and_runs_its_own_code(tmp_path):
     """Importing the model (as the project does, or as one trusted load of a checkpoint does) registers nothing: any
     other folder of model_type gpt2_repro still asks for trust_remote_code, and then runs its own modeling file.
@@ -706,6 +723,11 @@ def test_a_second_remote_code_folder_needs_trust_and_runs_its_own_code(tmp_path)
         from transformers import AutoConfig, AutoModelForCausalLM, CONFIG_MAPPING
         import modeling_gpt2_repro  # the project's own module: importing it registers nothing
         assert "gpt2_repro" not in CONFIG_MAPPING
+        try:  # not even its config class for the Auto model classes
+            AutoModelForCausalLM.from_config(modeling_gpt2_repro.GPT2ReproConfig(n_layer=1, n_head=1, n_embd=8))
+            raise SystemExit("AutoModelForCausalLM.from_config knew our config class after importing the model")
+        except ValueError as e:
+            assert "Unrecognized configuration class" in str(e), e
         a = AutoModelForCausalLM.from_pretrained({str(folder_a)!r}, trust_remote_code=True)
         assert not hasattr(type(a), "folder_mark") and type(a).__module__.startswith("transformers_modules")
         assert "gpt2_repro" not in CONFIG_MAPPING, "a trusted load registered its code for every folder"

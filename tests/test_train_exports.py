@@ -45,7 +45,7 @@ def test_export_and_checkpoints_load_with_trust_remote_code_in_a_fresh_process(r
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"folder = {str(run / folder)!r}\n"
         "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)\n"
-        "tok = AutoTokenizer.from_pretrained(folder)\n"
+        "tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)\n"
         "ids = tok('Hello, I', return_tensors='pt').input_ids\n"
         "out = model.generate(ids, max_new_tokens=5, do_sample=False)\n"
         "assert 'modeling_gpt2_repro' not in sys.modules  # the project's module was never imported\n"

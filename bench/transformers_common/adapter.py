@@ -9,12 +9,18 @@ Three test classes, each with the base model and the LM head, each the same tiny
 - StockGPT2ControlTest: transformers' GPT2Model / GPT2LMHeadModel, so a failure that is ours shows as a test the
   control passes.
 
-The tester plays the part of transformers' CausalLMModelTester (its attribute names and defaults), because the PyPI
-source distribution does not carry tests/causal_lm_tester.py; the AdapterChecksMixin tests are this adapter's own,
-for behaviours whose transformers tests live in files the source distribution also lacks (generation/test_utils.py).
+Two ways to run, chosen by what the suite holds:
+- a git checkout's tests/ (run.py --tests-from) has causal_lm_tester.py: each class is a transformers
+  CausalLMModelTest (ModelTesterMixin, GenerationTesterMixin, PipelineTesterMixin and its own causal-LM tests, as
+  transformers' decoder models are tested) with a CausalLMModelTester of the tiny shape;
+- the PyPI source distribution has no causal_lm_tester.py: TinyGPT2Tester plays the tester's part (its attribute
+  names and defaults) and the classes run ModelTesterMixin and GenerationTesterMixin (a stand-in there) directly.
+Both add TrainingTesterMixin and the AdapterChecksMixin tests, this adapter's own, for behaviours whose transformers
+tests live in files the source distribution lacks (generation/test_utils.py).
 """
 
 import unittest
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model
@@ -30,9 +36,20 @@ from .test_training_mixin import TrainingTesterMixin
 # Set by run.py when the source distribution lacks generation/test_utils.py and a stand-in (an empty mixin) is used.
 GENERATION_MIXIN_IS_STAND_IN = getattr(GenerationTesterMixin, "is_stand_in", False)
 
+# transformers' causal-LM tester, where the suite has it (a git checkout); None with the source distribution. Imported
+# only when the file is there, so that a checkout whose tester fails to import stops the run instead of falling back.
+if Path(__file__).with_name("causal_lm_tester.py").is_file():
+    from .causal_lm_tester import CausalLMModelTest, CausalLMModelTester
+else:
+    CausalLMModelTest = CausalLMModelTester = None
+
 # Known to transformers as GPT2Model / GPT2LMHeadModel are: the Auto classes (as gpt2_repro.register_auto_classes
-# does in the project's processes; some tests look the base model up in MODEL_MAPPING), and the lists of class
-# names by which the common tests pick labels and skip base models (get_values(MODEL_..._MAPPING_NAMES)).
+# does in the project's processes; some tests look the base model up in MODEL_MAPPING, and
+# test_causal_lm_can_accept_training_kwargs builds the model with AutoModelForCausalLM.from_config and reloads it with
+# from_pretrained, neither with trust_remote_code: a model of remote code loads that way only where its classes are
+# registered in the process, the project's choice for its own processes, never something importing the model does),
+# and the lists of class names by which the common tests pick labels and skip base models
+# (get_values(MODEL_..._MAPPING_NAMES)).
 AutoConfig.register(GPT2ReproConfig.model_type, GPT2ReproConfig, exist_ok=True)
 AutoModel.register(GPT2ReproConfig, GPT2ReproModel, exist_ok=True)
 AutoModelForCausalLM.register(GPT2ReproConfig, GPT2ReproForCausalLM, exist_ok=True)
@@ -40,58 +57,30 @@ modeling_auto.MODEL_MAPPING_NAMES.setdefault("gpt2_repro", "GPT2ReproModel")
 modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("gpt2_repro", "GPT2ReproForCausalLM")
 
 
-class TinyGPT2Tester:
-    """A CausalLMModelTester for both models: the same tiny shape, ids drawn from the real (tokenizer) ids."""
+# (config class, base model, LM head) of each kind
+MODEL_CLASSES = {
+    "ours": (GPT2ReproConfig, GPT2ReproModel, GPT2ReproForCausalLM),
+    "stock": (GPT2Config, GPT2Model, GPT2LMHeadModel),
+}
+# The tiny shape, in CausalLMModelTester's names; ours needs n_embd divisible by n_head.
+TINY_SHAPE = dict(
+    batch_size=13,
+    seq_length=7,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,  # small, so a packed row is longer than the position table
+    initializer_range=0.02,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+DROPOUT = 0.1
 
-    def __init__(
-        self,
-        parent,
-        kind,
-        batch_size=13,
-        seq_length=7,
-        is_training=True,
-        use_input_mask=True,
-        use_labels=True,
-        vocab_size=99,  # the matrix rows
-        tokenizer_vocab_size=99,  # the real ids (ours only; below vocab_size = padded)
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        dropout=0.1,
-        max_position_embeddings=64,  # small, so a packed row is longer than the position table
-        initializer_range=0.02,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    ):
-        self.parent, self.kind = parent, kind
-        self.batch_size, self.seq_length = batch_size, seq_length
-        self.is_training, self.use_input_mask, self.use_labels = is_training, use_input_mask, use_labels
-        self.vocab_size, self.tokenizer_vocab_size = vocab_size, tokenizer_vocab_size
-        self.hidden_size, self.num_hidden_layers, self.num_attention_heads = (
-            hidden_size,
-            num_hidden_layers,
-            num_attention_heads,
-        )
-        self.dropout, self.max_position_embeddings, self.initializer_range = (
-            dropout,
-            max_position_embeddings,
-            initializer_range,
-        )
-        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
-        if kind == "ours":
-            self.config_class, self.base_model_class, self.causal_lm_class = (
-                GPT2ReproConfig,
-                GPT2ReproModel,
-                GPT2ReproForCausalLM,
-            )
-        else:
-            self.config_class, self.base_model_class, self.causal_lm_class = GPT2Config, GPT2Model, GPT2LMHeadModel
-        self.sequence_classification_class = None  # neither side is compared on heads ours does not have
 
-    @property
-    def all_model_classes(self):
-        return (self.base_model_class, self.causal_lm_class)
+class TinyGPT2Inputs:
+    """The config, inputs and checks of both testers: the same tiny shape for ours and the control, ids drawn from
+    the real (tokenizer) ids: a padded vocabulary's extra rows are never a token, so no input or label uses them."""
 
     def get_config(self):
         shape = dict(
@@ -132,6 +121,78 @@ class TinyGPT2Tester:
         result = model(input_ids, attention_mask=input_mask, labels=token_labels)
         self.parent.assertEqual(result.logits.shape, (self.batch_size, self.seq_length, self.vocab_size))
         self.parent.assertTrue(torch.isfinite(result.loss))
+
+
+class TinyGPT2Tester(TinyGPT2Inputs):
+    """In the part of transformers' CausalLMModelTester (its attribute names), where the suite lacks it."""
+
+    def __init__(self, parent, kind, vocab_size=99, tokenizer_vocab_size=99):
+        self.parent, self.kind = parent, kind
+        self.__dict__.update(TINY_SHAPE, is_training=True, use_input_mask=True, use_labels=True, dropout=DROPOUT)
+        # vocab_size: the matrix rows; tokenizer_vocab_size: the real ids (ours only; below vocab_size = padded)
+        self.vocab_size, self.tokenizer_vocab_size = vocab_size, tokenizer_vocab_size
+        self.config_class, self.base_model_class, self.causal_lm_class = MODEL_CLASSES[kind]
+        self.sequence_classification_class = None  # neither side is compared on heads ours does not have
+
+    @property
+    def all_model_classes(self):
+        return (self.base_model_class, self.causal_lm_class)
+
+
+if CausalLMModelTester is not None:
+
+    class CausalTinyGPT2Tester(TinyGPT2Inputs, CausalLMModelTester):
+        """transformers' CausalLMModelTester with the tiny shape and inputs above. A subclass per test class sets
+        base_model_class, config_class, causal_lm_class, kind and vocab (CausalLMModelTest builds it from the
+        test alone)."""
+
+        kind = "ours"
+        vocab: dict = {}
+
+        def __init__(self, parent):
+            super().__init__(parent, vocab_size=self.vocab["vocab_size"], **TINY_SHAPE)
+            self.tokenizer_vocab_size, self.dropout = self.vocab["tokenizer_vocab_size"], DROPOUT
+            # Neither side is compared on heads ours does not have: from the base class's name the tester infers
+            # GPT2ForSequenceClassification, GPT2ForTokenClassification and GPT2ForQuestionAnswering for the control.
+            self.sequence_classification_class = self.token_classification_class = None
+            self.question_answering_class = None
+
+    class _Suite(CausalLMModelTest):
+        """transformers' CausalLMModelTest: ModelTesterMixin, GenerationTesterMixin, PipelineTesterMixin and the
+        causal-LM tests (training kwargs, classification heads, RoPE scaling, flash attention)."""
+
+        def setUp(self):
+            super().setUp()
+            # As transformers' own GPT-2 test: n_embd=36 (ours needs it divisible by the default 12 heads).
+            self.config_tester = ConfigTester(self, config_class=self.model_tester.config_class, n_embd=36)
+
+        @classmethod
+        def _set_classes(cls):
+            config_class, base, causal = MODEL_CLASSES[cls.kind]
+            cls.all_model_classes = (base, causal)
+            cls.pipeline_model_mapping = {"feature-extraction": base, "text-generation": causal}
+            attrs = dict(base_model_class=base, config_class=config_class, causal_lm_class=causal)
+            attrs.update(kind=cls.kind, vocab=cls.vocab)
+            cls.model_tester_class = type(f"{cls.__name__}Tester", (CausalTinyGPT2Tester,), attrs)
+
+else:
+
+    class _Suite(ModelTesterMixin, GenerationTesterMixin):
+        """ModelTesterMixin and GenerationTesterMixin (a stand-in when the suite lacks generation/test_utils.py)."""
+
+        def setUp(self):
+            self.model_tester = TinyGPT2Tester(self, self.kind, **self.vocab)
+            self.config_tester = ConfigTester(self, config_class=self.model_tester.config_class, n_embd=36)
+
+        @classmethod
+        def _set_classes(cls):
+            cls.all_model_classes = MODEL_CLASSES[cls.kind][1:]
+
+        def test_config(self):
+            self.config_tester.run_common_tests()
+
+        def test_model(self):
+            self.model_tester.create_and_check_model(*self.model_tester.prepare_config_and_inputs())
 
 
 class AdapterChecksMixin:
@@ -197,37 +258,26 @@ class AdapterChecksMixin:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-class _CommonTests(AdapterChecksMixin, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin):
+class _CommonTests(AdapterChecksMixin, _Suite, TrainingTesterMixin):
     kind = "ours"
-    tester_kwargs: dict = {}
+    vocab: dict = {}
     model_tester = None  # set in setUp (TrainingTesterMixin declares it abstract)
 
-    def setUp(self):
-        self.model_tester = TinyGPT2Tester(self, self.kind, **self.tester_kwargs)
-        self.all_model_classes = self.model_tester.all_model_classes
-        # As transformers' own GPT-2 test: n_embd=36 (ours needs it divisible by the default 12 heads).
-        self.config_tester = ConfigTester(self, config_class=self.model_tester.config_class, n_embd=36)
-
-    def test_config(self):
-        self.config_tester.run_common_tests()
-
-    def test_model(self):
-        self.model_tester.create_and_check_model(*self.model_tester.prepare_config_and_inputs())
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._set_classes()
 
 
 class GPT2ReproUnpaddedTest(_CommonTests, unittest.TestCase):
-    all_model_classes = (GPT2ReproModel, GPT2ReproForCausalLM)
     kind = "ours"
-    tester_kwargs = {"vocab_size": 99, "tokenizer_vocab_size": 99}
+    vocab = {"vocab_size": 99, "tokenizer_vocab_size": 99}
 
 
 class GPT2ReproPaddedTest(_CommonTests, unittest.TestCase):
-    all_model_classes = (GPT2ReproModel, GPT2ReproForCausalLM)
     kind = "ours"
-    tester_kwargs = {"vocab_size": 128, "tokenizer_vocab_size": 99}  # 99 real ids padded to a multiple of 64
+    vocab = {"vocab_size": 128, "tokenizer_vocab_size": 99}  # 99 real ids padded to a multiple of 64
 
 
 class StockGPT2ControlTest(_CommonTests, unittest.TestCase):
-    all_model_classes = (GPT2Model, GPT2LMHeadModel)
     kind = "stock"
-    tester_kwargs = {"vocab_size": 99, "tokenizer_vocab_size": 99}
+    vocab = {"vocab_size": 99, "tokenizer_vocab_size": 99}

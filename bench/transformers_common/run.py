@@ -3,6 +3,8 @@
     python bench/transformers_common/run.py                  # the installed transformers' tests, all classes
     python bench/transformers_common/run.py -k batching      # extra pytest arguments go through
     python bench/transformers_common/run.py --tests-from ~/src/transformers   # a git checkout of the same tag
+    git -C ~/src/transformers archive v5.25.0 tests | tar -x -C /tmp/tf-tests   # or only its tests/, of the tag
+    python bench/transformers_common/run.py --tests-from /tmp/tf-tests
     git show REV:modeling_gpt2_repro.py > /tmp/old/modeling_gpt2_repro.py
     python bench/transformers_common/run.py --model-from /tmp/old           # another revision of the model
 
@@ -15,9 +17,13 @@ What it does:
    sub-folders (generation/test_utils.py with GenerationTesterMixin, exporters/test_export.py,
    utils/test_configuration_utils.py) nor causal_lm_tester.py. Each missing one gets a stand-in, said in the
    summary: an empty mixin (those tests do not run), and a list of common config keyword arguments;
+   .cache/suite-<version>/src/transformers links to the installed package, which test_pipeline_mixin.py (imported
+   by causal_lm_tester.py) reads as a checkout's src/ (as in an editable install of the checkout);
 3. copies adapter.py there as test_gpt2_repro_common.py (our classes with an unpadded and a padded vocabulary, and
    stock GPT2Model / GPT2LMHeadModel through the same adapter) and runs pytest on it, offline, with
-   `-p no:cacheprovider` and a pytest.ini of its own (the project's pytest settings do not apply there);
+   `-p no:cacheprovider` and a pytest.ini of its own (the project's pytest settings do not apply there). With a
+   checkout's tests (causal_lm_tester.py there) each class is a transformers CausalLMModelTest, as transformers'
+   decoder models are tested: its causal-LM tests, GenerationTesterMixin and PipelineTesterMixin run too;
 4. prints, from pytest's JUnit XML, the counts per class and the tests our classes fail that the control passes.
    That list must be empty: the exit status is 1 otherwise (2 when pytest could not run).
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +83,9 @@ config_common_kwargs = {
     "problem_type": "regression",
 }
 ''',
+    # test_pipeline_mixin.py reads it on import: the Hub's tiny model of each architecture. Empty, no pipeline test
+    # finds a model (they skip); a checkout's lists GPT2Model, whose pipeline tests then skip offline.
+    "utils/tiny_model_summary.json": "{}\n",
 }
 
 PYTEST_INI = """[pytest]
@@ -97,6 +107,8 @@ def fetch_sdist(version: str) -> Path:
 
 def build_suite(version: str, tests_from: Path | None) -> tuple[Path, list[str]]:
     """The tests folder, ready to run: (its path, the stand-ins written into it)."""
+    import transformers
+
     CACHE.mkdir(parents=True, exist_ok=True)
     # git and ruff skip the folder even where the project's .gitignore does not name it (pytest never enters it)
     (CACHE / ".gitignore").write_text("*\n")
@@ -105,6 +117,10 @@ def build_suite(version: str, tests_from: Path | None) -> tuple[Path, list[str]]
     if suite.exists():
         shutil.rmtree(suite)  # rebuilt every run: cheap, and never stale after an upgrade
     if tests_from is not None:
+        init = tests_from / "src" / "transformers" / "__init__.py"  # a whole checkout: say when its release differs
+        found = re.search(r'^__version__ = "([^"]+)"', init.read_text(), re.M) if init.is_file() else None
+        if found and found[1] != version:
+            print(f"warning: {tests_from} is transformers {found[1]}, installed {version}: check out v{version}")
         shutil.copytree(tests_from / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
     else:
         prefix = f"transformers-{version}/tests/"
@@ -122,6 +138,9 @@ def build_suite(version: str, tests_from: Path | None) -> tuple[Path, list[str]]
     # transformers' test modules import each other relatively: every folder must be a package.
     for folder in [tests, *[p for p in tests.rglob("*") if p.is_dir()]]:
         (folder / "__init__.py").touch()
+    # A checkout's src/: the installed transformers, the one under test (the checkout's own src/ is not used).
+    (suite / "src").mkdir()
+    (suite / "src" / "transformers").symlink_to(Path(transformers.__file__).parent, target_is_directory=True)
     shutil.copy(HERE / "adapter.py", tests / "test_gpt2_repro_common.py")
     (suite / "pytest.ini").write_text(PYTEST_INI)
     return suite, stand_ins
@@ -145,8 +164,12 @@ def read_junit(path: Path) -> dict[str, dict[str, str]]:
     return results
 
 
-def summarize(results: dict[str, dict[str, str]], stand_ins: list[str], version: str) -> int:
+def summarize(results: dict[str, dict[str, str]], stand_ins: list[str], version: str, suite: Path) -> int:
     print(f"\ntransformers {version} common model tests (stand-ins for missing modules: {stand_ins or 'none'})")
+    if (suite / "tests" / "causal_lm_tester.py").is_file():
+        print("each class a transformers CausalLMModelTest (causal_lm_tester.py), with TrainingTesterMixin")
+    else:
+        print("no causal_lm_tester.py: the adapter's own tester, ModelTesterMixin, GenerationTesterMixin, training")
     print(f"{'class':<24}{'passed':>8}{'failed':>8}{'skipped':>9}")
     for cls in (*OURS, CONTROL):
         counts = defaultdict(int)
@@ -194,7 +217,7 @@ def main() -> int:
     if not report.exists():
         print(f"pytest wrote no report (exit status {proc.returncode})")
         return 2
-    return summarize(read_junit(report), stand_ins, version)
+    return summarize(read_junit(report), stand_ins, version, suite)
 
 
 if __name__ == "__main__":

@@ -96,16 +96,19 @@ def _merge_results(old: list[EvalResult] | None, new: list[EvalResult]) -> list[
 
 
 def load_snippet(repo_id: str | None, revision: str | None = None, stock_gpt2: bool = False) -> str:
-    """The `from_pretrained` lines of a card: the Hub repo (and branch) when known, never a local path."""
+    """The `from_pretrained` lines of a card: the Hub repo (and branch) when known, never a local path.
+
+    The tokenizer line passes trust_remote_code=True as the model line does: AutoTokenizer (transformers 5) always
+    reads the folder's config.json through AutoConfig, whose class is the folder's code, so without it the load asks
+    "Do you wish to run the custom code?" (and, answered no or without a terminal, warns about the model type)."""
     where = repo_id or "path/to/this/folder"
     extra = (f', revision="{revision}"' if repo_id and revision else "") + (
         "" if stock_gpt2 else ", trust_remote_code=True"
     )
-    tok_extra = f', revision="{revision}"' if repo_id and revision else ""
     return (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{where}"{extra})\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{where}"{tok_extra})\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}"{extra})\n'
     )
 
 
