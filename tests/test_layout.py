@@ -92,3 +92,16 @@ def test_no_function_is_longer_than_a_screen():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80
     ]
     assert not long, long
+
+
+def test_an_installed_package_holds_every_sub_package_and_the_metric_script():
+    """`pip install .` (not only the editable install of a clone) gets every sub-package and the local metric."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = set(find_packages(str(ROOT), include=tool["packages"]["find"]["include"]))
+    assert packages == {"gpt2_repro", *(f"gpt2_repro.{layer}" for layer in LAYERS)}
+    (patterns,) = tool["package-data"]["gpt2_repro.evaluation"]
+    assert list((PACKAGE / "evaluation").glob(patterns)), patterns
