@@ -5,6 +5,8 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "gpt2_repro"
 # The sub-packages, lowest first: each may import those before it, never one after it.
@@ -96,7 +98,7 @@ def test_no_function_is_longer_than_a_screen():
 
 def test_an_installed_package_holds_every_sub_package_and_the_metric_script():
     """`pip install .` (not only the editable install of a clone) gets every sub-package and the local metric."""
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     from setuptools import find_packages
 
