@@ -160,6 +160,7 @@ def main() -> None:
     from gpt2_repro.base.config import load_config
     from gpt2_repro.base.run_folder import RunFolder
     from gpt2_repro.data.tokenizer import get_gpt2_encoding
+    from gpt2_repro.evaluation.scoring import validation_loss
     from gpt2_repro.training.optim import build_optimizers
     from gpt2_repro.training.periodic_eval import Evaluator
     from modeling_gpt2_repro import GPT2ReproForCausalLM
@@ -180,7 +181,9 @@ def main() -> None:
     record = {"types": (type(sharded).__name__, type(sharded.transformer.h[0].attn.c_attn.weight).__name__)}
     record["step0"] = (evaluate(evaluator, sharded, 0), one_process(whole, cfg, encoding, val_tokens, examples, 0))
     record["step0_samples"] = evaluator.sample(whole, 0)
-    record["resharded"] = sorted({type(p).__name__ for p in sharded.parameters()})  # after the evaluation
+    record["resharded"] = {"evaluation": sorted({type(p).__name__ for p in sharded.parameters()})}
+    validation_loss(sharded, val_tokens, cfg.eval.val_tokens, 3, SEQ, accelerator)  # the kernel alone, then
+    record["resharded"]["validation_loss"] = sorted({type(p).__name__ for p in sharded.parameters()})
     record["train"] = (
         train(accelerator, sharded, optimizers[0], cfg, Batches(tokens[2000:], rank, world), 2),
         train(accelerator, whole, optimizers[1], cfg, Batches(tokens[2000:], 0, 1), 2),
