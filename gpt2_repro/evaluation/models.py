@@ -40,7 +40,8 @@ def is_fully_sharded(model) -> bool:
 
 
 def reshard(model) -> None:
-    """Give a model that FSDP2 shards its shards back after forwards without a backward (evaluation, generation).
+    """Return the parameters of a model FSDP2 shards to their shards after forwards without a backward (evaluation,
+    generation).
 
     The groups that do not reshard after their forward (the root's, and accelerate's embeddings + final LayerNorm +
     tied head: by design, for the backward that follows in training) would otherwise stay gathered until the next
