@@ -3,6 +3,7 @@
     accelerate launch train.py --config configs/tiny.yaml                 # minutes on a laptop CPU
     accelerate launch train.py --config configs/gpt2_124m.yaml            # the GPT-2 reproduction
     python train.py --config configs/tiny.yaml --max_steps 40 --resume latest
+    python train.py --config configs/gpt2_774m.yaml --plan --gpu_memory 80GB --gpus 8   # memory per GPU: no GPU used
 
 Every field of the training config (gpt2_repro/base/config.py) is also an option (`--max_lr 1e-3`, `--micro_batch_size
 16`, ...). The run folder (`--output_dir`) gets metrics.jsonl (one line per optimizer step, plus evaluation lines),
@@ -23,13 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpt2_repro.base import cli
-from gpt2_repro.base.config import TrainConfig, parameter_count, parse_args
+from gpt2_repro.base.config import TrainConfig, parameter_count, parse_command_line
 from gpt2_repro.base.errors import ConfigError
 from gpt2_repro.base.launch import is_main_process
 from gpt2_repro.base.run_folder import RunFolder
 from gpt2_repro.checkpointing.checkpoints import diverged, explained_failures, find_checkpoint
 from gpt2_repro.checkpointing.folders import checkpoint_bytes, list_checkpoints
 from gpt2_repro.data.source import source_type
+from gpt2_repro.training.memory_plan import PlanOptions, print_plan
 from gpt2_repro.training.stopping import DivergenceGuard, preempted
 
 if TYPE_CHECKING:
@@ -47,8 +49,11 @@ if TYPE_CHECKING:
     from modeling_gpt2_repro import GPT2ReproForCausalLM
 
 
-def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_args(argv, check_model=False)  # imports no torch: --help and a config error answer at once
+def main(argv: list[str] | None = None) -> Path | None:
+    cfg, plan = parse_command_line(argv, PlanOptions)  # imports no torch: --help and a config error answer at once
+    if plan.plan:  # the memory plan: arithmetic on the config, nothing touched or written
+        print_plan(cfg, plan)
+        return None
     folder = RunFolder(cfg.run.output_dir)
     with explained_failures(folder), contextlib.ExitStack() as cleanup:
         checked = preflight(cfg, folder, cleanup)
@@ -143,6 +148,7 @@ def build(cfg: TrainConfig, checked: Checked, cleanup: contextlib.ExitStack) -> 
 
     from gpt2_repro.checkpointing.checkpoints import Checkpoints
     from gpt2_repro.data.source import open_data_source
+    from gpt2_repro.training.accelerator import checkpoint_activations
     from gpt2_repro.training.optim import build_optimizers, zero_output_projections
     from gpt2_repro.training.periodic_eval import Evaluator
     from gpt2_repro.training.stopping import StopRequest
@@ -156,6 +162,7 @@ def build(cfg: TrainConfig, checked: Checked, cleanup: contextlib.ExitStack) -> 
     raw_model = GPT2ReproForCausalLM(cfg.model_config())
     if cfg.optim.zero_init_proj:  # a resumed run then loads its checkpoint's weights over these
         zero_output_projections(raw_model)
+    checkpointing = checkpoint_activations(cfg, raw_model)  # before prepare: DDP, FSDP, compile wrap it
     model, *optimizers = acc.prepare(raw_model, *build_optimizers(raw_model, cfg, acc.device))
     source = open_data_source(cfg, acc.process_index, acc.num_processes)  # shards by rank itself: not prepared
     cleanup.callback(source.close)  # a stream's reader threads, also when the run fails
@@ -165,7 +172,9 @@ def build(cfg: TrainConfig, checked: Checked, cleanup: contextlib.ExitStack) -> 
         cfg, acc, checked.encoding, folder, log, source.validation_data, checked.hellaswag, start.line
     )
     attempt = {"start_step": start.step, "resumed_from": found and str(found), "line": start.line}
-    folder.record_run(cfg, acc, log, **attempt, **({"abandoned": str(start.abandoned)} if start.abandoned else {}))
+    facts = {"gradient_checkpointing": checkpointing}
+    abandoned = {"abandoned": str(start.abandoned)} if start.abandoned else {}
+    folder.record_run(cfg, acc, log, facts, **attempt, **abandoned)
     if start.abandoned:
         log(
             f"line {start.line} of training starts at step {start.step}: the checkpoints after it moved to "

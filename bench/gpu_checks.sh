@@ -13,8 +13,10 @@
 #              HellaSwag, samples and checkpoints; then `--resume latest` to a later step;
 #   3. eval:   evaluate_gpt2.py on the export, compiled;
 #   4. tests:  the gpu-marked tests;
-#   5. fsdp:   README's FSDP variant of accelerate_config.yaml, one process: a few steps, a checkpoint,
-#              `--resume latest`, and the gathered export loading with the Auto classes;
+#   5. fsdp:   README's FSDP variant of accelerate_config.yaml, one process: a few steps with the periodic
+#              evaluation on (validation loss, HellaSwag, samples, on the sharded model), a checkpoint,
+#              `--resume latest`, the gathered export loading with the Auto classes, and evaluate_gpt2.py on that
+#              export (one process, the same weights) giving the last evaluation's validation loss;
 #   6. fsdp_muon: the same with --optimizer muon (gpt2_repro/training/muon.py on FSDP2's DTensors, its state in
 #              accelerate's sharded checkpoint), a checkpoint and `--resume latest`.
 # --tiny runs the same steps with a tiny model on CPU (a check of this script, not of a GPU).
@@ -82,8 +84,9 @@ fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, fs
 YAML
 FSDP_RUN="$WORK/fsdp"
 FSDP_ARGS=(--config configs/gpt2_124m.yaml "${MODEL[@]}" --micro_batch_size 8 --total_batch_tokens 8192
-    --data_dir "$DATA" --output_dir "$FSDP_RUN" --warmup_steps 2 --eval_every 0 --val_tokens "$VAL"
-    --hellaswag false --num_samples 0 --checkpoint_every 3 --compile false)
+    --data_dir "$DATA" --output_dir "$FSDP_RUN" --warmup_steps 2 --eval_every 3 --val_tokens "$VAL"
+    --eval_batch_size 8 --hellaswag_file "$HELLASWAG" --hellaswag_limit 32 --num_samples 2 --sample_tokens 16
+    --checkpoint_every 3 --compile false)
 [ -n "$TINY" ] && FSDP_ARGS+=(--total_batch_tokens 1024 --micro_batch_size 8)
 step fsdp 150 accelerate launch --config_file "$FSDP_CONFIG" train.py "${FSDP_ARGS[@]}" --max_steps 3 &&
     step fsdp 120 accelerate launch --config_file "$FSDP_CONFIG" train.py "${FSDP_ARGS[@]}" \
@@ -96,6 +99,19 @@ for folder in ('$FSDP_RUN/export', '$FSDP_RUN/export-gpt2'):
     logits = model(torch.tensor([[464, 3290, 318]])).logits
     assert torch.isfinite(logits[..., :50257]).all(), folder
     print(folder, type(model).__name__, 'loads; finite logits')
+" &&
+    step fsdp 150 python evaluate_gpt2.py --model "$FSDP_RUN/export" --data_dir "$DATA" --val_tokens "$VAL" \
+        --hellaswag_file "$HELLASWAG" --limit 32 --batch_size 8 --dtype bfloat16 --output "$WORK/fsdp_eval.json" &&
+    step fsdp 30 python -c "
+import json
+rows = [json.loads(line) for line in open('$FSDP_RUN/metrics.jsonl')]
+evals = {r['step']: r for r in rows if 'val_loss' in r}
+assert sorted(evals) == [3, 6] and all('hellaswag_acc_norm' in r for r in evals.values()), evals
+alone = json.load(open('$WORK/fsdp_eval.json'))['val_loss']
+print('FSDP evaluation at step 6:', evals[6]['val_loss'], '; evaluate_gpt2.py on the export, one process:', alone)
+assert abs(evals[6]['val_loss'] - alone) < 0.01 * alone  # bf16 both ways, other kernels
+sample = '--- sample 1 at step %d:' % 6  # not spelled out: this command is written to the log it reads
+assert sample in open('$LOGS/fsdp.log').read(), 'no sample logged under FSDP'
 "
 # 6. Muon under FSDP, one process: the step on DTensors, its state through the sharded checkpoint and a resume.
 MUON_ARGS=("${FSDP_ARGS[@]}" --optimizer muon --output_dir "$WORK/fsdp_muon")

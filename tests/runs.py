@@ -134,7 +134,12 @@ def shared_run(tmp_path_factory, name: str, args: list[str], umask=None):
 MUON_ARGS = ["--optimizer", "muon", "--schedule", "wsd", "--decay_fraction", "0.4"]
 
 
-RECIPES = {"adamw": ("reference", []), "muon": ("muon_reference", MUON_ARGS)}
+# Runs whose losses must be a reference run's: each recipe, and activation checkpointing, which changes no number.
+RECIPES = {
+    "adamw": ("reference", []),
+    "muon": ("muon_reference", MUON_ARGS),
+    "checkpointing": ("reference", ["--gradient_checkpointing"]),
+}
 
 
 def assert_refused_at_start(proc, out: Path, message: str) -> None:

@@ -40,6 +40,10 @@ def test_model_card_states_the_run_and_the_reference_figures(tmp_path):
     assert loss.metric_value == 3.5 and loss.dataset_config == "sample-10BT"
     hellaswag = results[("Rowan/hellaswag", "acc_norm")]
     assert hellaswag.metric_value == 0.2512 and hellaswag.dataset_split == "validation"
+    assert "Activation checkpointing" not in card.text
+    config["run"]["gradient_checkpointing"] = True  # --gradient_checkpointing: the card says it
+    card = ModelCard.load(write_model_card(tmp_path, step=500, tokens=500 * 524288, config=config))
+    assert "- Activation checkpointing (transformers' own, every block run again in the backward)" in card.text
 
 
 def test_model_card_of_local_data_names_no_local_path(tmp_path):

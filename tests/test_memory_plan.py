@@ -3,6 +3,7 @@ real forward saves, the peak against a real step's measured peak and the H200's,
 printed plan (fast, no torch), and its refusals."""
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from gpt2_repro.base.config import parameter_count as config_parameter_count
 from gpt2_repro.base.errors import ConfigError
 from gpt2_repro.training.memory_plan import (
     GIB,
+    PlanOptions,
     Setup,
     estimate,
     flops_per_token,
@@ -27,7 +29,6 @@ from gpt2_repro.training.memory_plan import (
     parameter_count,
     parse_memory,
     plan_report,
-    split_plan_options,
     usable_bytes,
 )
 from modeling_gpt2_repro import GPT2ReproConfig, GPT2ReproForCausalLM, estimate_flops_per_token
@@ -214,32 +215,55 @@ def test_plan_report_of_a_preset():
         plan_report(cfg, 80 * GIB, gpus=3)
 
 
-def test_plan_options_come_out_of_a_train_command_line():
-    argv = ["--config", "c.yaml", "--plan", "--gpu-memory", "141GB", "--gpus", "8", "--max_steps", "5", "--mfu", "0.5"]
-    options, rest = split_plan_options(argv)
+def test_plan_options_are_train_options_outside_its_config():
+    """--plan and its settings follow the command-line convention (--a_b or --a-b, a bare --plan is true, typed
+    values), are listed in train.py --help, stay out of the run's config, and are refused without --plan."""
+    from gpt2_repro.base.config import parse_command_line
+
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--plan", "--gpu-memory", "141GB", "--gpus", "8"]
+    cfg, options = parse_command_line([*argv, "--max_steps", "5", "--mfu", "0.5"], PlanOptions)
     assert (options.plan, options.gpu_memory, options.gpus, options.mfu) == (True, "141GB", 8, 0.5)
-    assert (options.distributed_type, options.gpu) == (None, "H100")
-    assert rest == ["--config", "c.yaml", "--max_steps", "5"]  # for config.parse_args
-    assert split_plan_options(["--plan", "false", "--distributed_type", "fsdp"])[0].distributed_type == "fsdp"
-    assert split_plan_options(["--max_lr", "1e-3"]) == (split_plan_options([])[0], ["--max_lr", "1e-3"])
-    assert not split_plan_options([])[0].plan
-    with pytest.raises(ConfigError, match="--gpus"):
-        split_plan_options(["--plan", "--gpus", "eight"])
+    assert (options.distributed_type, options.gpu) == (None, "H100") and cfg.optim.max_steps == 5
+    assert "plan" not in cli.flat_options(cfg.to_dict()) and "gpus" not in cli.to_yaml(cfg)
+    assert parse_command_line(["--plan", "false"], PlanOptions)[1] == PlanOptions()
+    with pytest.raises(ConfigError, match="--gpus: expected int, got 'eight'"):
+        parse_command_line(["--plan", "--gpus", "eight"], PlanOptions)
+    with pytest.raises(ConfigError, match="--gpus, --distributed_type: options of --plan .*--num_processes"):
+        parse_command_line(["--gpus", "8", "--distributed_type", "fsdp"], PlanOptions)
+    with pytest.raises(ConfigError, match="--gpu_memory 'lots'"):
+        parse_command_line(["--plan", "--gpu_memory", "lots"], PlanOptions)
+    with pytest.raises(ConfigError, match="--mfu 1.5"):
+        parse_command_line(["--plan", "--mfu", "1.5"], PlanOptions)
+    text = cli.build_parser(TrainConfig, extra=PlanOptions).format_help()
+    assert "--plan: the memory plan of the config instead of a run" in text
+    for flag in ("--plan [BOOL]", "--gpu_memory STR, --gpu-memory STR", "--gpus INT", "--distributed-type STR"):
+        assert flag in text, flag
 
 
-def test_plan_answers_fast_without_torch():
-    """What `train.py --config ... --plan` will run, in a fresh process: it imports neither torch nor transformers."""
-    code = (
-        "import sys, time; t = time.perf_counter()\n"
-        "from gpt2_repro.base.config import parse_args\n"
-        "from gpt2_repro.training.memory_plan import print_plan, split_plan_options\n"
-        "options, rest = split_plan_options(['--config', 'configs/gpt2_774m.yaml', '--plan', '--gpus', '8'])\n"
-        "print_plan(parse_args(rest, check_model=False), options)\n"
-        "print(time.perf_counter() - t, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
-    )
+def test_train_plan_answers_at_once_without_torch_and_writes_nothing(tmp_path):
+    """`python train.py --config configs/gpt2_124m.yaml --plan --gpu_memory 80GB --gpus 8`, as a user runs it, from
+    an empty folder: exit 0 in under 2 s, torch and transformers never imported, the folder still empty (no run
+    folder, no lock), and the largest micro-batch that fits 8 x 80 GB is the preset's 64."""
+    config = ROOT / "configs" / "gpt2_124m.yaml"
+    args = ["--config", str(config), "--plan", "--gpu_memory", "80GB", "--gpus", "8"]
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "largest micro-batch that fits" in out
-    seconds, torch_imported, transformers_imported = out.splitlines()[-1].split()
-    assert (torch_imported, transformers_imported) == ("False", "False")
-    assert float(seconds) < 2.0 and time.perf_counter() - start < 10
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"torch", "transformers", "accelerate", "datasets", "numpy"} & imported
+    assert seconds < 2.0, seconds
+    assert list(tmp_path.iterdir()) == []
+    rows = proc.stdout.splitlines()
+    assert rows[0].startswith("Memory plan (no GPU touched): GPT-2 12 layers x 768 wide")
+    assert "8 x 80 GiB GPUs, DDP, bf16 autocast, AdamW (fused)" in proc.stdout
+    table = rows.index(next(r for r in rows if r.strip().startswith("largest micro-batch that fits")))
+    fits = {r.split("  ")[1].strip(): r.split()[-4:] for r in rows[table + 1 : table + 5]}
+    assert fits["compiled, no checkpointing"] == ["64", "(x1)", "64", "(x1)"]  # DDP, FSDP

@@ -103,7 +103,7 @@ def test_fast_path_equals_model_forward(repro, gpt2_encoding, monkeypatch):
     examples = make_examples(6, seed=4)
     fast = hellaswag_losses(repro, gpt2_encoding, examples, batch_size=3)
     monkeypatch.setattr(evaluation, "FAST_MODEL_TYPES", ())
-    assert _model_to_run(repro)[1] is False
+    assert _model_to_run(repro)[1:] == (False, False)  # not fast, not sharded
     generic = hellaswag_losses(repro, gpt2_encoding, examples, batch_size=3)
     torch.testing.assert_close(fast[0], generic[0], rtol=1e-5, atol=1e-4)
 

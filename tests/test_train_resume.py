@@ -79,7 +79,9 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(reference, data_
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(recipe, request, data_dir, tmp_path):
-    """Both recipes: every optimizer's state (AdamW's moments, Muon's momentum) is in the checkpoint."""
+    """Both recipes: every optimizer's state (AdamW's moments, Muon's momentum) is in the checkpoint. With
+    --gradient_checkpointing the run, killed and resumed, gives the losses of the reference run without it, bit for
+    bit: recomputing a block in the backward changes no number (fp32 on CPU)."""
     fixture, recipe_args = RECIPES[recipe]
     reference = request.getfixturevalue(fixture)
     ref_losses, ref_evals = read_metrics(reference[0])
@@ -113,6 +115,9 @@ def test_kill_at_an_arbitrary_step_then_resume_gives_identical_losses(recipe, re
     assert "resumed from step" in resumed.stdout + resumed.stderr  # checkpoint 4 was whole before step 5 began
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [12, 16]
     assert not list((out / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
+    checkpointing = "--gradient_checkpointing" in recipe_args  # in force, as the model says, and on the card
+    assert json.loads((out / "run_info.json").read_text())["gradient_checkpointing"] is checkpointing
+    assert ("Activation checkpointing" in (out / "export" / "README.md").read_text()) is checkpointing
 
 
 @pytest.mark.slow

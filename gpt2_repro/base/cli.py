@@ -239,9 +239,10 @@ def build(cls, preset: str | Path | None = None, overrides: dict[str, Any] | Non
     return cfg
 
 
-def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(cls, description: str | None = None, extra=None) -> argparse.ArgumentParser:
     """`--config FILE` plus one `--<field>` (alias `--<field-with-dashes>`) per config field, grouped by section for
-    a sectioned config; a field with choices shows them (`{adamw,muon}`)."""
+    a sectioned config; a field with choices shows them (`{adamw,muon}`). `extra`: a flat dataclass of options that
+    are not part of the config (see `parse`), in a group of their own, titled by its docstring's first line."""
     parser = argparse.ArgumentParser(
         usage="%(prog)s [--config FILE] [--OPTION VALUE ...]",
         description=description,
@@ -258,23 +259,42 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
         for name, part in parts.items()
     }
     for name, (section, f, tp) in option_index(cls).items():
-        default = _default(f)
-        shown = "required" if default is dataclasses.MISSING else f"default {default}"
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        extra = {"nargs": "?", "const": "true"} if _base_type(tp)[0] is bool else {}
-        base = _base_type(tp)[0]
-        if typing.get_origin(base) is Literal:
-            metavar = "{" + ",".join(map(str, typing.get_args(base))) + "}"
-        else:
-            metavar = _type_name(tp).split()[0].upper()
-        groups.get(section, parser).add_argument(
-            *flags,
-            dest=name,
-            metavar=metavar,
-            help=f"{f.metadata.get('help', '')} [{_type_name(tp)}; {shown}]".strip(),
-            **extra,
-        )
+        _add_option(groups.get(section, parser), name, f, tp)
+    if extra is not None:
+        group = parser.add_argument_group(_summary(extra))
+        for name, (_, f, tp) in _extra_index(cls, extra).items():
+            _add_option(group, name, f, tp)
     return parser
+
+
+def _add_option(group, name: str, f: dataclasses.Field, tp) -> None:
+    """`--name` and `--name-with-dashes` for field `f` of type `tp`: its help, type and default shown; a bool's bare
+    flag means true."""
+    default = _default(f)
+    shown = "required" if default is dataclasses.MISSING else f"default {default}"
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    base = _base_type(tp)[0]
+    extra = {"nargs": "?", "const": "true"} if base is bool else {}
+    if typing.get_origin(base) is Literal:
+        metavar = "{" + ",".join(map(str, typing.get_args(base))) + "}"
+    else:
+        metavar = _type_name(tp).split()[0].upper()
+    group.add_argument(
+        *flags,
+        dest=name,
+        metavar=metavar,
+        help=f"{f.metadata.get('help', '')} [{_type_name(tp)}; {shown}]".strip(),
+        **extra,
+    )
+
+
+def _extra_index(cls, extra) -> dict[str, tuple[None, dataclasses.Field, Any]]:
+    """option_index of the flat dataclass `extra`, whose names must differ from the config's."""
+    index, taken = option_index(extra), option_index(cls)
+    clash = sorted(set(index) & set(taken))
+    if clash:
+        raise RuntimeError(f"options {clash} are declared both in {cls.__name__} and in {extra.__name__}")
+    return index
 
 
 def _summary(cls) -> str | None:
@@ -283,25 +303,33 @@ def _summary(cls) -> str | None:
     return None if not doc or doc.startswith(f"{cls.__name__}(") else doc.splitlines()[0]
 
 
-def parse(cls, argv: list[str] | None = None, description: str | None = None, adjust=None):
+def parse(cls, argv: list[str] | None = None, description: str | None = None, adjust=None, extra=None):
     """The command line of a script: `--config FILE --field value ...` -> a validated `cls`.
 
     Unknown options exit with argparse's usage error (exit code 2) and a "did you mean" hint; bad values raise
     ConfigError, which the scripts turn into one `error: ...` line and exit code 2. `adjust(values)`, if given,
     may rewrite the command line's {field: value} before they override the preset.
+
+    `extra`: a flat dataclass of options that are not part of the config (train.py's `--plan` and its settings):
+    the same spellings, types and checks (its own `validate()`), listed in --help, never read from a preset nor
+    saved with the config. With it, `(config, extra's instance)` is returned.
     """
-    parser = build_parser(cls, description)
+    parser = build_parser(cls, description, extra)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         key = flag.lstrip("-").split("=")[0].replace("-", "_")
-        close = difflib.get_close_matches(key, list(option_index(cls)), n=1)
+        names = list(option_index(cls)) + (list(option_index(extra)) if extra is not None else [])
+        close = difflib.get_close_matches(key, names, n=1)
         hint = f" Did you mean --{close[0]}?" if close else ""
         parser.error(f"unknown option {flag!r}.{hint} See --help for the full list.")
     values = vars(args)
     values.pop("debug", None)  # read by `run` from the command line itself
     preset = values.pop("config", None)
-    return build(cls, preset, adjust(values) if adjust else values)
+    if extra is None:
+        return build(cls, preset, adjust(values) if adjust else values)
+    options = build(extra, None, {name: values.pop(name) for name in option_index(extra) if name in values})
+    return build(cls, preset, adjust(values) if adjust else values), options
 
 
 def flat_options(values: dict) -> dict:

@@ -259,12 +259,18 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    """Where the run goes, and the hardware knobs."""
+    """Where the run goes, and the hardware knobs (precision, compilation, activation checkpointing, threads)."""
 
     output_dir: str = opt("runs/gpt2-124m", "run folder: metrics.jsonl, checkpoints/, export/, export-gpt2/, logs")
     seed: int = opt(1337, "seed of the model init and of the data shuffling")
     mixed_precision: str = opt("auto", "auto (bf16 on a GPU that has it, else fp32), no, bf16 or fp16")
     compile: bool | None = opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
+    gradient_checkpointing: bool = opt(
+        False,
+        "activation checkpointing (transformers' own, every block): a block keeps only its input and runs its "
+        "forward again in the backward; the same losses, far less activation memory (train.py --plan: how much), "
+        "about a third more compute",
+    )
     tf32: bool = opt(True, "allow TF32 matmuls on CUDA")
     cpu_threads: int | None = opt(None, "CPU runs: torch threads per process (default: physical cores / processes)")
     log_with: str = opt("tensorboard", "trackers: tensorboard, wandb, all, none, or a comma list")
@@ -368,13 +374,22 @@ def load_config(preset: str | Path | None = None, overrides: dict[str, str] | No
     return cli.build(TrainConfig, preset, one_data_source(overrides or {})).check_model()
 
 
+TRAIN_DESCRIPTION = "Train GPT-2 with accelerate. Options override the --config preset."
+
+
 def parse_args(argv: list[str] | None = None, check_model: bool = True) -> TrainConfig:
     """The command line of train.py: `--config FILE --field value ...` -> validated TrainConfig. check_model=False
     leaves the model's own checks to `TrainConfig.check_model`: they import transformers, which --help, a config
     error or a refused start need not wait for."""
-    description = "Train GPT-2 with accelerate. Options override the --config preset."
-    cfg = cli.parse(TrainConfig, argv, description, adjust=one_data_source)
+    cfg = cli.parse(TrainConfig, argv, TRAIN_DESCRIPTION, adjust=one_data_source)
     return cfg.check_model() if check_model else cfg
+
+
+def parse_command_line(argv: list[str] | None, extra) -> tuple[TrainConfig, object]:
+    """train.py's whole command line: (the config, as parse_args(check_model=False) reads it, and an instance of
+    `extra`), where `extra` is a flat dataclass of options that are not part of the config (train.py's --plan and
+    its settings: training/memory_plan.PlanOptions), parsed and listed in --help by the same layer (cli.parse)."""
+    return cli.parse(TrainConfig, argv, TRAIN_DESCRIPTION, adjust=one_data_source, extra=extra)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

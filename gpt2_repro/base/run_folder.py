@@ -123,8 +123,9 @@ class RunFolder:
             info = json.loads(self.run_info.read_text())
         return (config if isinstance(config, dict) else None), (info if isinstance(info, dict) else None)
 
-    def record_run(self, cfg, accelerator, log, **attempt) -> None:
-        """Print and save the resolved config and the facts of this run (versions, commit, hardware, batch).
+    def record_run(self, cfg, accelerator, log, facts: dict | None = None, **attempt) -> None:
+        """Print and save the resolved config and the facts of this run (versions, commit, hardware, batch, and
+        `facts`: what the trainer found in force, e.g. whether the model checkpoints its activations).
 
         Called once every check has passed, so a refused run leaves the folder as it was. run_info.json keeps a
         history: `attempt` (start step, checkpoint resumed from) and what changed since the previous attempt are
@@ -144,6 +145,7 @@ class RunFolder:
                 "mixed_precision": accelerator.mixed_precision,
                 "compile": str(accelerator.state.dynamo_plugin.backend.value),
                 "optimizer_fused": accelerator.device.type == "cuda",
+                **(facts or {}),
             }
         )
         previous_config, previous_info = self.read_previous()

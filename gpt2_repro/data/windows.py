@@ -53,6 +53,12 @@ def iter_val_batches(
         yield as_xy(windows[mine[i : i + batch_size]])
 
 
+def val_batch_counts(val_tokens: int, seq_len: int, batch_size: int, world_size: int) -> list[int]:
+    """How many batches iter_val_batches yields to each rank (the busiest first), known without reading the data."""
+    n_windows = val_tokens // seq_len
+    return [-(-len(range(rank, n_windows, world_size)) // batch_size) for rank in range(world_size)]
+
+
 def val_split(source: str | os.PathLike | np.ndarray) -> tuple[list[np.ndarray], str, str]:
     """(the val split's token arrays, how to name it, the option that sizes it) of a shard folder or glob, or of a
     stream's first tokens."""

@@ -28,6 +28,35 @@ def context_length(net) -> int | None:
     return getattr(net.config, "n_positions", None) or getattr(net.config, "max_position_embeddings", None)
 
 
+def is_fully_sharded(model) -> bool:
+    """Whether FSDP2 shards `model` (torch's fully_shard, which accelerate's FSDP with fsdp_version 2 applies in
+    place): each process holds a shard of every parameter, and a forward, run by every process together, gathers
+    them."""
+    if not torch.distributed.is_available():  # builds without torch.distributed have no FSDP
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def reshard(model) -> None:
+    """Return the parameters of a model FSDP2 shards to their shards after forwards without a backward (evaluation,
+    generation).
+
+    The groups that do not reshard after their forward (the root's, and accelerate's embeddings + final LayerNorm +
+    tied head: by design, for the backward that follows in training) would otherwise stay gathered until the next
+    training step: memory held for nothing, and `parameters()` would list the gathered copies instead of the shards
+    the optimizer updates. A no-op for any other model.
+    """
+    if not is_fully_sharded(model):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def nonfinite_parameters(model) -> list[str]:
     """Names of the parameters holding NaN or inf, on this process (one device sync for all of them).
 

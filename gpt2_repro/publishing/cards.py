@@ -190,7 +190,8 @@ trainer (transformers + accelerate). This folder holds {fmt} and the GPT-2 token
 
 
 def _training_section(config: dict, step: int, tokens: int, data_text: str) -> str:
-    """The card's "Training" section: the data, the steps and tokens, the optimizers and their schedule."""
+    """The card's "Training" section: the data, the steps and tokens, the optimizers and their schedule, and
+    activation checkpointing when the run used it."""
     data, optim = config["data"], config["optim"]
     batch = f"{data['total_batch_tokens']:,} per step, in sequences of {data['seq_len']:,}"
     lines = [
@@ -201,6 +202,11 @@ def _training_section(config: dict, step: int, tokens: int, data_text: str) -> s
         f"- Schedule: {_schedule_text(optim)}.",
         f"- Gradient clipping at norm {optim['grad_clip']}.",
     ]
+    if config.get("run", {}).get("gradient_checkpointing"):  # absent from the configs of older runs
+        lines.append(
+            "- Activation checkpointing (transformers' own, every block run again in the backward): less memory, "
+            "the same numbers."
+        )
     return "\n## Training\n" + "\n".join(lines) + "\n"
 
 

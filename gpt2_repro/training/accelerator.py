@@ -1,4 +1,5 @@
-"""The Accelerator a training config asks for: mixed precision, compilation, gradient accumulation, CPU threads."""
+"""The Accelerator a training config asks for: mixed precision, compilation, gradient accumulation, CPU threads; and
+activation checkpointing, the other knob of how the model runs."""
 
 from __future__ import annotations
 
@@ -54,3 +55,14 @@ def make_accelerator(cfg: TrainConfig, folder: RunFolder) -> Accelerator:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(cfg.run.cpu_threads or max(1, cores // local_processes))
     return accelerator
+
+
+def checkpoint_activations(cfg: TrainConfig, model) -> bool:
+    """--gradient_checkpointing: transformers' activation checkpointing on every block (GPT2ReproBlock is a
+    GradientCheckpointingLayer), in torch.utils.checkpoint's non-reentrant mode, the one DDP, FSDP2 and torch.compile
+    support. A block then keeps only its input for the backward and runs its forward again there: the same numbers,
+    one block's activations alive at a time. Called before accelerator.prepare, so that DDP, FSDP and compile wrap the
+    checkpointed blocks. Returns whether the model checkpoints (its own flag, which the run records)."""
+    if cfg.run.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    return model.is_activation_checkpointing

@@ -71,11 +71,9 @@ per token of hardware FLOPs, not model FLOPs (MFU counts the model's).
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass, fields, replace
 
-from ..base import cli
 from ..base.cli import opt
 from ..base.errors import ConfigError
 from ..base.machine import PEAK_BF16_FLOPS, peak_bf16_flops
@@ -310,7 +308,7 @@ def gpu_peak_flops(gpu: str) -> float:
 
 @dataclass
 class PlanOptions:
-    """train.py's options for the memory plan (not part of a run's config: nothing is saved or trained)."""
+    """--plan: the memory plan of the config instead of a run (these options are not part of the run's config)"""
 
     plan: bool = opt(
         False,
@@ -323,19 +321,27 @@ class PlanOptions:
     mfu: float = opt(0.4, "--plan: model FLOPs utilization the step time assumes")
     gpu: str = opt("H100", "--plan: the GPU whose dense bf16 peak the step time assumes (--peak_tflops overrides)")
 
+    def validate(self) -> None:
+        """The settings are --plan's alone: given without it (`--gpus 8` meant to start 8 processes?) they are
+        refused rather than ignored; each is checked as the plan reads it."""
+        if not self.plan:
+            given = [f"--{f.name}" for f in fields(self) if f.name != "plan" and getattr(self, f.name) != f.default]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of --plan (the memory plan, "
+                    "which trains nothing): add --plan. A run's GPUs are the launcher's processes: "
+                    "`accelerate launch --num_processes N train.py ...`"
+                )
+        _check_plan_numbers(self.gpus, self.mfu)
+        parse_memory(self.gpu_memory)
+        normalize_distributed(self.distributed_type, self.gpus)
 
-def split_plan_options(argv: list[str]) -> tuple[PlanOptions, list[str]]:
-    """(the plan's options, the rest of the command line for config.parse_args). The project's convention: `--a_b` or
-    `--a-b`, a bare `--plan` is true, values typed and checked by cli.coerce."""
-    parser = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False)
-    for f in fields(PlanOptions):
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        extra = {"nargs": "?", "const": "true"} if f.name == "plan" else {}
-        parser.add_argument(*flags, dest=f.name, **extra)
-    given, rest = parser.parse_known_args(argv)
-    hints = cli._hints(PlanOptions)
-    values = {name: cli.coerce(value, hints[name], f"--{name}") for name, value in vars(given).items()}
-    return PlanOptions(**values), rest
+
+def _check_plan_numbers(gpus: int, mfu: float) -> None:
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: give the number of GPUs (processes) of the run, at least 1")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
 
 
 def print_plan(cfg, options: PlanOptions) -> None:
@@ -352,7 +358,6 @@ def setup_from_config(cfg, gpus: int, distributed: str, **changes) -> Setup:
     m, d, run = cfg.model, cfg.data, cfg.run
     precision = {"auto": "bf16", "no": "fp32"}.get(run.mixed_precision, run.mixed_precision)
     sequences = d.total_batch_tokens // (d.seq_len * gpus)
-    checkpointing = bool(getattr(run, "gradient_checkpointing", False))
     setup = Setup(
         n_layer=m.n_layer,
         n_head=m.n_head,
@@ -365,7 +370,7 @@ def setup_from_config(cfg, gpus: int, distributed: str, **changes) -> Setup:
         optimizer=cfg.optim.optimizer,
         precision=precision,
         compiled=run.compile is not False,
-        checkpointing=checkpointing,
+        checkpointing=run.gradient_checkpointing,
         distributed=distributed,
         gpus=gpus,
     )
@@ -387,10 +392,7 @@ def plan_report(
     activations under DDP and FSDP; the peak at the config's micro-batch and the largest micro-batch that fits, each
     eager and compiled, with and without activation checkpointing; FLOPs per token and the step time at `mfu` of
     `gpu`'s dense bf16 peak (the config's peak_tflops when set)."""
-    if gpus < 1:
-        raise ConfigError(f"--gpus {gpus}: give the number of GPUs (processes) of the run, at least 1")
-    if not 0 < mfu <= 1:
-        raise ConfigError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
+    _check_plan_numbers(gpus, mfu)
     distributed = normalize_distributed(distributed_type, gpus)
     m, d = cfg.model, cfg.data
     if m.n_embd % m.n_head:  # the model's own check imports transformers; this one is all the plan needs

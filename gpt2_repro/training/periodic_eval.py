@@ -3,6 +3,11 @@
 It calls the same kernels as evaluate_gpt2.py (`evaluation/scoring.py`), on the uncompiled module, which shares its
 parameters with the compiled, distributed one: no recompiling for every new shape (HellaSwag rows and generation
 steps vary in length), and no DDP collectives, which would hang when ranks run different numbers of batches.
+
+Under FSDP2 that module is itself sharded (fully_shard works in place): every process evaluates its share of the
+windows and examples through the sharded forward, which gathers the parameters (scoring.py makes every process run
+as many forwards), and every process samples, generate() keeping them in step (`synced_gpus`); the main process
+logs. FSDP1 (fsdp_version: 1) flattens the parameters into shards the module cannot run on: no evaluation there.
 """
 
 from __future__ import annotations
@@ -17,14 +22,20 @@ from ..base.errors import HellaSwagUnavailable
 from ..base.run_folder import RunFolder
 from ..checkpointing.checkpoints import LastEval
 from ..evaluation.hellaswag import load_hellaswag
+from ..evaluation.models import is_fully_sharded, reshard
 from ..evaluation.scoring import score_hellaswag, validation_loss
 from .tracking import log_to_trackers
 
 
+def evaluates(accelerator: Accelerator) -> bool:
+    """Whether the run can evaluate: every setup but FSDP1, whose flat parameter shards no module can run on."""
+    return accelerator.distributed_type != DistributedType.FSDP or accelerator.is_fsdp2
+
+
 def training_hellaswag(cfg: TrainConfig, accelerator: Accelerator, log) -> list[dict] | None:
-    """The HellaSwag examples the run scores (None: not asked for, FSDP, or offline without a local file, which
+    """The HellaSwag examples the run scores (None: not asked for, FSDP1, or offline without a local file, which
     only warns). A malformed file is refused: loading is one of the run's start-up checks."""
-    if not cfg.eval.hellaswag or accelerator.distributed_type == DistributedType.FSDP:
+    if not cfg.eval.hellaswag or not evaluates(accelerator):
         return None
     with accelerator.main_process_first():  # the first process downloads into the cache, then the rest
         try:
@@ -52,11 +63,11 @@ class Evaluator:
         self.cfg, self.accelerator, self.encoding = cfg, accelerator, encoding
         self.folder, self.log, self.val_data, self.hellaswag = folder, log, val_data, hellaswag
         self.line = line  # the line of training (metrics.jsonl says it from line 2 on, as the step lines do)
-        self.enabled = accelerator.distributed_type != DistributedType.FSDP
+        self.enabled = evaluates(accelerator)
         if not self.enabled:
             log(
-                "warning: no evaluation during FSDP training (it needs the whole model in every process); "
-                "run evaluate_gpt2.py on the exports instead"
+                "warning: no evaluation during FSDP training with fsdp_version 1 (its flat parameter shards cannot "
+                "run the model's forward): use fsdp_version: 2, or run evaluate_gpt2.py on the exports"
             )
 
     def due(self, step: int) -> bool:
@@ -78,17 +89,22 @@ class Evaluator:
             scores = score_hellaswag(model, self.encoding, self.hellaswag, batch, accelerator=accelerator)
             results |= {"hellaswag_acc_norm": scores["acc_norm"], "hellaswag_acc": scores["acc"]}
         log_to_trackers(accelerator, {"step": step, **results})
+        sharded = is_fully_sharded(model)  # FSDP2: every process samples, in step with the others
+        wanted = evals.num_samples and not broken and (accelerator.is_main_process or sharded)
+        samples = self.sample(model, step) if wanted else []
         if accelerator.is_main_process:
             self.folder.append_metrics({"step": step, **results} | ({"line": self.line} if self.line > 1 else {}))
             self.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-            for i, text in enumerate(self.sample(model, step) if evals.num_samples and not broken else []):
+            for i, text in enumerate(samples):
                 self.log(f"--- sample {i} at step {step}:\n{text}")
         examples = len(self.hellaswag) if self.hellaswag is not None else None
         return LastEval(val_step=step, hellaswag_examples=examples, **results)
 
     @torch.no_grad()
     def sample(self, model, step: int) -> list[str]:
-        """Top-k samples with the KV cache (generate), on a forked RNG so training randomness is untouched."""
+        """Top-k samples with the KV cache (generate), on a forked RNG so training randomness is untouched. Under
+        FSDP2 every process calls it: generate's `synced_gpus` runs the forward on all until all are done (the same
+        seed and weights give every process the same samples)."""
         evals, device = self.cfg.eval, self.accelerator.device
         prompt = [self.encoding.encode(evals.sample_prompt)] * evals.num_samples
         prompt = torch.tensor(prompt, device=device)  # (n, P)
@@ -99,7 +115,9 @@ class Evaluator:
             torch.manual_seed(self.cfg.run.seed + step)
             # (n, P + sample_tokens); remove_invalid_values: a bad model's NaN/inf logits are sampled without a crash
             kwargs = {"max_new_tokens": evals.sample_tokens, "do_sample": True, "top_k": 50}
+            kwargs["synced_gpus"] = is_fully_sharded(model)
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), remove_invalid_values=True, **kwargs)
         model.train(was_training)
+        reshard(model)  # FSDP2: the shards back, as training left them
         n_vocab = self.encoding.n_vocab  # a bad model may even sample the padding ids
         return [self.encoding.decode([t for t in row.tolist() if t < n_vocab]) for row in out]
