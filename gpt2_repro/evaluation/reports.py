@@ -232,11 +232,11 @@ def training_curves_figure(metrics_file: Path, results: dict):
     ax_loss, ax_hs = fig.subplots(1, 2)
     if curves["loss"]:
         tokens, loss = zip(*curves["loss"], strict=True)
-        ax_loss.plot(tokens, loss, color="tab:blue", alpha=0.25, lw=0.8, label="training loss")
-        window = max(1, len(loss) // 50)
-        ax_loss.plot(
-            tokens, smoothed(list(loss), window), color="tab:blue", label=f"training loss ({window}-step mean)"
-        )
+        window = max(1, len(loss) // 50)  # a short run's curve is drawn as it is
+        ax_loss.plot(tokens, loss, color="tab:blue", alpha=0.25 if window > 1 else 1.0, lw=0.8, label="training loss")
+        if window > 1:
+            label = f"training loss ({window}-step mean)"
+            ax_loss.plot(tokens, smoothed(list(loss), window), color="tab:blue", label=label)
     if curves["val_loss"]:
         tokens, val = zip(*curves["val_loss"], strict=True)
         ax_loss.plot(tokens, val, "o-", color="tab:orange", ms=3, label="validation loss")
