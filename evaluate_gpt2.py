@@ -33,7 +33,9 @@ class EvaluateArgs:
 
     model: str = opt(help="checkpoint folder or Hub id (e.g. gpt2) of a causal LM")
     data_dir: str | None = opt(
-        None, "folder (or glob) of data_prep.py shards; without it or --dataset, no validation loss"
+        None,
+        "folder (or glob) of data_prep.py shards; unset: the training run's data when --model is one of its "
+        "checkpoints or exports (else no validation loss, unless --dataset)",
     )
     dataset: str | None = opt(
         None, "or validate on the first tokens of this text stream: Hub id or local parquet/jsonl/txt"
@@ -41,8 +43,14 @@ class EvaluateArgs:
     dataset_name: str | None = opt(None, "--dataset's config (sample-10BT for FineWeb-Edu)")
     dataset_split: str = opt("train", "--dataset's split")
     text_column: str = opt("text", "--dataset's column holding the documents")
-    val_tokens: int = opt(BUILD_NANOGPT_VAL_TOKENS, "validation token budget (build-nanogpt: 10,485,760)")
-    seq_len: int | None = opt(None, "tokens per validation sequence; unset: min(1024, the model's context)")
+    val_tokens: int | None = opt(
+        None,
+        "validation token budget; unset: the training run's, on its data (when --model is one of its checkpoints "
+        "or exports), else build-nanogpt's 10,485,760",
+    )
+    seq_len: int | None = opt(
+        None, "tokens per validation sequence; unset: the training run's (as val_tokens), else min(1024, context)"
+    )
     val_batch_size: int = opt(8, "validation sequences per forward pass")
     hellaswag_file: str | None = opt(None, "local hellaswag_val.jsonl; unset: download once and cache")
     limit: int | None = opt(None, "score only the first N HellaSwag examples")
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(
         args.output or (Path(args.model) / "eval_results.json" if Path(args.model).is_dir() else "eval_results.json")
     )
+    run_eval, run_lines = run_defaults(args)  # before preflight, which checks the data they may name
     named_examples = preflight(args, output)
     import torch
     from accelerate import Accelerator
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     from gpt2_repro.base.errors import EvaluationInputError
     from gpt2_repro.data.tokenizer import get_gpt2_encoding
     from gpt2_repro.evaluation.models import check_vocab, compile_body, context_length, load_model
-    from gpt2_repro.evaluation.reports import comparison_notes
+    from gpt2_repro.evaluation.reports import comparison_notes, public_name
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible here. Use --device cpu (or auto).")
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(message)s")  # the libraries' own notices stay at their default: warnings
     for name in ("evaluate_gpt2", "gpt2_repro"):  # ours: progress on the main process, errors only elsewhere
         logging.getLogger(name).setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
+    for line in run_lines:
+        logger.info(line)
     encoding = get_gpt2_encoding(args.vocab_file)
     examples = named_examples or _hellaswag_examples(args, accelerator)
     model = load_model(args.model, args.dtype, args.trust_remote_code).to(accelerator.device)
@@ -139,19 +150,27 @@ def main(argv: list[str] | None = None) -> dict:
         )
     val_data, val_tokens = _validation_data(args, encoding)
 
-    results = {"model": args.model, "processes": accelerator.num_processes}
+    results = {"model": public_name(args.model), "processes": accelerator.num_processes}
     results.update(evaluate_model(model, encoding, args, examples, accelerator, val_data, val_tokens), compare=None)
+    results["val_data"] = _val_data_name(args) if results["val_loss"] is not None else None
+    if run_eval is not None:  # the trainer's own figure, and whether this one is over the same tokens
+        same = run_eval["same_data"] and (results["val_tokens"], results["seq_len"]) == (
+            run_eval["val_tokens"],
+            run_eval["seq_len"],
+        )
+        results["run_eval"] = {**run_eval, "same_tokens": same}
     if args.compare:
         try:
             other = load_model(args.compare, args.dtype, args.trust_remote_code).to(accelerator.device)
             other = compile_body(other) if args.compile else other
         except (OSError, ValueError) as e:
             logger.warning("Could not load %s to compare (%s); using its published figures.", args.compare, e)
-            results["compare"] = {"model": args.compare, "evaluated": False, "reason": str(e).splitlines()[0]}
+            # The results are shared (the JSON, the model card): why in general terms, not this machine's message.
+            results["compare"] = {"model": public_name(args.compare), "evaluated": False, "reason": load_failure(e)}
             results["compare"].update({**GPT2_124M, "hellaswag_examples": HELLASWAG_VAL_SIZE})
         else:
             del model  # one model in memory at a time
-            results["compare"] = {"model": args.compare, "evaluated": True}
+            results["compare"] = {"model": public_name(args.compare), "evaluated": True}
             results["compare"].update(
                 evaluate_model(other, encoding, args, examples, accelerator, val_data, val_tokens)
             )
@@ -164,6 +183,116 @@ def main(argv: list[str] | None = None) -> dict:
         _report(args, results, output)
     accelerator.wait_for_everyone()
     return results
+
+
+def run_defaults(args: EvaluateArgs) -> tuple[dict | None, list[str]]:
+    """Fill the unset --data_dir (or --dataset), --val_tokens and --seq_len from the training run that --model comes
+    from (one of its checkpoints or exports: `training_run_of`), so that by default the tokens the run evaluated
+    are scored again; elsewhere --val_tokens is build-nanogpt's budget. Imports no torch.
+
+    Returns (the run's own evaluation {"val_loss", "val_step", "val_tokens" (whole windows), "seq_len",
+    "same_data"}, or None when --model is not from a run) and the lines that say what was chosen and why.
+    """
+    from gpt2_repro.checkpointing.folders import training_run_of
+
+    budget = f"build-nanogpt's {BUILD_NANOGPT_VAL_TOKENS:,} tokens"
+    state, where = training_run_of(args.model) if Path(args.model).is_dir() else (None, "")
+    validating = args.data_dir is not None or args.dataset is not None
+    if state is None:
+        if args.val_tokens is None and validating and where:
+            lines = [f"--val_tokens unset: {budget}; the tokens a training run evaluated are not known ({where})."]
+        else:
+            lines = []
+        args.val_tokens = args.val_tokens or BUILD_NANOGPT_VAL_TOKENS
+        return None, lines
+    data, evals, lines = state["config"]["data"], state["config"]["eval"], []
+    if not validating:
+        lines.append(_use_run_data(args, data, where))
+    same = _is_run_data(args, data, state)
+    if same:
+        args.seq_len = args.seq_len or data["seq_len"]
+        if args.val_tokens is None:
+            args.val_tokens = evals["val_tokens"]
+            lines.append(
+                f"--val_tokens unset: the {args.val_tokens // args.seq_len * args.seq_len:,} tokens the training run "
+                f"evaluated, in windows of {args.seq_len} (from {where}; pass --val_tokens for another budget)."
+            )
+    elif args.val_tokens is None and (args.data_dir is not None or args.dataset is not None):
+        lines.append(f"--val_tokens unset: {budget}, since this is not the data the training run evaluated.")
+    args.val_tokens = args.val_tokens or BUILD_NANOGPT_VAL_TOKENS
+    run_eval = {"val_loss": state.get("val_loss"), "val_step": state.get("val_step"), "seq_len": data["seq_len"]}
+    run_eval["val_tokens"] = evals["val_tokens"] // data["seq_len"] * data["seq_len"]
+    return run_eval | {"same_data": same}, lines
+
+
+def _use_run_data(args: EvaluateArgs, data: dict, where: str) -> str:
+    """Take the training run's validation data for the unset --data_dir / --dataset; the line saying so, or why
+    not."""
+    from gpt2_repro.base.errors import NotFound
+    from gpt2_repro.data.shards import find_shards
+
+    if data.get("dataset"):
+        args.dataset, args.dataset_name = data["dataset"], data.get("dataset_name")
+        args.dataset_split, args.text_column = data.get("dataset_split", "train"), data.get("text_column", "text")
+        return f"--dataset unset: the training run's stream, {args.dataset} (from {where})."
+    try:
+        find_shards(data["data_dir"], "val")
+    except (NotFound, OSError, TypeError):
+        return (
+            f"--data_dir unset, and the training run's data ({data.get('data_dir')}, from {where}) is not here: "
+            "pass --data_dir to validate."
+        )
+    args.data_dir = data["data_dir"]
+    return f"--data_dir unset: the training run's data, {args.data_dir} (from {where})."
+
+
+def _is_run_data(args: EvaluateArgs, data: dict, state: dict) -> bool:
+    """Whether the data to validate on is the training run's: the same stream, or shards whose training files
+    (names and sizes) are the ones its checkpoint records, wherever the folder is now."""
+    if args.dataset is not None or data.get("dataset"):
+        mine = (args.dataset, args.dataset_name, args.dataset_split, args.text_column)
+        return mine == tuple(data.get(k) for k in ("dataset", "dataset_name", "dataset_split", "text_column"))
+    if args.data_dir is None:
+        return False
+    from gpt2_repro.data.shards import find_shards, read_shard
+
+    if data.get("data_dir") and Path(args.data_dir).resolve() == Path(data["data_dir"]).resolve():
+        return True
+    try:
+        files = [[f.name, len(read_shard(f))] for f in find_shards(args.data_dir, "train")]
+    except Exception:  # no training shards beside the val ones, or unreadable ones: not provably the run's
+        return False
+    return bool(state.get("shard_files")) and files == state["shard_files"]
+
+
+def load_failure(error: Exception) -> str:
+    """Why a model could not be loaded, in general terms (the exception's own text names this machine's state)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    cause = error
+    while cause is not None:
+        if isinstance(cause, LocalEntryNotFoundError):
+            return "not in the local cache, and the Hub could not be reached"
+        if isinstance(cause, RepositoryNotFoundError):
+            return "no such model on the Hub"
+        cause = cause.__cause__ or cause.__context__
+    return f"loading it failed ({type(error).__name__})"
+
+
+def _val_source(args: EvaluateArgs) -> dict | None:
+    """The validation data's source, as data_prep.py's manifest records it (a stream: its Hub id or file)."""
+    from gpt2_repro.data.shards import manifest_source
+
+    if args.dataset is not None:
+        return {"dataset": args.dataset, "name": args.dataset_name, "split": args.dataset_split}
+    return manifest_source(args.data_dir)
+
+
+def _val_data_name(args: EvaluateArgs) -> str:
+    """The validation data in words, without a local path (the model card's `describe_dataset`)."""
+    from gpt2_repro.publishing.cards import describe_dataset
+
+    return describe_dataset(_val_source(args))[0]
 
 
 def preflight(args: EvaluateArgs, output: Path) -> list[dict] | None:
@@ -314,17 +443,17 @@ def _report(args: EvaluateArgs, results: dict, output: Path) -> None:
     metrics_file = find_metrics_log(args.log_dir, args.model)  # the training run's, when the model folder is in one
     if args.log_dir and metrics_file is None:
         logger.warning("No metrics.jsonl at %s: no training-curve plot.", args.log_dir)
-    results["plot"] = None
+    results["plot"], png = None, None
     if metrics_file is not None:
         png = plot_training_curves(metrics_file, args.plot or output.with_suffix(".png"), results)
-        results["plot"] = None if png is None else str(png)
+        results["plot"] = None if png is None else png.name  # beside the JSON by default; no path of this machine
     write_json_atomic(output, results)  # strict JSON: a NaN loss is written as null
     print("\n" + comparison_table(results))
     for note in results["notes"]:
         print(f"- {note}")
-    print(f"\nresults: {output}" + (f"\nplot: {results['plot']}" if results["plot"] else ""))
+    print(f"\nresults: {output}" + (f"\nplot: {png}" if png else ""))
     if is_folder and args.model_card:
-        print(f"model card: {write_results_to_card(args.model, results, args.data_dir)}")
+        print(f"model card: {write_results_to_card(args.model, results, _val_source(args))}")
 
 
 if __name__ == "__main__":

@@ -324,7 +324,7 @@ def decay_start(steps: int, decay_fraction: float) -> int:
 
 
 def fast_budget_tasks(
-    prefix: str, budgets: list[int], common: list[str], extra: list[str], decay_fraction: float
+    prefix: str, budgets: list[int], common: list[str], extra: list[str], decay_fraction: float, preset: Path
 ) -> list[dict]:
     """The fast recipe at each budget; each longer budget resumes from the previous one's checkpoint at its own
     cool-down start (before that step both schedules are identical: warmup then constant)."""
@@ -342,7 +342,7 @@ def fast_budget_tasks(
             "--checkpoint_every",
             str(decay_start(steps, decay_fraction)),
         ]
-        task = {"name": f"{prefix}-fast{steps}", "preset": FAST_PRESET, "options": opts, "steps": steps}
+        task = {"name": f"{prefix}-fast{steps}", "preset": preset, "options": opts, "steps": steps}
         if previous is not None:
             task["after"] = previous["name"]
             task["resume_step"] = decay_start(previous["steps"], decay_fraction)
@@ -378,7 +378,7 @@ def compare(args) -> list[str]:
     work = Path(args.work)
     runner = Runner(*runner_args(args))
     fast_extra, suffix = fast_overrides(args)
-    decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
+    decay_fraction = float(_preset_optim(args.fast_preset, fast_extra)["decay_fraction"])
     plan, tasks = {}, []  # plan: (size, seed) -> {"base": {lr: dir}, "fast": {steps: dir}}
     for size_i, size in enumerate(args.sizes):
         for seed_i, seed in enumerate(args.seeds):
@@ -398,7 +398,10 @@ def compare(args) -> list[str]:
                         "prio": prio,
                     }
                 )
-            for task in fast_budget_tasks(tag + suffix, args.fast_steps, common, fast_extra, decay_fraction):
+            budgets = fast_budget_tasks(
+                tag + suffix, args.fast_steps, common, fast_extra, decay_fraction, args.fast_preset
+            )
+            for task in budgets:
                 plan[(size, seed)]["fast"][task["steps"]] = work / task["name"]
                 tasks.append({**task, "prio": (seed_i, size_i)})
     # seeds in turn, smaller sizes first
@@ -496,69 +499,127 @@ def report(plan: dict, args) -> None:
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     suffix = fast_overrides(args)[1]
-    (out / f"summary{suffix}.json").write_text(json.dumps({"rows": rows, "ratio": summary}, indent=2))
-    plot(plan, results, summary, out / f"bench_recipe{suffix}.png")
+    data = {"rows": rows, "ratio": summary, "corpus": corpus_name(args.data), "fast_settings": fast_settings(args)}
+    data["params"] = {size: size_params(size) for size in args.sizes}
+    data["runs"] = compare_runs(plan, results, summary)
+    (out / f"summary{suffix}.json").write_text(json.dumps(data, indent=2, default=str))
+    plot(data, out / f"bench_recipe{suffix}.png")
 
 
-def plot(plan: dict, results: dict, summary: dict, path: Path) -> None:
-    """Val loss vs tokens per size: each baseline run's evaluation curve, each fast budget's final loss; faint: the
-    training loss (10-step mean) of the reference baseline and of the longest fast budget."""
+def corpus_name(data: str) -> str:
+    """The corpus of a `prepare --out` folder in words, for titles: recipe-gcide -> GCIDE."""
+    name = Path(data.rstrip("/")).name
+    name = Path(data.rstrip("/")).parent.name if name == "shards" else name
+    name = name.removeprefix("recipe-")
+    return {"gcide": "GCIDE", "linux": "Linux kernel docs", "pydocs": "Python docs"}.get(name, name)
+
+
+def fast_settings(args) -> str:
+    """The fast recipe's LRs and beta1 as run (the preset with --fast_option), for titles."""
+    optim = _preset_optim(args.fast_preset, fast_overrides(args)[0])
+    return f"muon_lr {optim['muon_lr']:g}, AdamW group {optim['max_lr']:g}, beta1 {optim['beta1']:g}"
+
+
+def compare_runs(plan: dict, results: dict, summary: dict) -> list[dict]:
+    """What `plot` draws of each finished run: its final loss; a baseline's evaluation curve; the training loss
+    (10-step mean) of each size's reference baseline and longest fast budget."""
+    runs = []
+    for (size, seed), found in results.items():
+        best = summary.get(size, {}).get("baseline_lr")
+        for lr, final in found["base"].items():
+            rows = [json.loads(line) for line in (plan[(size, seed)]["base"][lr] / "metrics.jsonl").open()]
+            per_step = final["tokens"] / final["step"]
+            evals = [[r["step"] * per_step, r["val_loss"]] for r in rows if "val_loss" in r]
+            run = {"size": size, "seed": seed, "recipe": "base", "lr": lr, "tokens": final["tokens"]}
+            run |= {"val_loss": final["val_loss"], "evals": evals}
+            runs.append(run | ({"train": _smoothed_train(rows)} if lr == best else {}))
+        longest = max(found["fast"])
+        for steps, final in found["fast"].items():
+            run = {"size": size, "seed": seed, "recipe": "fast", "steps": steps, "tokens": final["tokens"]}
+            run["val_loss"] = final["val_loss"]
+            if steps == longest:
+                lines = (plan[(size, seed)]["fast"][steps] / "metrics.jsonl").open()
+                run["train"] = _smoothed_train([json.loads(line) for line in lines])
+            runs.append(run)
+    return runs
+
+
+def _smoothed_train(rows: list[dict]) -> list[list[float]]:
+    rows = [r for r in rows if r.get("loss") is not None]
+    return [[r["tokens"], statistics.mean(x["loss"] for x in rows[max(0, i - 9) : i + 1])] for i, r in enumerate(rows)]
+
+
+HOLLOW = {"mfc": "white", "ms": 9, "zorder": 1}  # seeds after the first: larger rings beneath the first's marks
+
+
+def _token_axis(ax) -> None:
+    """A log token axis labelled 50K, 1M, 10B (not 5x10^4), at 1, 2 and 5 of each decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def tokens(value, _pos=None):
+        for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+            if value >= scale:
+                return f"{value / scale:.3g}{suffix}"
+        return f"{value:.3g}"
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(tokens))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot(data: dict, path: Path) -> None:
+    """`compare`'s figure, one panel per size, from its summary JSON: final validation loss against tokens of each
+    baseline LR (with its evaluation curve, when recorded) and of each fast budget; the reference loss each seed's
+    fast recipe has to reach and where it reaches it; faint, the training loss (10-step mean) when recorded. Seeds
+    after the first are drawn hollow."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    sizes = list(dict.fromkeys(size for size, _ in results))
-    fig = Figure(figsize=(6.5 * len(sizes), 4.8))
+    sizes = list(dict.fromkeys(run["size"] for run in data["runs"]))
+    fig = Figure(figsize=(6.8 * len(sizes), 5.2))
     FigureCanvasAgg(fig)
     for i, size in enumerate(sizes):
-        ax = fig.add_subplot(1, len(sizes), i + 1)
-        for (sz, seed), runs in plan.items():
-            if sz != size or (sz, seed) not in results:
-                continue
-            for lr, run_dir in runs["base"].items():
-                if lr not in results[(sz, seed)]["base"]:
-                    continue
-                evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                evals = [r for r in evals if "val_loss" in r]
-                final = results[(sz, seed)]["base"][lr]
-                toks = [r["step"] * final["tokens"] / final["step"] for r in evals]
-                best = lr == summary.get(size, {}).get("baseline_lr")
-                if best:  # the loss the fast recipe has to reach
-                    ax.axhline(final["val_loss"], color="tab:blue", lw=0.6, ls="--", alpha=0.5)
-                ax.plot(
-                    toks,
-                    [r["val_loss"] for r in evals],
-                    "-" if best else ":",
-                    color="tab:blue",
-                    alpha=0.9 if best else 0.4,
-                    label=f"AdamW cosine lr {lr:g}, seed {seed}",
-                )
-                ax.plot([toks[-1]], [evals[-1]["val_loss"]], "o", color="tab:blue", alpha=0.9 if best else 0.4)
-            for run_dir, color in [
-                (runs["base"].get(summary.get(size, {}).get("baseline_lr")), "tab:blue"),
-                (runs["fast"].get(max(results[(sz, seed)]["fast"])), "tab:red"),
-            ]:
-                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                rows = [r for r in rows if "loss" in r]
-                smooth = [statistics.mean(r["loss"] for r in rows[max(0, i - 9) : i + 1]) for i in range(len(rows))]
-                ax.plot([r["tokens"] for r in rows], smooth, color=color, lw=0.7, alpha=0.35)
-            fast = sorted(results[(sz, seed)]["fast"].values(), key=lambda r: r["tokens"])
-            ax.plot(
-                [r["tokens"] for r in fast],
-                [r["val_loss"] for r in fast],
-                "s--",
-                color="tab:red",
-                label=f"Muon + WSD, final loss per budget, seed {seed}",
-            )
-        if size in summary:
-            s = summary[size]
-            at_least = ">= " if s["bounded"] else ""
-            ax.set_title(f"{size}: ratio {at_least}{s['mean']:.2f} (seeds: {s['min']:.2f}-{s['max']:.2f})")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("validation loss (faint: training loss)")
-        ax.set_ylim(top=min(ax.get_ylim()[1], 8.0))
-        ax.set_xscale("log")
+        ax, summary = fig.add_subplot(1, len(sizes), i + 1), data["ratio"].get(size, {})
+        runs = [run for run in data["runs"] if run["size"] == size]
+        seeds = sorted({run["seed"] for run in runs})
+        for seed in seeds:
+            hollow = HOLLOW if seed != seeds[0] else {}
+            for run in sorted((r for r in runs if r["seed"] == seed and r["recipe"] == "base"), key=lambda r: r["lr"]):
+                best = run["lr"] == summary.get("baseline_lr")
+                style = {"color": "tab:blue", "alpha": 1.0 if best else 0.45, **hollow}
+                label = f"AdamW + cosine, LR {run['lr']:g}{' (best)' if best else ''}, seed {seed}"
+                if run.get("evals"):
+                    ax.plot(*zip(*run["evals"], strict=True), "-" if best else ":", lw=1, **style)
+                ax.plot(run["tokens"], run["val_loss"], "o", label=label, **style)
+                if best:
+                    target = "the best baseline's final loss: the target" if seed == seeds[0] else None
+                    ax.axhline(run["val_loss"], color="tab:blue", lw=0.7, ls="--", alpha=0.6, label=target)
+            fast = sorted((r for r in runs if r["seed"] == seed and r["recipe"] == "fast"), key=lambda r: r["tokens"])
+            xs, ys = [r["tokens"] for r in fast], [r["val_loss"] for r in fast]
+            ax.plot(xs, ys, "s--", color="tab:red", label=f"Muon + wsd, final loss per budget, seed {seed}", **hollow)
+            for run in (r for r in runs if r["seed"] == seed and r.get("train")):
+                color = "tab:blue" if run["recipe"] == "base" else "tab:red"
+                ax.plot(*zip(*run["train"], strict=True), color=color, lw=0.7, alpha=0.3)
+        for k, (seed, (ratio, how)) in enumerate(zip(seeds, summary.get("ratios", []), strict=False)):
+            target = next(r for r in runs if r["seed"] == seed and r.get("lr") == summary["baseline_lr"])
+            if how == "=":
+                label = "where the fast recipe reaches it (interpolated)" if k == 0 else None
+                ax.plot(target["tokens"] / ratio, target["val_loss"], "x", color="k", ms=8, mew=2, label=label)
+        if any(run.get("train") for run in runs):
+            ax.plot([], [], color="0.5", lw=0.7, alpha=0.5, label="training loss, 10-step mean (faint)")
+        if not any(run.get("evals") for run in runs):
+            ax.plot([], [], " ", label="(final losses only: the curves were not recorded)")
+        ratios = ", ".join(f"{r:.2f}" for r, _ in summary.get("ratios", []))
+        params = data.get("params", {}).get(size)
+        title = f"{data['corpus']}, {size}" + (f" ({params / 1e6:.1f}M parameters)" if params else "")
+        seed_list = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
+        ax.set_title(f"{title}\nthe fast recipe needs {ratios} times fewer tokens ({seed_list})", fontsize=10)
+        ax.set(xlabel="training tokens", ylabel="validation loss")
+        _token_axis(ax)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle(f"AdamW + cosine (its LR swept)\nagainst Muon + wsd ({data['fast_settings']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -584,7 +645,7 @@ def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
         lrs = args.base_lrs if i == 0 else (args.extra_seed_lrs or args.base_lrs)
         budgets = [b for b in args.fast_steps if i == 0 or b * args.max_ratio >= longest]
         plan[seed] = {"base": {}, "fast": {}}
-        for task in fast_budget_tasks(tag + suffix, budgets, common, fast_extra, decay_fraction):
+        for task in fast_budget_tasks(tag + suffix, budgets, common, fast_extra, decay_fraction, args.fast_preset):
             plan[seed]["fast"][task["steps"]] = work / task["name"]
             chains.append(task)
         for steps in horizons:
@@ -599,7 +660,7 @@ def horizon_tasks(args, decay_fraction: float) -> tuple[dict, list[dict]]:
 def horizons(args) -> list[str]:
     """The gain against training length (see the module docstring): runs, then `horizon_report`."""
     fast_extra, _ = fast_overrides(args)
-    decay_fraction = float(_preset_optim(FAST_PRESET, fast_extra)["decay_fraction"])
+    decay_fraction = float(_preset_optim(args.fast_preset, fast_extra)["decay_fraction"])
     plan, tasks = horizon_tasks(args, decay_fraction)
     failed = [] if args.report_only else Runner(*runner_args(args)).run_all(tasks)
     horizon_report(plan, args)
@@ -688,61 +749,101 @@ def horizon_report(plan: dict, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "horizons" + fast_overrides(args)[1]
     specs = [f"{key}={value}" for key, value in args.fast_option or []]
-    summary = {"rows": rows, "fit": fit, "size": args.size, "fast_option": specs}
+    summary = {"rows": rows, "fit": fit, "size": args.size, "fast_option": specs, "corpus": corpus_name(args.data)}
+    summary |= {"params": size_params(args.size), "fast_settings": fast_settings(args)}
+    summary["finals"] = {
+        "base": [
+            [seed, st, lr, r["tokens"], r["val_loss"]]
+            for seed, f in finals.items()
+            for (st, lr), r in f["base"].items()
+        ],
+        "fast": [[seed, st, r["tokens"], r["val_loss"]] for seed, f in finals.items() for st, r in f["fast"].items()],
+    }
     (out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
-    horizon_plot(finals, rows, fit, args, out / f"{name}.png")
+    horizon_plot(summary, out / f"{name}.png")
 
 
-def horizon_plot(finals: dict, rows: list[dict], fit: dict | None, args, path: Path) -> None:
-    """Left: final validation loss against tokens, reference (each LR; best per horizon joined) and fast recipe
-    (each budget, per seed). Right: the token ratio per horizon and the fitted line."""
+def horizon_plot(summary: dict, path: Path) -> None:
+    """`horizons`' figure from its JSON. Left: final validation loss against tokens, every reference run (the best
+    LR per horizon joined) and every fast budget, per seed (seeds after the first hollow). Right: the token ratio per
+    horizon (a bound where the fast budgets did not bracket the reference's loss), and the line fitted through the
+    interpolated ratios, over the horizons it fits."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 4.8))
+    rows, fit, finals = summary["rows"], summary.get("fit"), summary["finals"]
+    fig = Figure(figsize=(13, 5.2))
     FigureCanvasAgg(fig)
     ax, ax_ratio = fig.subplots(1, 2)
-    for seed, runs in finals.items():
-        for r in runs["base"].values():
-            ax.plot(r["tokens"], r["val_loss"], "o", color="tab:blue", alpha=0.25)
-        best = sorted((r["tokens"], r["reference_loss"]) for r in rows if r["seed"] == seed)
-        if best:
-            ax.plot(*zip(*best, strict=True), "o-", color="tab:blue", label=f"AdamW cosine, best LR, seed {seed}")
-        fast = sorted((r["tokens"], r["val_loss"]) for r in runs["fast"].values())
+    seeds = sorted({seed for seed, *_ in finals["base"] + finals["fast"]})
+    best = {(r["seed"], r["horizon_steps"], r["best_lr"]) for r in rows}
+    others = [(t, v) for seed, st, lr, t, v in finals["base"] if (seed, st, lr) not in best]
+    if others:
+        ax.plot(*zip(*others, strict=True), "o", color="tab:blue", alpha=0.25, label="AdamW + cosine, other LRs swept")
+    for seed in seeds:
+        hollow = HOLLOW if seed != seeds[0] else {}
+        points = sorted((r["tokens"], r["reference_loss"]) for r in rows if r["seed"] == seed)
+        if points:
+            label = f"AdamW + cosine, best LR per horizon, seed {seed}"
+            ax.plot(*zip(*points, strict=True), "o-", color="tab:blue", label=label, **hollow)
+        fast = sorted((t, v) for s, _, t, v in finals["fast"] if s == seed)
         if fast:
-            ax.plot(
-                *zip(*fast, strict=True),
-                "s--",
-                color="tab:red",
-                alpha=0.9 if seed == args.seeds[0] else 0.5,
-                label=f"Muon + wsd, final loss per budget, seed {seed}",
-            )
-    ax.set(xscale="log", xlabel="training tokens", ylabel="final validation loss", title=f"{args.size}")
+            label = f"Muon + wsd, final loss per budget, seed {seed}"
+            ax.plot(*zip(*fast, strict=True), "s--", color="tab:red", label=label, **hollow)
+    params = f" ({summary['params'] / 1e6:.1f}M parameters)" if summary.get("params") else ""
+    ax.set(xlabel="training tokens", ylabel="final validation loss")
+    ax.set_title(f"{summary['corpus']}, {summary['size']}{params}: final loss of each run", fontsize=10)
+    _token_axis(ax)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    if rows:
-        ax_ratio.plot([r["tokens"] for r in rows], [r["ratio"] for r in rows], "o", color="tab:purple")
-        if fit:
-            xs = sorted({r["tokens"] for r in rows})
-            ax_ratio.plot(
-                xs,
-                [fit["intercept"] + fit["slope_per_e"] * math.log(x) for x in xs],
-                "-",
-                color="tab:purple",
-                alpha=0.6,
-                label=f"{fit['per_doubling']:+.3f} per doubling",
-            )
-            ax_ratio.legend(fontsize=8)
-    ax_ratio.set(
-        xscale="log",
-        xlabel="reference tokens (horizon)",
-        ylabel="token ratio (reference / fast)",
-        title="the fast recipe's gain against training length",
-    )
+    for seed in seeds:
+        hollow = HOLLOW if seed != seeds[0] else {}
+        exact = [(r["tokens"], r["ratio"]) for r in rows if r["seed"] == seed and r["bound"] == "="]
+        if exact:
+            ax_ratio.plot(*zip(*exact, strict=True), "o", color="tab:purple", label=f"seed {seed}", **hollow)
+        bounds = [(r["tokens"], r["ratio"], r["bound"]) for r in rows if r["seed"] == seed and r["bound"] != "="]
+        for k, (tokens, ratio, how) in enumerate(bounds):
+            marker, words = ("^", "at least") if how == "<" else ("v", "at most")
+            label = f"seed {seed}: {words} (no budget brackets the loss; not fitted)" if k == 0 else None
+            ax_ratio.plot(tokens, ratio, marker, color="tab:purple", alpha=0.6, label=label, **hollow)
+    for r in rows:
+        ax_ratio.annotate(
+            f"{r['ratio']:.2f}", (r["tokens"], r["ratio"]), (5, 3), textcoords="offset points", fontsize=7
+        )
+    fitted = sorted({r["tokens"] for r in rows if r["bound"] == "="})
+    if fit and len(fitted) >= 2:  # drawn over the horizons it fits, not beyond
+        ys = [fit["intercept"] + fit["slope_per_e"] * math.log(x) for x in fitted]
+        n = sum(r["bound"] == "=" for r in rows)
+        label = f"least-squares fit through the {n} interpolated ratios: {fit['per_doubling']:+.2f} per doubling"
+        ax_ratio.plot(fitted, ys, "-", color="tab:purple", alpha=0.6, label=label)
+    ax_ratio.set(xlabel="reference tokens (horizon)", ylabel="token ratio (reference / fast recipe)")
+    ax_ratio.set_title(f"{summary['corpus']}, {summary['size']}: the fast recipe's gain per horizon", fontsize=10)
+    _token_axis(ax_ratio)
+    xs = [r["tokens"] for r in rows] or [1.0]
+    ax_ratio.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
     ax_ratio.grid(True, alpha=0.3)
+    ax_ratio.legend(fontsize=7)
+    lrs = ", ".join(f"{lr:g}" for lr in sorted({lr for _, _, lr, _, _ in finals["base"]}))
+    fig.suptitle(
+        f"AdamW + cosine, peak LR {'swept (' + lrs + ')' if ',' in lrs else lrs}, against Muon + wsd "
+        f"({summary['fast_settings']}); 2,048 tokens per step",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
+
+
+def replot(paths: list[Path]) -> None:
+    """Draw again the figures of recorded results (a `compare` summary or a `horizons` JSON), beside each JSON."""
+    for path in paths:
+        data = json.loads(path.read_text())
+        if "finals" in data:
+            horizon_plot(data, path.with_suffix(".png"))
+        elif "runs" in data:
+            plot(data, path.with_suffix(".png"))
+        else:
+            print(f"{path}: no figure for these results")
 
 
 # ----------------------------------------------------------------------------------------------------- widths
@@ -762,7 +863,7 @@ def width_tasks(args) -> tuple[dict, list[dict]]:
     """plan {(size, group, lr): dir} and the tasks: the fast recipe at each size for tokens_per_param x parameters
     tokens, its Muon LR swept (muon_lrs), and at adamw_sizes its AdamW group's peak LR swept (adamw_lrs)."""
     work, plan, tasks = Path(args.work), {}, []
-    preset = _preset_optim(FAST_PRESET, [])
+    preset = _preset_optim(args.fast_preset, [])
     for size in args.sizes:
         steps = max(20, round(args.tokens_per_param * size_params(size) / 2048))
         common = [*size_options(size), "--seed", str(args.seeds[0]), "--max_steps", str(steps)]
@@ -776,7 +877,7 @@ def width_tasks(args) -> tuple[dict, list[dict]]:
                 continue
             name = f"{size}-{steps}steps-{group}{lr:g}"
             plan[(size, group, lr)] = work / name
-            tasks.append({"name": name, "preset": FAST_PRESET, "options": [*common, *opts], "steps": steps})
+            tasks.append({"name": name, "preset": args.fast_preset, "options": [*common, *opts], "steps": steps})
     return plan, sorted(tasks, key=lambda t: -t["steps"])  # the longest first: two runs at a time end together
 
 
@@ -840,7 +941,7 @@ def ablate(args) -> list[str]:
     --variant "muon_lr=0.04,schedule=cosine". Prints final val loss per variant and seed."""
     runs, tasks = [], []
     for variant in args.variant:
-        preset, spec = (BASE_PRESET, variant[5:]) if variant.startswith("base:") else (FAST_PRESET, variant)
+        preset, spec = (BASE_PRESET, variant[5:]) if variant.startswith("base:") else (args.fast_preset, variant)
         options = train_options([key_value(item) for item in filter(None, spec.split(","))])
         steps = next((v for k, v in zip(options[::2], options[1::2], strict=False) if k == "--max_steps"), None)
         for seed in args.seeds:
@@ -879,7 +980,7 @@ def timing(args) -> None:
     data = shards_of(args.data)
     for size in args.sizes:
         setups = {}
-        for name, preset in (("adamw", BASE_PRESET), ("muon", FAST_PRESET)):
+        for name, preset in (("adamw", BASE_PRESET), ("muon", args.fast_preset)):
             cfg = parse_args(
                 [
                     "--config",
@@ -958,6 +1059,13 @@ def main() -> None:
         q.add_argument("--threads", type=int, default=1, help="torch threads per run")
         q.add_argument("--jobs", type=int, default=2, help="runs at a time")
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+        q.add_argument(
+            "--fast_preset",
+            type=Path,
+            default=FAST_PRESET,
+            help="the fast recipe's preset (runs of another preset: another --work, since finished runs are reused "
+            "by name); bench/tiny_fast_before_tuning.yaml is the one the earlier tables measured",
+        )
     c = sub.choices["compare"]
     c.add_argument("--sizes", nargs="+", default=["4x128", "6x256"], help="LAYERSxWIDTH")
     c.add_argument("--base_steps", type=int, default=200)
@@ -990,15 +1098,19 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        help="'key=value,...' over tiny_fast.yaml; 'base:key=value,...' over tiny.yaml; '' = the preset",
+        help="'key=value,...' over --fast_preset; 'base:key=value,...' over tiny.yaml; '' = the preset",
     )
     t = sub.choices["timing"]
     t.add_argument("--sizes", nargs="+", default=["4x128", "6x256"])
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--warmup", type=int, default=3)
+    r = sub.add_parser("replot", help="the figures of recorded results, from their JSON")
+    r.add_argument("json", nargs="+", type=Path, help="bench/results/*.json")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(Path(args.corpus), Path(args.out), args.val_tokens, args.max_tokens)
+    elif args.command == "replot":
+        replot(args.json)
     else:
         commands = {"compare": compare, "horizons": horizons, "widths": widths, "ablate": ablate, "timing": timing}
         failed = commands[args.command](args)

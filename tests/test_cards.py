@@ -7,6 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_model_card_states_the_run_and_the_reference_figures(tmp_path):
+    import torch
+    import transformers
     from huggingface_hub import ModelCard
 
     from gpt2_repro.base.config import TrainConfig
@@ -29,7 +31,18 @@ def test_model_card_states_the_run_and_the_reference_figures(tmp_path):
     )
     card = ModelCard.load(path)
     assert card.data.datasets == ["HuggingFaceFW/fineweb-edu"] and "custom_code" in card.data.tags
-    assert "step 500" in card.text and "3.5000" in card.text and f"{GPT2_124M['val_loss']}" in card.text
+    assert card.text.startswith("\n# GPT-2 (124M) trained from scratch on fineweb-edu (sample-10BT)\n")
+    assert "step 500 of 19,073" in card.text
+    # each figure says what it averages over; GPT-2's published loss sits beside it only on its own data
+    val_row = "| validation loss (first 10,485,760 tokens of the validation split, windows of 1,024) | 3.5000 |"
+    assert f"{val_row} {GPT2_124M['val_loss']} (10,485,760 tokens of the val shard" in card.text
+    assert "| HellaSwag acc_norm (10,042 of 10,042 examples) | 0.2512 |" in card.text
+    for section in ("## Evaluation during training", "## Intended use", "## Limitations", "## Framework versions"):
+        assert f"\n{section}\n" in card.text, section
+    assert (
+        f"- PyTorch {torch.__version__}\n" in card.text and f"- Transformers {transformers.__version__}\n" in card.text
+    )
+    assert "262,144,000 tokens of fineweb-edu (sample-10BT)" in card.text
     assert 'from_pretrained("me/gpt2-repro", trust_remote_code=True)' in card.text
     # the tokenizer too: AutoTokenizer reads the repo's config.json, whose class is the repo's code
     assert 'AutoTokenizer.from_pretrained("me/gpt2-repro", trust_remote_code=True)' in card.text
@@ -72,19 +85,22 @@ def test_model_card_of_local_data_names_no_local_path(tmp_path):
     assert str(tmp_path) not in text and "private" not in text
     card = ModelCard.load(path)
     assert card.data.datasets is None and "custom_code" not in card.data.tags
-    assert "local text (`corpus.txt`)" in card.text and "| validation loss | 6.2500 |" in card.text
+    assert "local text (`corpus.txt`)" in card.text and "# GPT-2 (124M) trained from scratch on corpus\n" in card.text
+    val_row = "| validation loss (first 10,485,760 tokens of the validation split, windows of 1,024) | 6.2500 |"
+    assert f"{val_row} - (its 3.2924 is on FineWeb-Edu sample-10BT: other text) |" in card.text  # not comparable
+    assert "4,096 tokens is a small fraction" in card.text  # a toy says so under Limitations
     assert 'from_pretrained("path/to/this/folder")' in card.text
     # The metadata's dataset type is a Hub id or absent: a local corpus gets no validation-loss entry there.
     splits = {r.metric_type: (r.dataset_type, r.dataset_split) for r in card.data.eval_results}
     assert splits == {"acc_norm": ("Rowan/hellaswag", "validation[:100]")}
-    assert "HellaSwag acc_norm (100 of 10,042 examples)" in card.text
+    assert "HellaSwag acc_norm (100 of 10,042 examples) | 0.3000 |" in card.text
 
 
 def test_update_model_card_replaces_the_trainers_results_and_keeps_the_rest(tmp_path):
     from huggingface_hub import ModelCard
 
     from gpt2_repro.base.config import TrainConfig
-    from gpt2_repro.publishing.cards import update_model_card, write_model_card
+    from gpt2_repro.publishing.cards import CARD_START, update_model_card, write_model_card
 
     source = {"dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT"}
     write_model_card(
@@ -106,7 +122,12 @@ def test_update_model_card_replaces_the_trainers_results_and_keeps_the_rest(tmp_
         ("Rowan/hellaswag", "acc_norm"): (0.28, "validation"),
         ("Rowan/hellaswag", "acc"): (0.27, "validation"),
     }
-    assert "# GPT-2 reproduction, step 8" in card.text and "measured" in card.text
+    assert "# GPT-2 (124M) trained from scratch on fineweb-edu (sample-10BT)" in card.text and "measured" in card.text
+    # next to the trainer's own evaluation, before the usage; replaced in place the next time
+    assert card.text.index("## Evaluation during training") < card.text.index("measured") < card.text.index("## Use")
+    update_model_card(tmp_path, "## Evaluation results\nagain", None, None)
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert "measured" not in text and text.index("again") < text.index("## Use") and text.count(CARD_START) == 1
 
 
 def test_the_card_of_a_muon_wsd_run_names_them_and_its_metadata_is_the_hubs(tmp_path):

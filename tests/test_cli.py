@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
         (EvaluateArgs, ["--model", "gpt2", "--model-card", "false"], ("model_card",), False),
         (EvaluateArgs, ["--model", "gpt2", "--trust_remote_code"], ("trust_remote_code",), True),
         (EvaluateArgs, ["--model", "gpt2", "--limit", "none"], ("limit",), None),
+        (TrainConfig, ["--report_to", "none"], ("run", "log_with"), "none"),  # Trainer's name for --log_with
+        (TrainConfig, ["--report-to", "wandb", "--log_with", "wandb"], ("run", "log_with"), "wandb"),
     ],
 )
 def test_every_script_takes_the_same_spellings(cls, argv, where, expected):
@@ -50,7 +52,7 @@ def test_unknown_options_get_a_did_you_mean_in_every_script(capsys):
 
 
 def test_values_are_typed_and_choices_checked():
-    with pytest.raises(ConfigError, match="--val_tokens: expected int, got 'many'"):
+    with pytest.raises(ConfigError, match="--val_tokens: expected int or null, got 'many'"):
         parse(EvaluateArgs, ["--model", "m", "--val_tokens", "many"])
     with pytest.raises(ConfigError, match="--device: expected one of auto, cpu, cuda, got 'gpu'"):
         parse(EvaluateArgs, ["--model", "m", "--device", "gpu"])
@@ -58,6 +60,11 @@ def test_values_are_typed_and_choices_checked():
         parse(PrepConfig, ["--dataset", "x.txt"])
     with pytest.raises(ConfigError, match="--batch_size must be a positive integer"):
         parse(EvaluateArgs, ["--model", "m", "--batch_size", "0"])
+
+
+def test_an_alias_and_its_option_with_different_values_are_refused():
+    with pytest.raises(ConfigError, match=r"--report_to is another name for --log_with.*\('none', 'wandb'\)"):
+        parse(TrainConfig, ["--log_with", "wandb", "--report_to", "none"])
 
 
 def test_yaml_presets_for_flat_and_sectioned_configs(tmp_path):
@@ -84,6 +91,8 @@ def test_help_lists_each_option_with_its_type_and_default():
         proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0 and option in proc.stdout and "--config" in proc.stdout
         assert option.replace("_", "-") in proc.stdout  # the dashed alias
+        if script == "train.py":  # Trainer's name beside ours
+            assert "--report_to STR, --report-to STR" in proc.stdout and "the same as --log_with" in proc.stdout
 
 
 def _exit_of(main, argv=(), **env):

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 
 from gpt2_repro.evaluation.scoring import score_hellaswag, validation_loss
 from gpt2_repro.publishing.cards import CARD_START
+from runs import MAX_STEPS, read_metrics
 from synthetic import SEQ_LEN, VAL_WINDOWS, tiny_repro, write_jsonl
 from synthetic import hellaswag_examples as make_examples
 
@@ -77,11 +78,13 @@ def test_cli_end_to_end(saved, val_dir, gpt2_encoding, repro, tmp_path):
     cmp = results["compare"]  # the stock export, evaluated on the same data: the same numbers
     assert cmp["evaluated"] and cmp["val_loss"] == pytest.approx(want_val, rel=1e-6)
     assert cmp["hellaswag_acc_norm"] == want_hs["acc_norm"]
-    assert f"| `{saved / 'export-gpt2'}`, evaluated here on the same data |" in proc.stdout
-    assert "| OpenAI GPT-2 124M, published | 3.2924 | 0.2955 | 0.2859 |" in proc.stdout
-    assert "| OpenAI GPT-3 124M, published | - | 0.3370 |" in proc.stdout
-    png = Path(results["plot"])  # the run's metrics.jsonl, found two levels up from the model folder
-    assert png == out.with_suffix(".png") and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| `export-gpt2`, evaluated here on the same data |" in proc.stdout  # by name, as in the JSON and card
+    assert "| OpenAI GPT-2 124M, published | 3.2924 | 10,485,760 of FineWeb-Edu sample-10BT | 0.2955 |" in proc.stdout
+    assert "| OpenAI GPT-3 124M, published | - | - | 0.3370 |" in proc.stdout
+    assert f"| this model (`export`) | {want_val:.4f} | {SEQ_LEN * VAL_WINDOWS:,} |" in proc.stdout  # its token count
+    png = out.with_suffix(".png")  # the run's metrics.jsonl, found two levels up from the model folder
+    assert results["plot"] == png.name and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["model"] == "export" and str(tmp_path) not in out.read_text()  # no path of this machine
     card = (saved / "export" / "README.md").read_text()
     assert "Notes that must survive." in card and CARD_START in card and f"{want_hs['acc_norm']:.4f}" in card
     assert str(saved) not in card and "| this model (`export`) |" in card  # no local path
@@ -119,7 +122,52 @@ def test_cli_offline_without_hellaswag_warns_and_falls_back(saved, val_dir, tmp_
     assert results["val_loss"] > 0 and results["hellaswag_acc"] is None and results["hellaswag_examples"] == 0
     assert results["compare"]["evaluated"] is False and results["compare"]["val_loss"] == 3.2924
     assert "`gpt2` could not be loaded here" in proc.stdout and "evaluated here" not in proc.stdout
+    # why, in general terms: transformers' own text about this machine's connection stays in the warning
+    assert results["compare"]["reason"] == "not in the local cache, and the Hub could not be reached"
+    assert "couldn't connect" in proc.stderr and "couldn't connect" not in out.read_text() + proc.stdout
+    assert "--val_tokens" not in proc.stderr  # given: no default to explain
     assert not (saved / "export-gpt2" / "README.md").exists()
+
+
+@pytest.mark.slow
+def test_a_runs_export_is_evaluated_on_the_tokens_the_run_evaluated(reference, tmp_path):
+    """Neither --data_dir nor --val_tokens: evaluate_gpt2.py on a run's export scores what the trainer scored (the
+    run's data, budget and windows, read from its newest checkpoint's run state), says so, and gets the trainer's
+    figure; the card says both figures are over the same tokens. On another budget it says why they differ. What
+    is published (the JSON, the card) names no path of this machine and no exception text."""
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run, symlinks=True)
+    _, evals = read_metrics(run)
+    env = {"GPT2_REPRO_CACHE": tmp_path / "cache", "HF_HOME": tmp_path / "hf"}
+    env["GPT2_REPRO_HELLASWAG_URL"] = "http://127.0.0.1:9/hellaswag_val.jsonl"  # offline: skipped with a warning
+    proc = run_cli("--model", run / "export", "--device", "cpu", "--compare", "gpt2", **env)
+    assert "--data_dir unset: the training run's data" in proc.stderr
+    assert "--val_tokens unset: the 512 tokens the training run evaluated, in windows of 32" in proc.stderr
+    results = json.loads((run / "export" / "eval_results.json").read_text())
+    assert (results["val_tokens"], results["seq_len"]) == (512, 32) and results["run_eval"]["same_tokens"]
+    assert results["val_loss"] == pytest.approx(evals[MAX_STEPS]["val_loss"], rel=1e-6)
+    card = (run / "export" / "README.md").read_text()
+    trainer_row = (
+        f"| validation loss (first 512 tokens of the validation split, windows of 32) | {results['val_loss']:.4f}"
+    )
+    assert trainer_row in card and f"| this model (`export`) | {results['val_loss']:.4f} | 512 |" in card
+    assert f"These are the tokens the training run evaluated: its own figure was {evals[16]['val_loss']:.4f}" in card
+    assert card.index("## Evaluation during training") < card.index("## Evaluation results") < card.index("## Use")
+    published = card + (run / "export" / "eval_results.json").read_text()
+    assert str(tmp_path) not in published and "couldn't connect" not in published
+    assert "not in the local cache, and the Hub could not be reached" in card
+    # Another budget on the same data: the difference from the trainer's figure is explained, not left to puzzle.
+    checkpoint = run / "checkpoints" / "step_00000012"
+    proc = run_cli(
+        "--model", checkpoint, "--device", "cpu", "--val_tokens", 256, "--output", tmp_path / "r.json", **env
+    )
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert (results["val_tokens"], results["run_eval"]["same_tokens"]) == (256, False)
+    assert (
+        "The training run evaluated other tokens (the first 512 of its validation data, windows of 32): its "
+        in (checkpoint / "README.md").read_text()
+    )
+    assert f"{evals[12]['val_loss']:.4f} at step 12 averages over other text" in (checkpoint / "README.md").read_text()
 
 
 @pytest.mark.slow

@@ -1,6 +1,16 @@
 """evaluation/reports.py: the model card's evaluation section, the training curves read from metrics.jsonl."""
 
-from gpt2_repro.evaluation.reports import plot_training_curves, read_curves, write_results_to_card
+import json
+
+import yaml
+
+from gpt2_repro.evaluation.reports import (
+    format_tokens,
+    plot_training_curves,
+    read_curves,
+    training_curves_figure,
+    write_results_to_card,
+)
 from gpt2_repro.publishing.cards import CARD_START
 
 
@@ -46,3 +56,46 @@ def test_the_plot_shows_training_and_validation_loss_and_says_why_a_panel_is_emp
     assert plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "b.png", {"model": "x"}) is not None
     (tmp_path / "empty.jsonl").write_text("")
     assert plot_training_curves(tmp_path / "empty.jsonl", tmp_path / "c.png", {"model": "x"}) is None
+
+
+def _run_on(folder, source, rows):
+    """A run folder trained on the data whose data_prep.py manifest records `source`, with metrics.jsonl `rows`."""
+    data, run = folder / "data", folder / "run"
+    data.mkdir(parents=True)
+    run.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"source": source}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"data_dir": str(data), "dataset": None}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run / "metrics.jsonl"
+
+
+def test_the_published_gpt2_loss_is_drawn_only_over_its_own_data_and_tokens_read_as_50K(tmp_path):
+    """OpenAI GPT-2's 3.2924 was measured on FineWeb-Edu sample-10BT: a run on other text gets no such line (which
+    would also stretch the axis down to 3) but a note, a run on FineWeb-Edu gets it, and a model evaluated here on
+    the run's own data is drawn instead. Token ticks read 100K, not 100000."""
+    rows = [{"step": s, "loss": 10.0 - s / 50, "tokens": 2048 * s} for s in range(1, 201)]
+    rows += [{"step": s, "val_loss": 8.0 - s / 100} for s in (50, 100, 150, 200)]
+    text = {"dataset": "/home/me/data/tinyshakespeare.txt", "data_files": ["/home/me/data/tinyshakespeare.txt"]}
+    fig = training_curves_figure(_run_on(tmp_path / "a", text, rows), {"model": "export"})
+    ax = fig.axes[0]
+    assert not [label for label in ax.get_legend_handles_labels()[1] if "GPT-2" in label]
+    assert ax.get_ylim()[0] > 5.5  # the data's range, not stretched to a line at 3.29
+    assert "this run's data is tinyshakespeare" in " ".join(t.get_text() for t in ax.texts)
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert "200K" in ticks and "400K" in ticks and not [t for t in ticks if "000" in t], ticks
+    fineweb = {"dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train"}
+    fig = training_curves_figure(_run_on(tmp_path / "b", fineweb, rows), {"model": "export"})
+    assert "OpenAI GPT-2 124M (published): 3.2924" in fig.axes[0].get_legend_handles_labels()[1]
+    compared = {"model": "export", "compare": {"model": "gpt2", "evaluated": True, "val_loss": 6.5}}
+    compared["run_eval"] = {"same_data": True, "same_tokens": True}
+    fig = training_curves_figure(_run_on(tmp_path / "c", text, rows), compared)
+    assert "gpt2 (evaluated here): 6.5000" in fig.axes[0].get_legend_handles_labels()[1]
+    assert [format_tokens(n) for n in (0, 512, 50_000, 1_500_000, 1e6, 10e9)] == [
+        "0",
+        "512",
+        "50K",
+        "1.5M",
+        "1M",
+        "10B",
+    ]

@@ -44,6 +44,27 @@ def test_a_short_run_learns_and_logs_everything(reference):
     trainer = TrainerState.load_from_json(str(run / "checkpoints" / "step_00000016" / "trainer_state.json"))
     assert trainer.global_step == MAX_STEPS and trainer.num_input_tokens_seen == MAX_STEPS * 256
     assert trainer.max_steps == MAX_STEPS and trainer.log_history[-1]["eval_loss"] == evals[16]["val_loss"]
+    # its log_history is the run's history up to the checkpoint, training and evaluation, under Trainer's names
+    history = trainer.log_history
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, MAX_STEPS + 1))
+    assert [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e] == [
+        (s, evals[s]["val_loss"]) for s in (4, 8, 12, 16)
+    ]
+    assert {k: history[0][k] for k in ("loss", "learning_rate", "grad_norm", "num_input_tokens_seen")} == {
+        "loss": first["loss"],
+        "learning_rate": first["lr"],
+        "grad_norm": first["grad_norm"],
+        "num_input_tokens_seen": 256,
+    }
+    assert "eval_hellaswag_acc_norm" in history[-1] and "val_loss" not in history[-1]
+    older = TrainerState.load_from_json(str(run / "checkpoints" / "step_00000012" / "trainer_state.json"))
+    assert max(e["step"] for e in older.log_history) == 12 and len(older.log_history) == 12 + 3
+    # Trainer's own lookup of the newest checkpoint finds it in the run folder: checkpoint-16, a link to it
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-16")
+    assert (run / "checkpoint-16").resolve() == (run / "checkpoints" / "step_00000016").resolve()
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-16"]  # the link moved on with each save
     card = (run / "export" / "README.md").read_text()
     assert "step 16" in card and f"{evals[16]['val_loss']:.4f}" in card and "trust_remote_code=True" in card
 

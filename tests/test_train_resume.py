@@ -53,7 +53,7 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(reference, data_
 
     ref_losses, _ = read_metrics(reference[0])
     run = tmp_path / "run"
-    shutil.copytree(reference[0], run)
+    shutil.copytree(reference[0], run, symlinks=True)  # as cp -a: checkpoint-N stays a link
     wandb_log = tmp_path / "wandb_init.jsonl"
     env = {"PYTHONPATH": str(_fake_wandb(tmp_path / "site")), "FAKE_WANDB_LOG": str(wandb_log)}
     args = ["--data_dir", str(data_dir), "--hellaswag", "false", "--log_with", "tensorboard,wandb"]
@@ -154,7 +154,7 @@ def test_a_resume_from_an_older_checkpoint_starts_a_new_line_and_keeps_the_old_o
     checkpoints/abandoned/ with its metrics lines (nothing is deleted), rotation keeps the new line's checkpoints,
     --resume latest continues the new line, and metrics.jsonl and run_info.json say which line each step is."""
     run = tmp_path / "run"
-    shutil.copytree(reference[0], run)
+    shutil.copytree(reference[0], run, symlinks=True)
     old_16 = (run / "checkpoints" / "step_00000016" / "model.safetensors").read_bytes()
     args = ["--data_dir", str(data_dir), "--hellaswag", "false", "--num_samples", "0", "--checkpoint_every", "2"]
     first = run_training([*args, "--resume", str(run / "checkpoints" / "step_00000012"), "--max_lr", "5e-3"], run)
@@ -214,16 +214,23 @@ def test_every_kind_of_unreadable_checkpoint_is_named(reference, tmp_path):
 def test_a_stale_export_and_leftovers_of_an_interrupted_save_are_mended_at_start(reference, data_dir, tmp_path):
     """A run killed after committing its last checkpoint and before linking export/ left export/ and export-gpt2/ at
     the previous checkpoint and a .trash- folder: the next start relinks them to the newest checkpoint and cleans
-    up, even when there is nothing left to train."""
+    up, even when there is nothing left to train. So for the checkpoint-N link that Trainer's tools look for: a run
+    from before it existed gets it, a stale or half-made one is replaced, and a folder of that name is left alone."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     from gpt2_repro.base.atomic_io import link_tree
 
     run = tmp_path / "run"
-    shutil.copytree(reference[0], run)
+    shutil.copytree(reference[0], run, symlinks=True)
     older = run / "checkpoints" / "step_00000012"
     link_tree(older, run / "export", names=ckpt.model_files(older))  # the state such a kill leaves
     link_tree(older / "export-gpt2", run / "export-gpt2")
     (run / "checkpoints" / ".trash-step_00000008").mkdir()
     (run / "checkpoints" / ".tmp-step_00000020").mkdir()
+    (run / "checkpoint-16").unlink()  # a run folder written before the link existed, or a kill before it was made
+    (run / "checkpoint-12").symlink_to("checkpoints/step_00000012")  # stale
+    (run / ".tmp-checkpoint-16").symlink_to("checkpoints/step_00000016")  # half-made
+    (run / "checkpoint-3").mkdir()  # not ours to delete
     proc = run_training(["--data_dir", str(data_dir), "--hellaswag", "false", "--resume", "latest"], run)
     assert "export/ and export-gpt2/ were behind" in proc.stdout + proc.stderr
     newest = run / "checkpoints" / "step_00000016"
@@ -232,6 +239,10 @@ def test_a_stale_export_and_leftovers_of_an_interrupted_save_are_mended_at_start
     for name in os.listdir(run / "export-gpt2"):
         assert os.path.samefile(run / "export-gpt2" / name, newest / "export-gpt2" / name), name
     assert not list((run / "checkpoints").glob(".*"))
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-16") and os.readlink(run / "checkpoint-16") == str(
+        Path("checkpoints") / "step_00000016"
+    )
+    assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-16", "checkpoint-3"]
 
 
 @pytest.mark.slow
@@ -239,7 +250,7 @@ def test_an_unreadable_checkpoint_is_skipped_by_latest_and_refused_by_path(refer
     """A truncated model.safetensors in the newest checkpoint: --resume latest says so on one line and resumes the
     older one, which gives the reference's losses; naming the broken one is an error that names the older ones."""
     run = tmp_path / "run"
-    shutil.copytree(reference[0], run)
+    shutil.copytree(reference[0], run, symlinks=True)
     broken = run / "checkpoints" / "step_00000016"
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -38,9 +38,10 @@ from .errors import EXPECTED, ConfigError, Stop, describe_environment_error
 DEBUG_ENV = "GPT2_REPRO_DEBUG"  # =1: tracebacks for expected errors too (like --debug)
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = ""):
-    """A dataclass field with the help text of its option. No default: the option is required."""
-    return field(default=default, metadata={"help": help})
+def opt(default: Any = dataclasses.MISSING, help: str = "", aliases: tuple[str, ...] = ()):
+    """A dataclass field with the help text of its option. No default: the option is required. `aliases`: other
+    names of the option on the command line (another tool's name for it, e.g. Trainer's `report_to`)."""
+    return field(default=default, metadata={"help": help, "aliases": aliases})
 
 
 # ----------------------------------------------------------------------------------------------- types
@@ -286,6 +287,9 @@ def _add_option(group, name: str, f: dataclasses.Field, tp) -> None:
         help=f"{f.metadata.get('help', '')} [{_type_name(tp)}; {shown}]".strip(),
         **extra,
     )
+    for alias in f.metadata.get("aliases", ()):  # a dest of its own: `parse` refuses two different values
+        flags = [f"--{alias}"] + ([f"--{alias.replace('_', '-')}"] if "_" in alias else [])
+        group.add_argument(*flags, dest=alias, metavar=metavar, help=f"the same as --{name}", **extra)
 
 
 def _extra_index(cls, extra) -> dict[str, tuple[None, dataclasses.Field, Any]]:
@@ -325,6 +329,15 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None, ad
         parser.error(f"unknown option {flag!r}.{hint} See --help for the full list.")
     values = vars(args)
     values.pop("debug", None)  # read by `run` from the command line itself
+    for name, (_, f, _) in option_index(cls).items():
+        for alias in f.metadata.get("aliases", ()):
+            if alias in values:
+                given = values.pop(alias)
+                if values.setdefault(name, given) != given:
+                    raise ConfigError(
+                        f"--{alias} is another name for --{name}, and they were given different values "
+                        f"({given!r}, {values[name]!r}): give one of them."
+                    )
     preset = values.pop("config", None)
     if extra is None:
         return build(cls, preset, adjust(values) if adjust else values)

@@ -273,7 +273,9 @@ class RunConfig:
     )
     tf32: bool = opt(True, "allow TF32 matmuls on CUDA")
     cpu_threads: int | None = opt(None, "CPU runs: torch threads per process (default: physical cores / processes)")
-    log_with: str = opt("tensorboard", "trackers: tensorboard, wandb, all, none, or a comma list")
+    log_with: str = opt(
+        "tensorboard", "trackers: tensorboard, wandb, all, none, or a comma list", aliases=("report_to",)
+    )  # --report_to: the name Trainer users know
     project_name: str = opt("gpt2-repro", "tracker project name")
     peak_tflops: float | None = opt(None, "peak bf16 TFLOP/s per device for MFU (default: known-GPU table)")
 

@@ -1,6 +1,7 @@
 """The run folder (`--output_dir`): the one object that names what it holds, and its own bookkeeping.
 
     checkpoints/     complete training states (checkpointing/), each a model folder too
+    checkpoint-N     a link to the newest of them, under the name transformers' Trainer gives its checkpoints
     export/          the newest checkpoint's model (hard links), export-gpt2/ the same as a stock GPT2LMHeadModel
     metrics.jsonl    one strict-JSON line per optimizer step and per evaluation
     config.yaml      the resolved config of the newest attempt (re-runnable with --config)
@@ -10,7 +11,8 @@
 
 - `RunFolder.claim`: the folder's lock, held by the main process for the whole run.
 - `RunFolder.room_problem`: whether the disk can hold a checkpoint (free space, the file-size limit).
-- `RunFolder.append_metrics` / `truncate_metrics`: metrics.jsonl, whose lines after a resumed step are redone.
+- `RunFolder.append_metrics` / `truncate_metrics`: metrics.jsonl, whose lines after a resumed step are redone;
+  `log_history`: its lines as transformers' TrainerState keeps them (Trainer's names: `trainer_log_entry`).
 - `RunFolder.record_run` / `record_attempt`: config.yaml and run_info.json, written once every check has passed;
   run_info.json keeps the facts of the newest attempt at its top level plus `attempts`, one entry per start or
   resume with what changed since the previous one.
@@ -32,6 +34,32 @@ from .errors import RunError, describe_environment_error
 from .lock import RunLock
 
 STOCK_EXPORT = "export-gpt2"  # the stock GPT2LMHeadModel: in the run folder, and inside each checkpoint
+
+# metrics.jsonl's names -> the trackers' (TensorBoard, W&B): the Trainer's namespaces and, where it has one, its name,
+# so dashboards that overlay Trainer runs line up.
+TRACKER_NAMES = {
+    "loss": "train/loss",
+    "lr": "train/learning_rate",
+    "muon_lr": "train/muon_learning_rate",
+    "grad_norm": "train/grad_norm",
+    "tokens": "train/num_input_tokens_seen",
+    "tokens_per_sec": "train/tokens_per_second",
+    "step_time_ms": "train/step_time_ms",
+    "mfu": "train/mfu",
+    "skipped": "train/skipped",
+    "line": "train/line",
+    "val_loss": "eval/loss",
+    "hellaswag_acc_norm": "eval/hellaswag_acc_norm",
+    "hellaswag_acc": "eval/hellaswag_acc",
+}
+
+
+def trainer_log_entry(row: dict) -> dict:
+    """A metrics.jsonl row as an entry of transformers' `TrainerState.log_history`: Trainer's names, as its own logs
+    carry them before a tracker adds the namespace (`loss`, `learning_rate`, `grad_norm`, `num_input_tokens_seen`;
+    an evaluation's `eval_loss`, `eval_hellaswag_acc_norm`), and `step`."""
+    named = {k: TRACKER_NAMES.get(k, k) for k in row}
+    return {name.replace("train/", "", 1).replace("eval/", "eval_", 1): row[k] for k, name in named.items()}
 
 
 class RunFolder:
@@ -109,6 +137,11 @@ class RunFolder:
         """Drop the lines of steps after `step` (run after the checkpoint a start resumes from: they are redone)."""
         if self.metrics.is_file():
             write_atomic(self.metrics, "".join(row + "\n" for row in self.metrics_rows() if step_of(row) <= step))
+
+    def log_history(self, step: int) -> list[dict]:
+        """metrics.jsonl's lines up to `step` (every training step and evaluation of the run's current line: a resume
+        drops the lines it redoes, a new line moves the old one's away) as Trainer's `log_history`."""
+        return [trainer_log_entry(json.loads(row)) for row in self.metrics_rows() if step_of(row) <= step]
 
     # ------------------------------------------------------------------------------------------ attempt history
 

@@ -13,8 +13,9 @@ rotating them, the exports kept current, the lines of training, and what a stopp
 A checkpoint is itself a model folder (`save_model_files`); accelerate's save_state adds the optimizer, RNG states
 and its micro-step counter (not the weights: see `register_weight_hooks`); next to them go each process's data
 position, run_state.json (what a resume needs) and trainer_state.json (the same in transformers' TrainerState
-layout). The run's export/ and export-gpt2/ are hard links to the newest checkpoint's model files, uploaded to the
-Hub when asked. Folder layout and guarantees: `folders.py`.
+layout, with the run's metrics as its log_history). The run's export/ and export-gpt2/ are hard links to the newest
+checkpoint's model files, uploaded to the Hub when asked, and its checkpoint-<step> a symbolic link to the newest
+checkpoint, under the name Trainer gives its checkpoints. Folder layout and guarantees: `folders.py`.
 
 Lines of training: a resume from a checkpoint older than the folder's newest starts a new line. The checkpoints of
 the line it leaves (those after the resumed step) move to `checkpoints/abandoned/line-<N>-after-step_<S>/`, with
@@ -47,6 +48,7 @@ from .folders import (
     checkpoint_bytes,
     checkpoint_problem,
     commit_checkpoint,
+    link_newest_checkpoint,
     list_checkpoints,
     load_model_weights,
     model_files,
@@ -289,6 +291,8 @@ class Checkpoints:
         checkpoint's again if they are not (a run killed after committing a checkpoint and before linking it left
         them at the previous one, for good)."""
         remove_leftovers(self.folder)
+        if problem := link_newest_checkpoint(self.folder):  # runs saved before the link existed get it here
+            log(f"warning: {problem}")
         saved = list_checkpoints(self.folder.checkpoints)
         if not saved:
             return
@@ -361,14 +365,12 @@ class Checkpoints:
 
     def _trainer_state(self, run_state: dict) -> dict:
         """The run state in the layout of transformers' TrainerState (`TrainerState.load_from_json` reads it), for the
-        tools that read a Trainer checkpoint's trainer_state.json: step, tokens, intervals, the latest evaluation."""
+        tools that read a Trainer checkpoint's trainer_state.json: step, tokens, intervals, and as `log_history` the
+        run's metrics up to this step, training steps and evaluations, under Trainer's names (`loss`,
+        `learning_rate`, `grad_norm`, `eval_loss`, ...; RunFolder.log_history)."""
         from transformers import TrainerState
 
-        cfg, history = self.cfg, []
-        if run_state.get("val_loss") is not None:
-            history.append({"step": run_state["val_step"], "eval_loss": run_state["val_loss"]})
-            if run_state.get("hellaswag_acc_norm") is not None:
-                history[-1]["eval_hellaswag_acc_norm"] = run_state["hellaswag_acc_norm"]
+        cfg, history = self.cfg, self.folder.log_history(run_state["step"])
         state = TrainerState(
             global_step=run_state["step"],
             max_steps=cfg.optim.max_steps,
@@ -408,6 +410,7 @@ class Checkpoints:
         if acc.is_main_process:
             final = commit_checkpoint(tmp, self.cfg.checkpoint.keep_last)
             self._link_exports(final)
+            link_newest_checkpoint(self.folder)  # a failure was said once at start (_refresh_exports)
             if self.uploader:
                 self.uploader.submit(self.folder.export, f"step {step}")
                 self.uploader.submit(self.folder.stock_export, f"step {step}", revision=STOCK_GPT2_BRANCH)

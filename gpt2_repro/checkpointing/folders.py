@@ -9,6 +9,10 @@ Layout of the run folder's checkpoints:
     checkpoints/abandoned/...       checkpoints of a line of training that a resume from an older checkpoint left
                                     (checkpoints.py), kept, never taken as `latest` nor rotated
     export/, export-gpt2/           hard-linked copies of the newest checkpoint's model files (no extra disk space)
+    checkpoint-500 -> checkpoints/step_00000500
+                                    a relative symbolic link to the newest checkpoint under the name transformers'
+                                    Trainer gives its own, so `transformers.trainer_utils.get_last_checkpoint(
+                                    output_dir)` finds it (`link_newest_checkpoint`)
 
 Inside a checkpoint, the model is saved once, as transformers saves it: config.json, model.safetensors,
 generation_config.json, modeling_gpt2_repro.py (remote code), the tokenizer and README.md (model card) at the
@@ -38,9 +42,10 @@ from pathlib import Path
 
 from ..base.atomic_io import remove_tree
 from ..base.errors import NotFound
-from ..base.run_folder import RunFolder
+from ..base.run_folder import STOCK_EXPORT, RunFolder
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+TRAINER_NAME_RE = re.compile(r"^checkpoint-(\d+)$")  # transformers' trainer_utils: PREFIX_CHECKPOINT_DIR-<step>
 RUN_STATE = "run_state.json"  # ours: optimizer step, tokens seen, process count, line, config, model files
 TRAINER_STATE = "trainer_state.json"  # transformers' TrainerState (before run_state.json existed: ours)
 ABANDONED = "abandoned"  # checkpoints/abandoned/: lines of training left by a resume from an older checkpoint
@@ -72,6 +77,8 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
         found = list_checkpoints(root)
         return found[-1][1] if found else None
     path = Path(resume).expanduser()
+    if path.is_symlink():  # the run folder's checkpoint-N: its checkpoint, whose siblings are the run's others
+        path = path.resolve()
     if path.is_dir() and not is_checkpoint(path) and list_checkpoints(path / "checkpoints"):
         return list_checkpoints(path / "checkpoints")[-1][1]  # a run folder: its newest checkpoint
     if not is_checkpoint(path):
@@ -97,6 +104,45 @@ def read_run_state(checkpoint: str | Path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{folder / TRAINER_STATE} holds no run state (and there is no {RUN_STATE})")
     return state
+
+
+def training_run_of(model: str | Path) -> tuple[dict | None, str]:
+    """(the run state of the checkpoint a model folder is, with its config; None when there is none) and where it
+    was read, or why there is none.
+
+    The model folder may be a checkpoint, its export-gpt2/, the run folder's checkpoint-N link, or the run folder's
+    export/ or export-gpt2/ while they hold the newest checkpoint's weights (as the trainer keeps them).
+    """
+    folder = Path(model)
+    checkpoint = folder.parent if folder.name == STOCK_EXPORT and is_checkpoint(folder.parent) else folder
+    if not is_checkpoint(checkpoint):
+        run = RunFolder(folder.parent)
+        if folder.name not in (run.export.name, run.stock_export.name) or not run.config.is_file():
+            return None, f"{folder.name} is not a checkpoint or an export of a gpt2-repro training run"
+        saved = list_checkpoints(run.checkpoints)
+        if not saved:
+            return None, f"{folder.name} is in a run folder that holds no checkpoint"
+        checkpoint = saved[-1][1]
+        weights = (checkpoint if folder == run.export else checkpoint / STOCK_EXPORT) / "model.safetensors"
+        if not _same_file(folder / "model.safetensors", weights):
+            return None, f"{folder.name}/ does not hold the run's newest checkpoint ({checkpoint.name})"
+    try:
+        state = read_run_state(checkpoint)
+    except (OSError, ValueError) as e:
+        return None, f"the run state of {checkpoint.name} cannot be read ({type(e).__name__})"
+    if not isinstance(state.get("config"), dict):
+        return None, f"the run state of {checkpoint.name} predates the saved config"
+    return state, str(checkpoint)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are the same file (a hard link) or equal copies."""
+    import filecmp
+
+    try:
+        return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def model_files(checkpoint: str | Path) -> list[str]:
@@ -209,9 +255,48 @@ def commit_checkpoint(tmp: Path, keep_last: int) -> Path:
 
 def remove_leftovers(folder: RunFolder) -> None:
     """Remove what an interrupted save, rotation or export link left: .tmp- and .trash- folders of checkpoints
-    and of the exports (complete checkpoints and exports are never under those names)."""
+    and of the exports, a half-made checkpoint-N link (complete checkpoints and exports are never under those
+    names)."""
     for leftover in [*folder.checkpoints.glob(".t*-step_*"), *folder.root.glob(".t*-export*")]:
         shutil.rmtree(leftover, ignore_errors=True)
+    for link in folder.root.glob(".tmp-checkpoint-*"):
+        if link.is_symlink():
+            link.unlink()
+
+
+def link_newest_checkpoint(folder: RunFolder) -> str | None:
+    """Point <run folder>/checkpoint-<step> at the newest complete checkpoint (a relative symbolic link, which a
+    moved or copied run folder keeps) and remove the links to older ones; returns why the link could not be made,
+    or None.
+
+    transformers' Trainer saves `output_dir/checkpoint-<step>`, and the tools made for it look for the newest with
+    `trainer_utils.get_last_checkpoint(output_dir)`: the link makes them find this run's newest checkpoint, a model
+    folder with trainer_state.json, without a second copy and without renaming the step_N folders that runs already
+    hold. Only links are replaced or removed, never a folder of that name.
+    """
+    saved = list_checkpoints(folder.checkpoints)
+    want = None
+    if saved:
+        step, newest = saved[-1]
+        want, target = folder.root / f"checkpoint-{step}", os.path.relpath(newest, folder.root)
+        if not (want.is_symlink() and os.readlink(want) == target):
+            tmp = folder.root / f".tmp-checkpoint-{step}"
+            try:
+                if tmp.is_symlink():
+                    tmp.unlink()
+                os.symlink(target, tmp, target_is_directory=True)
+                os.replace(tmp, want)  # atomic: the name never points nowhere
+            except OSError as e:
+                if tmp.is_symlink():
+                    tmp.unlink()
+                return (
+                    f"could not link {want} to the newest checkpoint ({e.strerror or e}): tools that look for "
+                    f"Trainer's checkpoint-N names will not find it; {newest} is complete"
+                )
+    for old in folder.root.glob("checkpoint-*"):
+        if old != want and old.is_symlink() and TRAINER_NAME_RE.match(old.name):
+            old.unlink()
+    return None
 
 
 def checkpoint_bytes(n_params: int) -> int:

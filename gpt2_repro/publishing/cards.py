@@ -14,7 +14,14 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..base.atomic_io import write_atomic
-from ..base.published import GPT2_124M, HELLASWAG_HUB_ID, HELLASWAG_VAL_SIZE
+from ..base.published import (
+    BUILD_NANOGPT_VAL_TOKENS,
+    DEFAULT_DATASET_CONFIGS,
+    FINEWEB_EDU,
+    GPT2_124M,
+    HELLASWAG_HUB_ID,
+    HELLASWAG_VAL_SIZE,
+)
 from .hub import STOCK_GPT2_BRANCH
 
 
@@ -37,6 +44,33 @@ def describe_dataset(source: dict | None) -> tuple[str, str | None]:
         more = f" ({', '.join(details)})" if details else ""
         return f"[{dataset}](https://huggingface.co/datasets/{dataset}){more}", dataset
     return f"local text (`{Path(dataset.rstrip('/')).name}`)", None
+
+
+def dataset_short_name(source: dict | None) -> str:
+    """The data in a few words, for a title: a Hub dataset's name (and config), a local corpus's file or folder
+    name without its suffix; never a path."""
+    if not source or not source.get("dataset"):
+        return "locally prepared token shards"
+    dataset = str(source["dataset"]).rstrip("/")
+    if source.get("data_files") is None and re.fullmatch(r"[\w.-]+/[\w.-]+", dataset):
+        return dataset.split("/")[-1] + (f" ({source['name']})" if source.get("name") else "")
+    return Path(dataset).stem
+
+
+def is_gpt2_val_data(source: dict | None) -> bool:
+    """Whether `source` is the data of OpenAI GPT-2 124M's published validation loss (FineWeb-Edu sample-10BT, what
+    data_prep.py prepares by default): the only data that figure can be compared with."""
+    if not source or source.get("dataset") != FINEWEB_EDU or source.get("data_files") is not None:
+        return False
+    return (source.get("name") or DEFAULT_DATASET_CONFIGS[FINEWEB_EDU]) == DEFAULT_DATASET_CONFIGS[FINEWEB_EDU]
+
+
+def published_val_loss(source: dict | None) -> str:
+    """OpenAI GPT-2 124M's published validation loss as a table cell: the figure where `source` is its data, else
+    why there is none to compare with."""
+    if is_gpt2_val_data(source):
+        return f"{GPT2_124M['val_loss']} ({BUILD_NANOGPT_VAL_TOKENS:,} tokens of the val shard, windows of 1,024)"
+    return f"- (its {GPT2_124M['val_loss']} is on FineWeb-Edu sample-10BT: other text)"
 
 
 def eval_results(
@@ -152,9 +186,9 @@ def write_model_card(
     )
     revision = STOCK_GPT2_BRANCH if stock_gpt2 else None
     body = (
-        _card_intro(config, step, repo_id, stock_gpt2)
+        _card_intro(config, step, repo_id, stock_gpt2, data_source)
         + _training_section(config, step, tokens, data_text)
-        + _evaluation_table(step, val_loss, val_step, hellaswag_acc_norm, hellaswag_examples)
+        + _evaluation_section(config, val_loss, val_step, hellaswag_acc_norm, hellaswag_examples, data_source)
         + f"""
 ## Use
 ```python
@@ -163,14 +197,27 @@ ids = tokenizer("Hello, I'm a language model,", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=32, do_sample=True, top_k=50)[0]))
 ```
 """
+        + _use_and_limitations(config, tokens, data_source)
+        + _framework_versions()
     )
     path = Path(folder) / "README.md"
     write_atomic(path, str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")))
     return path
 
 
-def _card_intro(config: dict, step: int, repo_id: str | None, stock_gpt2: bool) -> str:
-    """The card's title and first paragraph: the model's shape, what this folder holds, where the other export is."""
+def model_size(model: dict) -> str:
+    """The parameter count of a `model:` section in words: 7M, 124M, 1.6B."""
+    from types import SimpleNamespace
+
+    from ..base.config import parameter_count
+
+    n = parameter_count(SimpleNamespace(**model))
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _card_intro(config: dict, step: int, repo_id: str | None, stock_gpt2: bool, data_source: dict | None) -> str:
+    """The card's title (the model's size and data) and first paragraph: the model's shape, what this folder holds,
+    where the other export is."""
     model, data = config["model"], config["data"]
     fmt = "a stock `GPT2LMHeadModel` (plain transformers)" if stock_gpt2 else "our `GPT2ReproForCausalLM` (remote code)"
     other = (
@@ -179,13 +226,14 @@ def _card_intro(config: dict, step: int, repo_id: str | None, stock_gpt2: bool) 
         if repo_id and not stock_gpt2
         else ""
     )
-    params = 12 * model["n_layer"] * model["n_embd"] ** 2 + model["vocab_size"] * model["n_embd"]
+    size = model_size(model)
     return f"""
-# GPT-2 reproduction, step {step:,}
+# GPT-2 ({size}) trained from scratch on {dataset_short_name(data_source)}
 
 A GPT-2 language model ({model["n_layer"]} layers, {model["n_head"]} heads, width {model["n_embd"]},
-context {data["seq_len"]}, about {params / 1e6:.0f}M parameters) trained from scratch with the `gpt2-repro`
-trainer (transformers + accelerate). This folder holds {fmt} and the GPT-2 tokenizer.
+context {data["seq_len"]}, {size} parameters) trained from scratch with the `gpt2-repro` trainer (transformers +
+accelerate), here at step {step:,} of {config["optim"]["max_steps"]:,}. This folder holds {fmt} and the GPT-2
+tokenizer.
 {other}"""
 
 
@@ -247,21 +295,71 @@ def _schedule_text(optim: dict) -> str:
     return f"{warmup}, then cosine to {floor} at step {optim['max_steps']:,}"
 
 
-def _evaluation_table(step: int, val_loss, val_step, hellaswag_acc_norm, hellaswag_examples) -> str:
-    """The card's "Evaluation" section: the run's latest figures beside OpenAI's GPT-2 124M."""
-    evals = f" (at step {val_step})" if val_step is not None and val_step != step else ""
-    partial = (
-        f" ({hellaswag_examples:,} of {HELLASWAG_VAL_SIZE:,} examples)"
-        if hellaswag_examples and hellaswag_examples != HELLASWAG_VAL_SIZE
+def _evaluation_section(
+    config: dict, val_loss, val_step, hellaswag_acc_norm, hellaswag_examples, data_source: dict | None
+) -> str:
+    """The card's "Evaluation during training" section: the run's latest figures, each with what it was measured
+    on (how many tokens, which examples), beside OpenAI's GPT-2 124M where the data is the same."""
+    scored = config["eval"]["val_tokens"] // config["data"]["seq_len"] * config["data"]["seq_len"]
+    where = f"first {scored:,} tokens of the validation split, windows of {config['data']['seq_len']:,}"
+    examples = "not scored during training"
+    if hellaswag_acc_norm is not None:
+        examples = f"{min(hellaswag_examples or HELLASWAG_VAL_SIZE, HELLASWAG_VAL_SIZE):,} of {HELLASWAG_VAL_SIZE:,}"
+        examples += " examples"
+    when = f" at step {val_step:,}" if val_step is not None else ""
+    gpt2_hellaswag = f"{GPT2_124M['hellaswag_acc_norm']} (all {HELLASWAG_VAL_SIZE:,})"
+    return f"""
+## Evaluation during training
+
+Measured by the trainer{when}.
+
+| metric | this model | OpenAI GPT-2 124M, published |
+|---|---|---|
+| validation loss ({where}) | {_fmt(val_loss, ".4f")} | {published_val_loss(data_source)} |
+| HellaSwag acc_norm ({examples}) | {_fmt(hellaswag_acc_norm, ".4f")} | {gpt2_hellaswag} |
+
+A validation loss is the mean over the tokens it scores: a figure over other tokens (another budget, other windows,
+other text) differs from this one. `python evaluate_gpt2.py --model <this folder>`, run where the training run's
+folder and data are, scores the same {scored:,} tokens by default and adds "Evaluation results" below, each figure
+with its token count.
+"""
+
+
+def _use_and_limitations(config: dict, tokens: int, data_source: dict | None) -> str:
+    """The card's "Intended use" and "Limitations" sections: what this model is for, and what to expect of it."""
+    data = dataset_short_name(data_source)
+    few = (
+        f" {tokens:,} tokens is a small fraction of the 10B that GPT-2 124M reproductions train on: expect text that "
+        "imitates the surface of its data more than it makes sense."
+        if tokens < 1e9
         else ""
     )
     return f"""
-## Evaluation{evals}
-| metric | value | OpenAI GPT-2 124M |
-|---|---|---|
-| validation loss | {_fmt(val_loss, ".4f")} | {GPT2_124M["val_loss"]} (FineWeb-Edu val shard) |
-| HellaSwag acc_norm{partial} | {_fmt(hellaswag_acc_norm, ".4f")} | {GPT2_124M["hellaswag_acc_norm"]} |
+## Intended use
+
+Research and teaching: a from-scratch reproduction of GPT-2's pretraining, to study how it trains, to compare with
+OpenAI's GPT-2 on the same validation data and HellaSwag, or to start further experiments from. It is a base language
+model that continues text; it was not tuned to follow instructions, to chat or to refuse anything.
+
+## Limitations
+
+- {model_size(config["model"])} parameters trained on {tokens:,} tokens of {data}.{few}
+- It knows only the language and domains of its training data, and reproduces what that text contains, its errors
+  and biases included: it can produce false, offensive or nonsensical text. Do not use it as a source of facts or
+  for decisions about people.
+- Context of {config["data"]["seq_len"]:,} tokens.
 """
+
+
+def _framework_versions() -> str:
+    """The card's "Framework versions": the libraries that wrote this checkpoint (as Trainer's cards list them)."""
+    from ..base.machine import versions
+
+    names = {"torch": "PyTorch", "transformers": "Transformers", "accelerate": "Accelerate", "datasets": "Datasets"}
+    names["tiktoken"] = "tiktoken"
+    found = versions()
+    lines = "".join(f"- {label} {found[lib]}\n" for lib, label in names.items() if found.get(lib))
+    return f"\n## Framework versions\n\n{lines}"
 
 
 CARD_START, CARD_END = ("<!-- gpt2-repro:eval-results:start -->", "<!-- gpt2-repro:eval-results:end -->")
@@ -270,7 +368,8 @@ CARD_START, CARD_END = ("<!-- gpt2-repro:eval-results:start -->", "<!-- gpt2-rep
 def update_model_card(
     folder: str | os.PathLike, section: str, hellaswag: dict | None = None, val_loss: dict | None = None
 ) -> Path:
-    """Write (or replace) the evaluation `section` (markdown) of folder/README.md, keeping the rest of the card.
+    """Write (or replace) the evaluation `section` (markdown) of folder/README.md, keeping the rest of the card (in
+    the trainer's card: after its "Evaluation during training", before "Use").
 
     `hellaswag` ({"acc_norm", "acc"}, given only when all of HellaSwag was scored) and `val_loss` ({"value",
     "tokens", "data_source"}) also go into the card's model-index metadata (the Hub's evaluation widget),
@@ -282,6 +381,9 @@ def update_model_card(
     text = card.text
     if CARD_START in text and CARD_END in text:
         text = text[: text.index(CARD_START)] + section + text[text.index(CARD_END) + len(CARD_END) :]
+    elif "\n## Use\n" in text:  # our card: next to the trainer's evaluation, before the usage
+        at = text.index("\n## Use\n")
+        text = text[:at].rstrip("\n") + "\n\n" + section + "\n" + text[at:]
     else:
         text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
     card.text = text

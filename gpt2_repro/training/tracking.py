@@ -9,25 +9,7 @@ import secrets
 
 from ..base.atomic_io import write_atomic
 from ..base.config import TrainConfig
-from ..base.run_folder import RunFolder
-
-# metrics.jsonl's names -> the trackers' (TensorBoard, W&B): the Trainer's namespaces and, where it has one, its name,
-# so dashboards that overlay Trainer runs line up.
-TRACKER_NAMES = {
-    "loss": "train/loss",
-    "lr": "train/learning_rate",
-    "muon_lr": "train/muon_learning_rate",
-    "grad_norm": "train/grad_norm",
-    "tokens": "train/num_input_tokens_seen",
-    "tokens_per_sec": "train/tokens_per_second",
-    "step_time_ms": "train/step_time_ms",
-    "mfu": "train/mfu",
-    "skipped": "train/skipped",
-    "line": "train/line",
-    "val_loss": "eval/loss",
-    "hellaswag_acc_norm": "eval/hellaswag_acc_norm",
-    "hellaswag_acc": "eval/hellaswag_acc",
-}
+from ..base.run_folder import TRACKER_NAMES, RunFolder
 
 
 def log_to_trackers(accelerator, row: dict) -> None:
