@@ -1,5 +1,6 @@
-"""Shared fixtures. Tests need no files outside the repository: the GPT-2 vocabulary comes from tiktoken's normal loader
-(TIKTOKEN_CACHE_DIR, GPT2_REPRO_VOCAB, or a download), and tests that need it skip only when none works.
+"""Shared fixtures. Tests need no files outside the repository and no network: the GPT-2 vocabulary ships with them
+(data/gpt2_vocab/r50k_base.tiktoken, with its license), and GPT2_REPRO_VOCAB points at it for this process and every
+process a test starts (train.py, data_prep.py, evaluate_gpt2.py, torchrun's workers), whatever the environment says.
 
 The suite runs in parallel processes (pytest-xdist, `-n auto` in pyproject.toml): each process computes with one
 torch thread, and the expensive fixtures (generated data, the reference training runs) are made once for all of
@@ -18,6 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The project's own mechanism for an offline machine (gpt2_repro/data/tokenizer.py), set before anything loads it. A
+# missing file is not skipped: get_gpt2_encoding names it, and the tests that need it fail.
+VOCAB = Path(__file__).resolve().parent / "data" / "gpt2_vocab" / "r50k_base.tiktoken"
+os.environ["GPT2_REPRO_VOCAB"] = str(VOCAB)
+
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # test processes sharing the cores
 THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
 torch.set_num_threads(THREADS)
@@ -30,13 +36,13 @@ from synthetic import hellaswag_examples, learnable_tokens, write_jsonl  # noqa:
 
 @pytest.fixture(scope="session")
 def gpt2_encoding():
-    """tiktoken's GPT-2 BPE; skips the test when the vocabulary can neither be found locally nor downloaded."""
+    """tiktoken's GPT-2 BPE, from the vocabulary that ships with the tests: a missing or altered file fails the tests
+    that need it (never a skip: CI would pass without running them)."""
     from gpt2_repro.data.tokenizer import get_gpt2_encoding
 
-    try:
-        return get_gpt2_encoding()
-    except RuntimeError as e:
-        pytest.skip(f"GPT-2 vocabulary unreachable (offline, no TIKTOKEN_CACHE_DIR): {e}")
+    if not VOCAB.is_file():
+        pytest.fail(f"the tests' GPT-2 vocabulary is missing: {VOCAB} (it ships with the repository)")
+    return get_gpt2_encoding(VOCAB)
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +107,6 @@ def val_dir(tmp_path_factory):
     """A val shard of SEQ_LEN * VAL_WINDOWS + 1 GPT-2 ids (synthetic's constants), written by shards.write_shard."""
     import numpy as np
 
-    from gpt2_repro.data.shards import write_shard
     from synthetic import SEQ_LEN, VAL_WINDOWS
 
     folder = tmp_path_factory.mktemp("shards")

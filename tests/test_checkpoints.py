@@ -3,6 +3,7 @@ files of a checkpoint, also of a module whose class FSDP swapped."""
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpt2_repro.base.config import load_config
@@ -83,3 +84,86 @@ def test_a_streamed_run_resumes_only_onto_the_same_stream_cut_the_same_way():
         "dataset_name: 'sample-10BT' in the checkpoint, None now",
         "stream_val_tokens: 1000 in the checkpoint, 2000 now",
     ]
+
+
+# Every setting a checkpoint is bound to (README, "A resume that does not fit"), each with another valid value. Listed
+# here, not read from RESUME_MUST_MATCH: a key dropped from that list must fail its case below.
+MUST_MATCH = {
+    "optimizer": "muon",
+    "n_layer": 3,
+    "n_head": 8,
+    "n_embd": 256,
+    "n_positions": 256,
+    "vocab_size": 50432,
+    "seq_len": 64,
+    "total_batch_tokens": 4096,
+    "seed": 7,
+    "shuffle": False,
+}
+STREAM_MUST_MATCH = {  # and for a stream, which stream and how it is cut
+    "dataset": "me/other-corpus",
+    "dataset_name": "sample-100BT",
+    "dataset_split": "validation",
+    "text_column": "content",
+    "stream_val_tokens": 200_000_000,
+    "stream_shard_tokens": 50_000_000,
+    "stream_shuffle_windows": 4096,
+}
+# What may change on a resume: LRs, schedule, intervals, max_steps, micro-batch, the read settings of a stream.
+MAY_CHANGE = {
+    "max_lr": 1e-3,
+    "min_lr": 1e-5,
+    "warmup_steps": 3,
+    "max_steps": 300,
+    "schedule": "wsd",
+    "weight_decay": 0.0,
+    "grad_clip": 0.5,
+    "micro_batch_size": 4,
+    "eval_every": 7,
+    "checkpoint_every": 9,
+    "keep_last": 5,
+    "output_dir": "runs/moved",
+    "data_dir": "/scratch/tinyshakespeare",
+    "stream_workers": 4,
+    "stream_batch_docs": 64,
+    "stream_retries": 2,
+}
+TINY = ROOT / "configs" / "tiny.yaml"
+STREAM = {"dataset": "me/corpus", "dataset_name": "main"}
+
+
+def _flat(config: dict) -> dict:
+    return {k: v for section in config.values() for k, v in section.items()}
+
+
+@pytest.mark.parametrize("key", sorted(MUST_MATCH))
+def test_each_setting_a_checkpoint_is_bound_to_is_refused_alone(key):
+    saved = load_config(TINY).to_dict()
+    now = load_config(TINY, {key: MUST_MATCH[key]}).to_dict()
+    shards = {"shards": "f1", "shard_files": [["a_train_000001.bin", 1000]]}
+    state = {"step": 4, "config": saved}
+    assert resume_mismatches(state, now, shards, shards) == [
+        f"{key}: {_flat(saved)[key]!r} in the checkpoint, {MUST_MATCH[key]!r} now"
+    ]
+
+
+@pytest.mark.parametrize("key", sorted(STREAM_MUST_MATCH))
+def test_each_setting_a_streamed_checkpoint_is_bound_to_is_refused_alone(key):
+    saved = load_config(TINY, STREAM).to_dict()
+    now = load_config(TINY, {**STREAM, key: STREAM_MUST_MATCH[key]}).to_dict()
+    assert resume_mismatches({"step": 4, "config": saved}, now, None, None) == [
+        f"{key}: {_flat(saved)[key]!r} in the checkpoint, {STREAM_MUST_MATCH[key]!r} now"
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_what_may_change_on_a_resume_is_not_refused(stream):
+    base = STREAM if stream else {}
+    saved = load_config(TINY, base).to_dict()
+    shards = None if stream else {"shards": "f1"}
+    for key, value in MAY_CHANGE.items():
+        if stream and key == "data_dir":
+            continue  # a stream has no data_dir (--dataset and --data_dir together are refused)
+        now = load_config(TINY, {**base, key: value}).to_dict()
+        assert _flat(now)[key] != _flat(saved)[key], key
+        assert resume_mismatches({"step": 4, "config": saved}, now, shards, shards) == [], key

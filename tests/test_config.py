@@ -108,8 +108,8 @@ def test_grad_accum_refusals_list_valid_values():
     with pytest.raises(ConfigError) as e:  # micro-batch 48 on one GPU
         grad_accum_steps(524288, 48, 1024, 1)
     assert "--micro_batch_size one of [4, 8, 16, 32, 64, 128]" in str(e.value)
-    for valid in (393216, 589824):
-        assert grad_accum_steps(valid, 64, 1024, 3) in (2, 3)
+    assert grad_accum_steps(393216, 64, 1024, 3) == 2  # the valid values it names: 196,608 tokens x 2
+    assert grad_accum_steps(589824, 64, 1024, 3) == 3  # and x 3
     with pytest.raises(ConfigError, match="--total_batch_tokens 8192 "):  # fewer tokens than one micro-step
         grad_accum_steps(4096, 8, 1024, 1)
 
@@ -218,7 +218,12 @@ def test_every_numeric_option_is_finite_and_in_range():
     ]:
         with pytest.raises(ConfigError, match=name):
             parse_args([f"--{name}={value}"], check_model=False)
-    assert dataclasses.asdict(parse_args([], check_model=False))  # the defaults pass
+    # The defaults pass, and are the reference recipe (configs/gpt2_124m.yaml) but for how often it checkpoints.
+    defaults = parse_args([], check_model=False)
+    assert defaults == TrainConfig()
+    recipe = load_config(ROOT / "configs" / "gpt2_124m.yaml")
+    assert dataclasses.replace(defaults, checkpoint=recipe.checkpoint) == recipe
+    assert (defaults.checkpoint.checkpoint_every, defaults.checkpoint.keep_last) == (5000, 2)
 
 
 def test_the_model_section_is_the_models_own_declaration():

@@ -1,6 +1,9 @@
 """evaluation/hellaswag.py: HellaSwag files: malformed lines named, a missing file, the download when online."""
 
+import contextlib
+import http.server
 import json
+import threading
 
 import pytest
 
@@ -46,3 +49,55 @@ def test_hellaswag_download_when_online():
         pytest.skip(f"HellaSwag cannot be downloaded here: {e}")
     examples = load_hellaswag(path)
     assert len(examples) == HELLASWAG_VAL_SIZE and {ex["label"] for ex in examples} == {0, 1, 2, 3}
+
+
+@contextlib.contextmanager
+def serving(files: dict[str, bytes]):
+    """A local HTTP server (the network boundary) serving `files` by path; yields (base URL, paths requested)."""
+    requested = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"not found")
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hellaswag_is_downloaded_once_into_the_cache_and_read_from_it(tmp_path, monkeypatch):
+    """The download path, offline: a mirror (GPT2_REPRO_HELLASWAG_URL) on a local server, an empty cache
+    (GPT2_REPRO_CACHE). The first load downloads the file into the cache, later ones read it there; a mirror that
+    answers 404 (and no Hub, offline) is HellaSwagUnavailable naming the address and the way out."""
+    from huggingface_hub import constants
+
+    examples = [{"ctx": f"A man {i}", "endings": ["a", "b", "c", "d"], "label": i % 4} for i in range(5)]
+    body = "".join(json.dumps(e) + "\n" for e in examples).encode()
+    monkeypatch.setenv("GPT2_REPRO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy of the machine must not stand between
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the Hub fallback is not tried either
+    with serving({"/hellaswag_val.jsonl": body}) as (url, requested):
+        monkeypatch.setenv("GPT2_REPRO_HELLASWAG_URL", f"{url}/hellaswag_val.jsonl")
+        assert load_hellaswag() == examples
+        cached = tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl"
+        assert cached.read_bytes() == body and requested == ["/hellaswag_val.jsonl"]
+        assert download_hellaswag() == cached and load_hellaswag(limit=2) == examples[:2]
+        assert requested == ["/hellaswag_val.jsonl"]  # read from the cache: not downloaded again
+
+        monkeypatch.setenv("GPT2_REPRO_HELLASWAG_URL", f"{url}/moved.jsonl")
+        with pytest.raises(HellaSwagUnavailable, match=r"moved\.jsonl: HTTP Error 404.*--hellaswag_file PATH"):
+            download_hellaswag(tmp_path / "other-cache")
+        assert not (tmp_path / "other-cache" / "hellaswag_val.jsonl").exists()

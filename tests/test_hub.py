@@ -1,35 +1,67 @@
 """publishing/hub.py: the background uploader and start-up check (a fake HfApi stands in for the network)."""
 
+import inspect
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from huggingface_hub import HfApi
 
 from gpt2_repro.publishing.hub import HubUploader
 
 
+def bound(name: str, *args, **kwargs) -> dict:
+    """The arguments of a call to HfApi.`name`, bound to the real method's signature: a keyword it does not take, or
+    a positional argument where it takes keywords only, fails here as it would against the Hub."""
+    arguments = inspect.signature(getattr(HfApi, name)).bind(None, *args, **kwargs).arguments
+    return {k: v for k, v in arguments.items() if k != "self"}
+
+
 class FakeHfApi:
-    """Stands in for huggingface_hub.HfApi at the network boundary: records what would be sent."""
+    """Stands in for huggingface_hub.HfApi at the network boundary: records what would be sent. `block`: uploads
+    wait for it (`started` is set once the first one does, `in_flight` counts those under way)."""
 
     def __init__(self, block: threading.Event | None = None, fail_with: str | None = None):
         self.block, self.fail_with = block, fail_with
+        self.started, self.in_flight = threading.Event(), 0
         self.repos, self.branches, self.commits = [], [], []
 
-    def create_repo(self, repo_id, repo_type=None, private=None, exist_ok=False):
-        self.repos.append((repo_id, repo_type, private, exist_ok))
+    def whoami(self, *args, **kwargs):
+        bound("whoami", *args, **kwargs)
+        return {"name": "me"}
 
-    def create_branch(self, repo_id, branch, repo_type=None, exist_ok=False):
-        self.branches.append((repo_id, branch, exist_ok))
+    def create_repo(self, *args, **kwargs):
+        a = bound("create_repo", *args, **kwargs)
+        self.repos.append((a["repo_id"], a.get("repo_type"), a.get("private"), a.get("exist_ok", False)))
 
-    def upload_folder(self, repo_id, repo_type, folder_path, commit_message, revision=None, delete_patterns=None):
+    def create_branch(self, *args, **kwargs):
+        a = bound("create_branch", *args, **kwargs)
+        self.branches.append((a["repo_id"], a["branch"], a.get("exist_ok", False)))
+
+    def upload_folder(self, *args, **kwargs):
+        a = bound("upload_folder", *args, **kwargs)
+        self.in_flight += 1
+        self.started.set()
         if self.block is not None:
-            self.block.wait(10)
-        if self.fail_with:
-            raise RuntimeError(self.fail_with)
-        files = {p.name: p.read_text() for p in Path(folder_path).iterdir()}
-        self.commits.append((repo_id, commit_message, files, revision, delete_patterns))
+            self.block.wait(30)
+        try:
+            if self.fail_with:
+                raise RuntimeError(self.fail_with)
+            files = {p.name: p.read_text() for p in Path(a["folder_path"]).iterdir()}
+            commit = (a["repo_id"], a.get("commit_message"), files, a.get("revision"), a.get("delete_patterns"))
+            self.commits.append(commit)
+        finally:
+            self.in_flight -= 1
+
+
+def test_the_fake_takes_only_what_hfapi_takes():
+    """The stand-in is bound to the real signatures: a misspelt or unknown keyword fails."""
+    api = FakeHfApi()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'privat'"):
+        api.create_repo("me/tiny", privat=True)
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        api.upload_folder("me/tiny", "folder")  # HfApi.upload_folder takes keywords only
 
 
 def test_hub_uploader_never_blocks_and_keeps_the_newest(tmp_path):
@@ -42,12 +74,11 @@ def test_hub_uploader_never_blocks_and_keeps_the_newest(tmp_path):
         folder.mkdir()
         (folder / "config.json").write_text(f"step {step}")
         exports.append(folder)
-    t0 = time.perf_counter()
     uploader.submit(exports[0], "step 1")  # starts uploading, blocked in the fake network
-    time.sleep(0.2)
+    assert api.started.wait(10)
     uploader.submit(exports[1], "step 2")  # waits...
     uploader.submit(exports[2], "step 3")  # ...and is superseded by this one
-    assert time.perf_counter() - t0 < 1.0  # submitting never waited for the network
+    assert api.in_flight == 1 and not release.is_set()  # submitting returned while the network held step 1
     shutil.rmtree(exports[2])  # rotation deletes checkpoints: the snapshot taken at submit is what goes up
     release.set()
     assert uploader.close(timeout=10)
@@ -66,7 +97,7 @@ def test_hub_uploader_keeps_the_newest_per_branch(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(name)
     uploader.submit(tmp_path / "ours", "step 1")  # uploading, blocked
-    time.sleep(0.2)
+    assert api.started.wait(10)
     uploader.submit(tmp_path / "stock", "step 1", revision="gpt2")
     uploader.submit(tmp_path / "ours", "step 2")
     uploader.submit(tmp_path / "stock", "step 2", revision="gpt2")  # supersedes stock step 1

@@ -343,7 +343,7 @@ def test_unconvertible_official_model_is_refused():
     odd = GPT2LMHeadModel(GPT2Config(**TINY, activation_function="relu"))
     with pytest.raises(ValueError, match="activation_function"):
         GPT2ReproForCausalLM.from_official_gpt2(odd)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="source must be a Hub id, a folder or a GPT2LMHeadModel, not int"):
         GPT2ReproForCausalLM.from_official_gpt2(42)
 
 

@@ -97,7 +97,15 @@ def test_jsonl_text_folder_and_glob_take_the_same_path(fineweb, gpt2_encoding, t
 
 def _run_until(cmd: list[str], shard: str, out: Path, sig: int) -> tuple[int, str]:
     """Start data_prep.py, send `sig` once `shard` exists; (exit code, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # Ctrl-C as in a terminal, also when pytest runs in the background (`nohup ... &` ignores SIGINT, and an
+        # ignored signal stays ignored in every child)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 90
     while not list(out.glob(shard)) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -108,8 +116,8 @@ def _run_until(cmd: list[str], shard: str, out: Path, sig: int) -> tuple[int, st
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_byte_identical_and_refuses_a_changed_source(gpt2_encoding, tmp_path):
-    """SIGTERM a real CLI run, rerun it and SIGKILL it, change the source (refused), restore it, resume; compare
-    with an uninterrupted run."""
+    """SIGTERM a real CLI run, rerun it and Ctrl-C it (SIGINT), rerun it and SIGKILL it, change the source
+    (refused), restore it, resume; compare with an uninterrupted run."""
     texts = make_texts(1500, seed=1, words=(50, 400))
     data = write_fineweb_parquet(tmp_path / "big.parquet", texts)
     args = ["--dataset", str(data), "--val_tokens", "5000", "--shard_tokens", "1500", "--batch_docs", "4"]
@@ -119,6 +127,10 @@ def test_interrupted_run_resumes_byte_identical_and_refuses_a_changed_source(gpt
     assert code == 130, err[-2000:]
     assert "finished shard(s) kept: rerun the same command to continue" in err and "Traceback" not in err
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+    code, err = _run_until([*cmd, "--num_workers", "1"], "*_train_000003.bin", out, signal.SIGINT)  # Ctrl-C
+    assert code == 130 and "Resuming" in err, err[-2000:]
+    assert "finished shard(s) kept: rerun the same command to continue" in err and "Traceback" not in err
+    assert not [p for p in out.iterdir() if is_temporary(p.name)], "temporary files left behind"
     code, err = _run_until([*cmd, "--num_workers", "1"], "*_train_000004.bin", out, signal.SIGKILL)
     assert code == -signal.SIGKILL, err[-2000:]
     assert "Resuming" in err
@@ -268,6 +280,45 @@ def test_read_errors_are_retried_or_stop_cleanly_then_resume(gpt2_encoding, tmp_
     assert not [p for p in out.iterdir() if is_temporary(p)]
     assert dp.main(args)["complete"]
     assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
+
+
+def test_a_hub_dataset_is_read_at_the_commit_its_preparation_started_at(gpt2_encoding, tmp_path, monkeypatch):
+    """A Hub dataset's fingerprint is its commit: a preparation reads the dataset at the commit the Hub names when it
+    starts and records it; a resumed one reads at the recorded commit again, even after the dataset moved on, and ends
+    with the shards of an undisturbed run. The Hub is faked at its boundary: the commit lookup (HfApi.dataset_info)
+    and the dataset's files (load_dataset of the id streams the local parts, whatever revision it is asked for)."""
+    from types import SimpleNamespace
+
+    import datasets
+    from huggingface_hub import HfApi
+
+    from gpt2_repro.data import prepare as preparation
+
+    folder, _, clean = _eight_parts_and_a_clean_run(tmp_path)
+    parts = sorted(str(p) for p in folder.glob("*.parquet"))
+    hub, opened, load_dataset = {"sha": "c0ffee1"}, [], datasets.load_dataset
+
+    def hub_load_dataset(path, name=None, split=None, streaming=False, revision=None, **kwargs):
+        if path != "me/corpus":  # local files: the real thing
+            return load_dataset(path, name, split=split, streaming=streaming, revision=revision, **kwargs)
+        opened.append(revision)
+        return load_dataset("parquet", data_files=parts, split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_load_dataset)
+    monkeypatch.setattr(HfApi, "dataset_info", lambda self, repo_id, **kw: SimpleNamespace(sha=hub["sha"]))
+    monkeypatch.setattr(preparation, "hub_reachable", lambda: True)
+
+    out = tmp_path / "hub"
+    with FlakyReads("part_005", failures=10**9), pytest.raises(DataError):
+        prep("me/corpus", out, shard_tokens=2000, progress=False, retries=0)
+    stopped = json.loads((out / "manifest.json").read_text())
+    assert not stopped["complete"] and stopped["source_fingerprint"] == {"revision": "c0ffee1"}
+    hub["sha"] = "badc0de"  # the dataset moves on while the preparation is stopped
+    resumed = prep("me/corpus", out, shard_tokens=2000, progress=False)
+    assert opened == ["c0ffee1", "c0ffee1"] and resumed["source_fingerprint"] == {"revision": "c0ffee1"}
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in clean["shards"]]
+    fresh = prep("me/corpus", tmp_path / "fresh", shard_tokens=2000, progress=False)  # a new one: the new commit
+    assert opened[-1] == "badc0de" and fresh["source_fingerprint"] == {"revision": "badc0de"}
 
 
 def test_the_shard_a_killed_run_was_writing_survives_a_refusal_and_is_redone_by_the_resume(gpt2_encoding, tmp_path):

@@ -41,19 +41,49 @@ def test_read_curves_places_evaluations_at_their_tokens_and_skips_partial_lines(
     }
 
 
-def test_the_plot_shows_training_and_validation_loss_and_says_why_a_panel_is_empty(tmp_path):
-    """Drawn from any run's metrics.jsonl; without HellaSwag lines its panel states why instead of an empty axis."""
+def test_the_plot_shows_training_and_validation_loss_and_says_why_a_panel_is_empty(tmp_path, monkeypatch):
+    """Drawn from any run's metrics.jsonl; without HellaSwag lines its panel states why instead of an empty axis. The
+    figures are read as drawn (their texts, lines and legends), the PNG as written."""
     import json
 
+    from matplotlib.figure import Figure
     from matplotlib.image import imread
 
-    log = tmp_path / "metrics.jsonl"
+    drawn, savefig = [], Figure.savefig
+
+    def recording(fig, *args, **kwargs):  # the real savefig, keeping the figure it saved
+        drawn.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
     rows = [{"step": s, "loss": 10.0 - s / 20, "tokens": 256 * s} for s in range(1, 101)]
     rows += [{"step": s, "val_loss": 10.0 - s / 25} for s in (25, 50, 75, 100)]
-    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    png = plot_training_curves(log, tmp_path / "curves.png", {"model": "export"})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", {"model": "export"})
     assert png == tmp_path / "curves.png" and imread(png).shape[:2] == (480, 1300)
-    assert plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "b.png", {"model": "x"}) is not None
+    loss, hellaswag = drawn[0].axes
+    assert drawn[0].get_suptitle() == f"export: {tmp_path.name}/metrics.jsonl"
+    legend = [t.get_text() for t in loss.get_legend().get_texts()]
+    assert legend == ["training loss", "training loss (2-step mean)", "validation loss"]  # data unknown: no GPT-2 line
+    assert [t.get_text() for t in loss.texts] == [
+        "OpenAI GPT-2 124M's published 3.2924 is on FineWeb-Edu sample-10BT;\nthis run's data is not known"
+    ]
+    assert list(loss.lines[2].get_xdata()) == [6400, 12800, 19200, 25600]  # evaluations at their steps' tokens
+    assert list(loss.lines[2].get_ydata()) == [9.0, 8.0, 7.0, 6.0]
+    assert hellaswag.get_title() == "HellaSwag" and not hellaswag.lines  # no curve...
+    (why,) = [t.get_text() for t in hellaswag.texts]  # ...but the reason, in the middle of the panel
+    assert why.startswith("HellaSwag was not scored during this run") and "--hellaswag_file" in why
+
+    rows += [{"step": s, "hellaswag_acc_norm": 0.25 + s / 1000} for s in (50, 100)]
+    (tmp_path / "with_hs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_training_curves(tmp_path / "with_hs.jsonl", tmp_path / "b.png", {"model": "x"}) == tmp_path / "b.png"
+    hellaswag = drawn[1].axes[1]
+    assert not hellaswag.texts and list(hellaswag.lines[0].get_ydata()) == [0.3, 0.35]
+    assert [t.get_text() for t in hellaswag.get_legend().get_texts()] == [
+        "this run",
+        "OpenAI GPT-2 124M (published): 0.2955",
+        "OpenAI GPT-3 124M: 0.337",
+    ]
     (tmp_path / "empty.jsonl").write_text("")
     assert plot_training_curves(tmp_path / "empty.jsonl", tmp_path / "c.png", {"model": "x"}) is None
 

@@ -24,6 +24,13 @@ def test_stop_request_catches_sigterm_and_sigusr1_and_restores_the_handlers():
         assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_the_launcher_is_watched_every_second_or_as_often_as_the_environment_says(monkeypatch):
+    monkeypatch.delenv("GPT2_REPRO_LAUNCHER_POLL", raising=False)
+    assert StopRequest().poll_seconds == 1.0
+    monkeypatch.setenv("GPT2_REPRO_LAUNCHER_POLL", "0.05")  # what the end-to-end tests of stopping set
+    assert StopRequest().poll_seconds == 0.05 and StopRequest(poll_seconds=2).poll_seconds == 2
+
+
 def test_only_launchers_are_watched():
     assert launcher_pid(env={}) is None  # pytest's parent is a shell or a CI runner, not a launcher
     parent = os.getppid()  # 1 when pytest was orphaned (nohup ... &): no launcher to watch then

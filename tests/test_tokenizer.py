@@ -107,11 +107,9 @@ def test_offline_without_cache_explains_the_fix(tmp_path, monkeypatch):
         gpt2_tokenizer._load_encoding.cache_clear()
 
 
-def test_the_built_tokenizer_is_cached_and_a_damaged_or_unwritable_cache_is_no_error(
-    tmp_path, monkeypatch, gpt2_encoding, readonly_dir
-):
+def test_the_built_tokenizer_is_cached_and_a_damaged_cache_is_no_error(tmp_path, monkeypatch, gpt2_encoding):
     """The first build writes the backend to the user cache, later ones read it (a change made to the cached file
-    shows); a damaged cache file is rebuilt; a read-only cache folder only means building every time."""
+    shows); a damaged cache file is rebuilt."""
     import json
 
     monkeypatch.setenv("GPT2_REPRO_CACHE", str(tmp_path / "cache"))
@@ -131,6 +129,9 @@ def test_the_built_tokenizer_is_cached_and_a_damaged_or_unwritable_cache_is_no_e
     assert build_hf_tokenizer(gpt2_encoding)(text)["input_ids"] == expected
     assert cached.read_text() == first
 
+
+def test_an_unwritable_tokenizer_cache_only_means_building_every_time(monkeypatch, gpt2_encoding, readonly_dir):
     monkeypatch.setenv("GPT2_REPRO_CACHE", str(readonly_dir))
-    assert build_hf_tokenizer(gpt2_encoding)(text)["input_ids"] == expected
+    text = SAMPLES[1] + SAMPLES[5]
+    assert build_hf_tokenizer(gpt2_encoding)(text)["input_ids"] == gpt2_encoding.encode_ordinary(text)
     assert not list(readonly_dir.iterdir())

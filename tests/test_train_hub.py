@@ -11,10 +11,11 @@ import pytest
 from runs import ROOT, TINY_ARGS, assert_refused_at_start, run_env
 
 FAKE_HUB_RUNNER = """
-import json, os, runpy, sys
+import inspect, json, os, runpy, sys
 from pathlib import Path
 
 import httpx2
+from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from gpt2_repro.publishing import hub as hub
@@ -22,22 +23,33 @@ from gpt2_repro.publishing import hub as hub
 calls = []
 
 
+def bound(name, *args, **kwargs):
+    # The call bound to the real HfApi method's signature: an argument it does not take fails as against the Hub.
+    arguments = inspect.signature(getattr(HfApi, name)).bind(None, *args, **kwargs).arguments
+    return {k: v for k, v in arguments.items() if k != "self"}
+
+
 class FakeHfApi:
-    def whoami(self):
-        calls.append(["whoami"])
+    def whoami(self, *args, **kwargs):
+        calls.append(["whoami", bound("whoami", *args, **kwargs)])
         return {"name": "me"}
 
-    def create_repo(self, repo_id, **kw):
+    def create_repo(self, *args, **kwargs):
+        kw = bound("create_repo", *args, **kwargs)
+        repo_id = kw.pop("repo_id")
         calls.append(["create_repo", repo_id, kw])
         if os.environ.get("FAKE_HUB_DENY"):
             request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
             response = httpx2.Response(403, request=request)
             raise HfHubHTTPError("403 Forbidden: no write access to " + repo_id, response=response)
 
-    def create_branch(self, repo_id, **kw):
-        calls.append(["create_branch", repo_id, kw])
+    def create_branch(self, *args, **kwargs):
+        kw = bound("create_branch", *args, **kwargs)
+        calls.append(["create_branch", kw.pop("repo_id"), kw])
 
-    def upload_folder(self, repo_id, folder_path, commit_message, **kw):
+    def upload_folder(self, *args, **kwargs):
+        kw = bound("upload_folder", *args, **kwargs)
+        repo_id, folder_path, commit_message = kw.pop("repo_id"), kw.pop("folder_path"), kw.pop("commit_message")
         files = sorted(p.name for p in Path(folder_path).iterdir())
         card = (Path(folder_path) / "README.md").read_text()
         calls.append(["upload_folder", repo_id, commit_message, kw, files, card])
@@ -81,7 +93,7 @@ def test_push_to_hub_uploads_both_exports_in_the_background(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert token not in proc.stdout + proc.stderr
     assert calls[:3] == [  # before any training
-        ["whoami"],
+        ["whoami", {}],
         ["create_repo", "me/gpt2-tiny", {"repo_type": "model", "private": True, "exist_ok": True}],
         ["create_branch", "me/gpt2-tiny", {"branch": "gpt2", "repo_type": "model", "exist_ok": True}],
     ]

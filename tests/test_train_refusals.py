@@ -23,32 +23,76 @@ def test_missing_data_is_reported_before_anything_starts(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_help_a_config_error_and_a_refused_start_import_no_torch(data_dir, tmp_path):
+def _no_torch_run(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """train.py under `python -X importtime`: (the finished process, the modules it imported)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc, imported
+
+
+HEAVY = {"torch", "transformers", "accelerate", "datasets"}
+
+
+def test_help_a_config_error_and_a_refused_start_import_no_torch(data_dir, corrupted_data, tmp_path):
     """What answers at once must not wait for torch and transformers (6-7 s of imports): --help, a config error,
-    a second run into a folder in use. Checked on what each process imported (python -X importtime)."""
+    a second run into a folder in use, missing or corrupted data, a disk without room for a checkpoint (a model of
+    16 PB: no disk has that much free). Checked on what each process imported (python -X importtime)."""
     from gpt2_repro.base.lock import RunLock
 
     busy = tmp_path / "busy"
+    tiny = [*TINY_ARGS, "--data_dir", str(data_dir)]
     cases = {
-        "--help": ["--help"],
-        "config error": ["--max_lr", "-1", "--data_dir", str(data_dir)],
-        "folder in use": [*TINY_ARGS, "--data_dir", str(data_dir), "--output_dir", str(busy)],
+        "--help": (["--help"], None),
+        "config error": (["--max_lr", "-1", "--data_dir", str(data_dir)], "optim.max_lr=-1.0 must be positive"),
+        "folder in use": ([*tiny, "--output_dir", str(busy)], "is in use by another run"),
+        "missing data": (
+            [*TINY_ARGS, "--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "a")],
+            "no training shards in data_dir=",
+        ),
+        "corrupted data": (
+            [*TINY_ARGS, "--data_dir", str(corrupted_data), "--output_dir", str(tmp_path / "b")],
+            "its SHA-256 differs from manifest.json",
+        ),
+        "no room": (
+            [*tiny, "--n_layer", "1000", "--n_embd", "262144", "--output_dir", str(tmp_path / "c")],
+            "GB free, but a checkpoint needs about 16493006.66 GB. Free some space or choose --output_dir on another",
+        ),
     }
     with RunLock(busy):
-        for name, args in cases.items():
-            proc = subprocess.run(
-                [sys.executable, "-X", "importtime", str(ROOT / "train.py"), *args],
-                cwd=ROOT,
-                env=run_env(),
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            imported = {
-                line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")
-            }
-            assert proc.returncode == (0 if name == "--help" else 2), proc.stderr[-2000:]
-            assert not {"torch", "transformers", "accelerate", "datasets"} & imported, name
+        for name, (args, message) in cases.items():
+            proc, imported = _no_torch_run(args)
+            if message is None:
+                assert proc.returncode == 0 and "--max_lr" in proc.stdout, proc.stderr[-2000:]
+            else:
+                assert expect_exit_2(proc) and message in proc.stderr, name
+            assert not HEAVY & imported, name
+    for folder in ("a", "b", "c"):
+        assert not (tmp_path / folder / "config.yaml").exists() and not (tmp_path / folder / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_that_does_not_fit_is_refused_at_once_naming_the_optimizer(reference, data_dir, tmp_path):
+    """The AdamW reference resumed with --optimizer muon: its optimizer state cannot be Muon's. Refused before torch
+    is imported, naming `optimizer` alone, and nothing in the run folder changes. (On a copy: a run into the shared
+    reference would hold its lock while other tests start theirs there.)"""
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run, symlinks=True)  # as cp -a: checkpoint-N stays a link
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+    args = [*TINY_ARGS, "--data_dir", str(data_dir), "--output_dir", str(run), "--resume", "latest"]
+    proc, imported = _no_torch_run([*args, "--optimizer", "muon"])
+    line = expect_exit_2(proc)
+    assert "step_00000016 cannot be resumed with these settings: optimizer: 'adamw' in the checkpoint, 'muon' now." in (
+        line
+    )
+    assert not HEAVY & imported
+    assert {p: p.read_bytes() for p in before} == before
 
 
 @pytest.mark.slow
@@ -97,6 +141,21 @@ def corrupted_data(data_dir, tmp_path):
     raw[5000] ^= 0x01
     files[-1].write_bytes(raw)
     return folder
+
+
+def test_verify_data_false_skips_the_shard_check(corrupted_data, data_dir):
+    """The check a run makes at start-up (the data source's verify): a flipped bit is refused; --verify_data false
+    skips the SHA-256s, saying nothing; and shards without a manifest.json are trained on with one warning line."""
+    from gpt2_repro.base.config import load_config
+    from gpt2_repro.data.shard_loader import TokenShardLoader
+
+    said = []
+    with pytest.raises(DataError, match="its SHA-256 differs from manifest.json"):
+        TokenShardLoader.verify(load_config(None, {"data_dir": str(corrupted_data)}), said.append)
+    TokenShardLoader.verify(load_config(None, {"data_dir": str(corrupted_data), "verify_data": "false"}), said.append)
+    assert said == []
+    TokenShardLoader.verify(load_config(None, {"data_dir": str(data_dir)}), said.append)
+    assert len(said) == 1 and said[0].startswith(f"warning: {data_dir} has no manifest.json"), said
 
 
 @pytest.mark.slow

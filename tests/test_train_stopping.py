@@ -74,6 +74,42 @@ def test_divergence_is_caught_and_never_reaches_a_checkpoint_or_export(reference
 
 
 @pytest.mark.slow
+def test_sigterm_inside_a_streak_of_skipped_steps_saves_nothing_and_names_the_checkpoint_to_resume(
+    reference, data_dir, tmp_path
+):
+    """LR 1e6 on the trained reference, 26 steps: step 17's update (at LR 3.7e5) wrecks the weights and every later
+    step is skipped (a skipped step leaves them as they are, so each later loss is not finite either). SIGTERM once
+    the streak has begun, at step 18: exit 75, no checkpoint or export of those weights, and the message names the
+    checkpoint the resume starts from."""
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out, symlinks=True)
+    export_before = (out / "export" / "model.safetensors").read_bytes()
+    args = ["--data_dir", str(data_dir), "--hellaswag", "false", "--resume", "latest", "--max_steps", "26"]
+    args += ["--max_lr", "1e6", "--min_lr", "1", "--max_bad_steps", "1000", "--checkpoint_every", "2"]
+    with training_in_background([*args, "--eval_every", "2"], out) as proc:
+        deadline = time.time() + 240
+        while '"skipped": true' not in (out / "metrics.jsonl").read_text() and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_CODE and "Traceback" not in err, err[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]["step"]
+    assert [r["step"] for r in rows if r["step"] > 16] == list(range(17, last + 1)) and 18 <= last < 26, rows[-3:]
+    assert all(r.get("skipped") for r in rows if r["step"] > 17), rows[-3:]  # nothing but skipped steps after 17
+    newest = out / "checkpoints" / "step_00000016"
+    assert (
+        f"stopped at step {last} (SIGTERM received): no checkpoint of these weights, whose last loss was not finite; "
+        f"the newest is {newest} (step 16), and the steps after it are trained again. Continue with --resume latest"
+    ) in err, err[-3000:]
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [12, 16]
+    assert not list((out / "checkpoints").glob(".*"))
+    assert (out / "export" / "model.safetensors").read_bytes() == export_before
+    assert finite_tensors(out) >= 6
+
+
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data_dir, tmp_path):
     """One process, stopped three times, each time with a checkpoint at the current step; the resumed losses and
     evaluations are bit-identical to the uninterrupted reference.
@@ -82,25 +118,33 @@ def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data
        the launcher relays train.py's stderr through a pipe that dies with it; the stop message then comes on stdout.
     2. SIGTERM to the launcher only: accelerate 1.16 and later pass it on to train.py (and kill it 5 s later: the
        tiny model saves well within that); older ones do not, and train.py sees its launcher exit.
-    3. SIGTERM to train.py itself, run with --debug: exit code 75 (--debug adds the traceback, not another code).
+    3. SIGUSR1 (SLURM's early warning) to train.py itself, run with --debug: exit code 75 (--debug adds the
+       traceback, not another code).
+
+    train.py looks at its launcher every 0.05 s here (GPT2_REPRO_LAUNCHER_POLL; 1 s by default), so the tiny run's
+    fast steps cannot reach max_steps before it notices; the steps waited for are drawn from a seeded generator.
     """
     from accelerate import __version__ as accelerate_version
     from packaging.version import Version
 
+    rng = random.Random(11)
+    waits = [rng.randint(1, 3), rng.randint(1, 2), rng.randint(1, 2)]
+    print("steps waited before each stop:", waits)
     ref_losses, ref_evals = read_metrics(reference[0])
     out = tmp_path / "run"
     data = ["--data_dir", str(data_dir), "--hellaswag", "false"]
+    poll = {"GPT2_REPRO_LAUNCHER_POLL": "0.05"}
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
-    with training_in_background(data, out, accelerate) as proc:
-        wait_for_step(out, random.randint(1, 3), proc)  # it notices within a second: steps go on
+    with training_in_background(data, out, accelerate, **poll) as proc:
+        wait_for_step(out, waits[0], proc)  # it notices within 0.05 s: steps go on
         proc.send_signal(signal.SIGKILL)  # the launcher only
         stdout, err = proc.communicate(timeout=240)  # returns when train.py, too, closed the pipes
     assert proc.returncode == -signal.SIGKILL and f"the launcher (pid {proc.pid}) exited" in stdout + err
     first = stopped_at(out, stdout + err)
 
     forwards = Version(accelerate_version) >= Version("1.16")
-    with training_in_background([*data, "--resume", "latest"], out, accelerate) as proc:
-        wait_for_step(out, first + random.randint(1, 2), proc)
+    with training_in_background([*data, "--resume", "latest"], out, accelerate, **poll) as proc:
+        wait_for_step(out, first + waits[1], proc)
         proc.send_signal(signal.SIGTERM)  # the launcher only
         stdout, err = proc.communicate(timeout=240)
     if forwards:  # the launcher exits with 128 + SIGTERM once train.py has
@@ -108,19 +152,20 @@ def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data
     else:
         assert proc.returncode == -signal.SIGTERM and f"the launcher (pid {proc.pid}) exited" in err
     second = stopped_at(out, err)
-    assert first < second
+    assert first < second, waits
 
-    with training_in_background([*data, "--resume", "latest", "--debug"], out) as proc:
-        wait_for_step(out, second + random.randint(1, 2), proc)
-        proc.send_signal(signal.SIGTERM)
+    with training_in_background([*data, "--resume", "latest", "--debug"], out, **poll) as proc:
+        wait_for_step(out, second + waits[2], proc)
+        proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=240)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     third = stopped_at(out, err, tracebacks=1)  # --debug: the Stop's own traceback
-    assert second < third < MAX_STEPS
+    assert f"stopped at step {third} (SIGUSR1 received): checkpoint" in err, err[-3000:]
+    assert second < third < MAX_STEPS, waits
 
     run_training([*data, "--resume", "latest"], out)
     losses, evals = read_metrics(out)
-    assert losses == ref_losses, (first, second, third)
+    assert losses == ref_losses, (waits, first, second, third)
     assert {s: e["val_loss"] for s, e in evals.items()} == {s: e["val_loss"] for s, e in ref_evals.items()}
     attempts = json.loads((out / "run_info.json").read_text())["attempts"]
     assert [a["start_step"] for a in attempts] == [0, first, second, third]
@@ -134,8 +179,10 @@ def test_sigterm_with_two_processes_and_elastic_resume(reference, data_dir, tmp_
     ref_losses, _ = read_metrics(reference[0])
     out = tmp_path / "run"
     data = ["--data_dir", str(data_dir), "--hellaswag", "false"]
+    wait = random.Random(12).randint(3, 6)
+    print("steps waited before the stop:", wait)
     with training_in_background(data, out, TORCHRUN, ACCELERATE_USE_CPU="true") as proc:
-        wait_for_step(out, random.randint(3, 6), proc)
+        wait_for_step(out, wait, proc)
         for p in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children())]:
             os.kill(p, signal.SIGTERM)
         _, err = proc.communicate(timeout=240)

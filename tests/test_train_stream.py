@@ -62,7 +62,8 @@ def test_streamed_training_equals_training_on_shards_of_the_same_source(streamed
 def test_streamed_training_resumes_exactly_after_sigkill(streamed, stream_files, tmp_path):
     out = tmp_path / "run"
     args = [*TINY_ARGS, "--dataset", str(stream_files[0]), *STREAM, *QUICK, "--output_dir", str(out)]
-    kill_after = random.randint(5, 11)
+    kill_after = random.Random(13).randint(5, 11)  # anywhere, but the same step every time
+    print("killed after step", kill_after)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=ROOT,

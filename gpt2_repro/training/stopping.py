@@ -31,6 +31,9 @@ from ..base.launch import is_main_process
 # EX_TEMPFAIL of sysexits.h ("temporary failure; retry later"): a checkpoint was saved, continue with --resume latest.
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Seconds between two looks at the launcher (default 1): the tests shorten it, so that a run they stop notices within
+# a step or two however fast its steps are.
+POLL_ENV = "GPT2_REPRO_LAUNCHER_POLL"
 
 
 def _say(message: str) -> None:
@@ -124,9 +127,9 @@ class StopRequest:
     the newest.
     """
 
-    def __init__(self, poll_seconds: float = 1.0):
+    def __init__(self, poll_seconds: float | None = None):
         self.reason: str | None = None
-        self.poll_seconds = poll_seconds
+        self.poll_seconds = float(os.environ.get(POLL_ENV, 1.0)) if poll_seconds is None else poll_seconds
         self._previous: dict = {}
         self._done = threading.Event()
 
