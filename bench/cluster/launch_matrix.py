@@ -76,21 +76,69 @@ def cases(tmp: Path) -> list[tuple[str, bool, list[list[str]], dict]]:
         ("accelerate launch", True, [ACC + [PROBE]], {}),
         ("accelerate launch --cpu", True, [ACC + ["--cpu", PROBE]], {}),
         ("accelerate launch --num_processes 1", True, [ACC + ["--num_processes", "1", PROBE]], {}),
-        ("torchrun --standalone --nproc_per_node 1", True, [TORCHRUN + ["--standalone", "--nproc_per_node", "1", PROBE]], {}),  # fmt: skip
-        ("ACCELERATE_USE_CPU=true torchrun --nproc_per_node 1", True, [TORCHRUN + ["--standalone", "--nproc_per_node", "1", PROBE]], cpu),  # fmt: skip
-        ("ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2", True, [TORCHRUN + ["--standalone", "--nproc_per_node", "2", PROBE]], cpu),  # fmt: skip
+        (
+            "torchrun --standalone --nproc_per_node 1",
+            True,
+            [TORCHRUN + ["--standalone", "--nproc_per_node", "1", PROBE]],
+            {},
+        ),  # fmt: skip
+        (
+            "ACCELERATE_USE_CPU=true torchrun --nproc_per_node 1",
+            True,
+            [TORCHRUN + ["--standalone", "--nproc_per_node", "1", PROBE]],
+            cpu,
+        ),  # fmt: skip
+        (
+            "ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2",
+            True,
+            [TORCHRUN + ["--standalone", "--nproc_per_node", "2", PROBE]],
+            cpu,
+        ),  # fmt: skip
         ("ACCELERATE_USE_CPU=true torchrun --nnodes 2 (static, 2 launchers)", True, torchrun_static, cpu),
         ("ACCELERATE_USE_CPU=true torchrun --nnodes 2 (c10d, 2 launchers)", True, torchrun_c10d, cpu),
-        ("accelerate launch --config_file accelerate_config.yaml --num_processes 2", False,
-         [ACC + ["--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", "2", PROBE]], {}),  # fmt: skip
-        ("accelerate launch --config_file fsdp.yaml (2 processes)", False, [ACC + ["--config_file", str(fsdp), PROBE]], {}),  # fmt: skip
-        ("accelerate launch --multi_gpu --num_processes 2", False, [ACC + ["--multi_gpu", "--num_processes", "2", PROBE]], {}),  # fmt: skip
-        ("torchrun --nproc_per_node 2 (no ACCELERATE_USE_CPU)", False, [TORCHRUN + ["--standalone", "--nproc_per_node", "2", PROBE]], {}),  # fmt: skip
-        ("accelerate launch --cpu --num_processes 2", False, [ACC + ["--cpu", "--num_processes", "2", PROBE]], {}),  # fmt: skip
-        ("accelerate launch --config_file multi_cpu.yaml (2 processes)", False, [ACC + ["--config_file", str(mcpu), PROBE]], {}),  # fmt: skip
+        (
+            "accelerate launch --config_file accelerate_config.yaml --num_processes 2",
+            False,
+            [ACC + ["--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", "2", PROBE]],
+            {},
+        ),  # fmt: skip
+        (
+            "accelerate launch --config_file fsdp.yaml (2 processes)",
+            False,
+            [ACC + ["--config_file", str(fsdp), PROBE]],
+            {},
+        ),  # fmt: skip
+        (
+            "accelerate launch --multi_gpu --num_processes 2",
+            False,
+            [ACC + ["--multi_gpu", "--num_processes", "2", PROBE]],
+            {},
+        ),  # fmt: skip
+        (
+            "torchrun --nproc_per_node 2 (no ACCELERATE_USE_CPU)",
+            False,
+            [TORCHRUN + ["--standalone", "--nproc_per_node", "2", PROBE]],
+            {},
+        ),  # fmt: skip
+        (
+            "accelerate launch --cpu --num_processes 2",
+            False,
+            [ACC + ["--cpu", "--num_processes", "2", PROBE]],
+            {},
+        ),  # fmt: skip
+        (
+            "accelerate launch --config_file multi_cpu.yaml (2 processes)",
+            False,
+            [ACC + ["--config_file", str(mcpu), PROBE]],
+            {},
+        ),  # fmt: skip
         ("accelerate launch --cpu --num_machines 2 (2 launchers)", False, two_machines, {}),
-        ("accelerate launch --cpu --num_machines 2 --num_processes 2 (2 launchers)", False,
-         [c[:-1] + ["--num_processes", "2", "--main_process_port", str(p4), PROBE] for c in two_machines], {}),  # fmt: skip
+        (
+            "accelerate launch --cpu --num_machines 2 --num_processes 2 (2 launchers)",
+            False,
+            [c[:-1] + ["--num_processes", "2", "--main_process_port", str(p4), PROBE] for c in two_machines],
+            {},
+        ),  # fmt: skip
     ]
 
 
@@ -134,7 +182,7 @@ def main() -> int:
                   f"{'ok' if ok else 'WRONG'}; launcher exit codes {codes}]")  # fmt: skip
             if not records:
                 print("   no process reported:", err[-800:])
-            for r, v in sorted(zip(records, verdicts), key=lambda rv: rv[0]["env"].get("RANK", "")):
+            for r, v in sorted(zip(records, verdicts, strict=True), key=lambda rv: rv[0]["env"].get("RANK", "")):
                 e, a = r["env"], r["accelerator"]
                 shown = " ".join(f"{k}={e[k]}" for k in SHOWN if k in e) or "(none of the launch variables)"
                 print(f"   pid {r['pid']}: {shown} -> {a['distributed_type'].split('.')[-1]}, "
