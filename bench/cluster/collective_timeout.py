@@ -7,7 +7,8 @@ Run under two launchers, one per "machine" (see bench/cluster/two_nodes.py, whic
 
 Both processes all-reduce a tensor in a loop; at iteration --at the last rank stops itself (SIGSTOP: a machine
 that hangs or drops off the network, its sockets left open), kills itself (SIGKILL: the kernel closes its sockets)
-or exits; with `early_exit` rank 0 exits before the processes meet (a refusal in train.py's preflight). The
+or exits; with `early_exit` rank 0 exits before the processes meet (a refusal in train.py's preflight), with
+`slow_start` it sleeps --at seconds before them (the main process's own checks). The
 process that notices prints one JSON line: how long it waited after the fault, and the error.
 The process group's timeout is accelerate's InitProcessGroupKwargs(timeout=...), passed to init_process_group.
 """
@@ -26,7 +27,7 @@ from datetime import timedelta
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--timeout", type=float, default=None, help="process group timeout, s (None: torch default)")
-    parser.add_argument("--fault", choices=["stop", "kill", "exit", "early_exit"], default="stop")
+    parser.add_argument("--fault", choices=["stop", "kill", "exit", "early_exit", "slow_start"], default="stop")
     parser.add_argument("--at", type=int, default=20)
     parser.add_argument("--op", choices=["all_reduce", "barrier"], default="all_reduce")
     args = parser.parse_args()
@@ -37,6 +38,8 @@ def main() -> None:
 
     if args.fault == "early_exit" and os.environ.get("RANK") == "0":
         sys.exit(2)  # as train.py's preflight refusing the run on the main process, before the processes meet
+    if args.fault == "slow_start" and os.environ.get("RANK") == "0":
+        time.sleep(args.at)  # as the main process's checks before the processes meet (data verification: ~25 s)
     t_start = time.time()
     handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))] if args.timeout else []
     try:
@@ -50,6 +53,10 @@ def main() -> None:
         report = {"rank": os.environ.get("RANK"), "waited_s": waited, "timeout": args.timeout, "fault": args.fault}
         print(json.dumps({**report, "error": error}), flush=True)
         os._exit(1)
+    if args.fault == "slow_start":  # the processes met: how long the punctual one waited for the late one
+        met = {"rank": os.environ.get("RANK"), "met_after_s": round(time.time() - t_start, 2), "timeout": args.timeout}
+        print(json.dumps(met), flush=True)
+        return
     rank, last = acc.process_index, acc.num_processes - 1
 
     x = torch.ones(1024)

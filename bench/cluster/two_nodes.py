@@ -6,11 +6,13 @@ checkpoints, the error lines, and any process left behind.
     python bench/cluster/two_nodes.py                       # every scenario (about 6 minutes on 2 cores)
     python bench/cluster/two_nodes.py sigkill_worker1 equal # some of them
     python bench/cluster/two_nodes.py --train_args "--dist_timeout 15" hang1   # an option the trainer may grow
+    python bench/cluster/two_nodes.py --rdzv c10d sigkill_launcher0            # agents that agree on node ranks
 
 Scenarios: equal (losses of two machines, static and c10d rendezvous, against one process), sigterm_launcher0,
 sigterm_launcher1, sigterm_all (every process at once, as srun / scancel --signal deliver it), sigkill_worker1,
 sigkill_machine1 (agent and worker: a machine that dies; its kernel closes the sockets), sigkill_launcher1 (the agent
-alone; its worker is orphaned), sigkill_machine0 (the machine whose agent hosts the rendezvous store), hang1 (machine
+alone; its worker is orphaned), sigkill_launcher0 (the same on the machine whose agent hosts the rendezvous store),
+sigkill_machine0 (the machine whose agent hosts the rendezvous store), hang1 (machine
 1 stopped with SIGSTOP: a machine that hangs or drops off the network, its sockets left open), separate_fs (each
 machine its own --output_dir: machines that do not share a file system).
 """
@@ -102,7 +104,7 @@ def separate_fs(tmp: Path, data: Path, train_args: list[str], observe: float) ->
             report(name + what, ms, ended, time.time(), runs)
 
 
-def fault_scenario(name: str, tmp: Path, data: Path, train_args: list[str], observe: float) -> None:
+def fault_scenario(name: str, tmp: Path, data: Path, train_args: list[str], observe: float, rdzv: str) -> None:
     if name == "separate_fs":
         return separate_fs(tmp, data, train_args, observe)
     out = tmp / name
@@ -110,8 +112,7 @@ def fault_scenario(name: str, tmp: Path, data: Path, train_args: list[str], obse
     per_machine = [[*args, "--output_dir", str(out)]] * 2
     runs = [out]
     logs = tmp / f"{name}_logs"
-    logs.mkdir()
-    with machines(2, per_machine, logs) as ms:
+    with machines(2, per_machine, logs, rdzv=rdzv) as ms:
         m0, m1 = ms
         wait_for_step(out / "metrics.jsonl", 3, ms)
         t_fault = time.time()
@@ -129,6 +130,8 @@ def fault_scenario(name: str, tmp: Path, data: Path, train_args: list[str], obse
             m1.signal_all(signal.SIGKILL)
         elif name == "sigkill_launcher1":
             m1.signal_launcher(signal.SIGKILL)
+        elif name == "sigkill_launcher0":
+            m0.signal_launcher(signal.SIGKILL)
         elif name == "sigkill_machine0":
             m0.signal_all(signal.SIGKILL)
         elif name == "hang1":
@@ -138,7 +141,7 @@ def fault_scenario(name: str, tmp: Path, data: Path, train_args: list[str], obse
         for m in ms:
             ended.setdefault(m.node_rank, (m.proc.poll(), time.time() - t_fault))
         time.sleep(1)  # what the agents leave, a second after they ended
-        report(name, ms, ended, t_fault, runs, f"(machine 1's workers were {w1})")
+        report(name, ms, ended, t_fault, runs, f"({rdzv} rendezvous; machine 1's workers were {w1})")
 
 
 def equal(tmp: Path, data: Path, steps: int) -> None:
@@ -165,16 +168,22 @@ def equal(tmp: Path, data: Path, steps: int) -> None:
 
 
 SCENARIOS = ["equal", "sigterm_launcher0", "sigterm_launcher1", "sigterm_all", "sigkill_worker1", "sigkill_machine1",
-             "sigkill_launcher1", "sigkill_machine0", "hang1", "separate_fs"]  # fmt: skip
+             "sigkill_launcher1", "sigkill_launcher0", "sigkill_machine0", "hang1", "separate_fs"]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenarios", nargs="*", default=SCENARIOS, choices=SCENARIOS + [[]])
+    parser.add_argument("scenarios", nargs="*", help=f"some of {', '.join(SCENARIOS)} (default: all)")
     parser.add_argument("--train_args", default="", help="extra train.py options for the fault scenarios")
     parser.add_argument("--observe", type=float, default=90, help="how long to wait for the survivors, s")
     parser.add_argument("--steps", type=int, default=20, help="steps of the equal scenario")
+    parser.add_argument(
+        "--rdzv", choices=["static", "c10d"], default="static", help="rendezvous of the fault scenarios"
+    )
     args = parser.parse_args()
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}: choose from {', '.join(SCENARIOS)}")
     with tempfile.TemporaryDirectory(prefix="two_nodes_") as tmp:
         tmp = Path(tmp)
         data = make_data(tmp / "data")
@@ -182,7 +191,7 @@ def main() -> None:
             if name == "equal":
                 equal(tmp, data, args.steps)
             else:
-                fault_scenario(name, tmp, data, shlex.split(args.train_args), args.observe)
+                fault_scenario(name, tmp, data, shlex.split(args.train_args), args.observe, args.rdzv)
 
 
 if __name__ == "__main__":

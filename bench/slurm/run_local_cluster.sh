@@ -140,7 +140,7 @@ submit() { # name, sbatch options..., -- train.py options...
         --export=ALL,ACCELERATE_USE_CPU=true,NPROC_PER_NODE=2,PYTHONPATH=$ROOT,TORCHRUN="$PY -m torch.distributed.run",OUTPUT_DIR=$WORK/$name,CONFIG=configs/tiny.yaml \
         bench/slurm/train.sbatch "$@"
 }
-show_log() { grep -h -E "job [0-9]+ \(restart|received|ended with|requeueing|stopped at step|error:|CANCELLED|DUE TO|srun: (got|forcing)" "$WORK"/jobs/"$1"-*.out | sed 's/^/   | /'; }
+show_log() { cat "$WORK"/jobs/"$1"-*.out | tr '\r' '\n' | grep -a -E "job [0-9]+ \(restart|received|ended with|requeueing|stopped at step|error:|CANCELLED|DUE TO|srun: (got|forcing)" | sed 's/^/   | /'; }
 
 echo "== 2. the time limit's warning, sent by hand: scancel --batch --signal=USR1 (what --signal=B:USR1@N sends)"
 job=$(submit warning --time=30 -- "${TINY[@]:2}")
@@ -160,7 +160,7 @@ while [ $SECONDS -lt $deadline ]; do
     [ "$(restarts "$job")" -ge 2 ] && [ "$(job_state "$job")" = RUNNING ] && break
     sleep 5
 done
-sleep 60 # the third attempt trains a while
+sleep 15 # the third attempt trains a while (its USR1 comes 30-60 s after its start)
 scancel "$job" && echo "   scancel $job (restarts $(restarts "$job"), $(steps_logged "$WORK/timelimit") steps logged)"
 while [ "$(job_state "$job")" = RUNNING ] || [ "$(job_state "$job")" = COMPLETING ]; do sleep 1; done
 sleep 5
