@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 from gpt2_repro.base import cli
 from gpt2_repro.base.config import TrainConfig, parameter_count, parse_args
-from gpt2_repro.base.errors import ConfigError
-from gpt2_repro.base.launch import is_main_process
+from gpt2_repro.base.errors import ConfigError, Stop
+from gpt2_repro.base.launch import is_main_process, launch_problem
 from gpt2_repro.base.run_folder import RunFolder
 from gpt2_repro.checkpointing.checkpoints import diverged, explained_failures, find_checkpoint
 from gpt2_repro.checkpointing.folders import checkpoint_bytes, checkpoint_name, list_checkpoints
@@ -88,6 +88,8 @@ def preflight(cfg: TrainConfig, folder: RunFolder, cleanup: contextlib.ExitStack
 
     main_process, data = is_main_process(), source_type(cfg.data.dataset)
     log = tqdm.write if main_process else (lambda *_: None)
+    if problem := launch_problem():  # processes that accelerate will run each alone: refused before the lock
+        raise ConfigError(problem) if main_process else Stop("", 2)
     data.preflight(cfg)
     try:
         encoding = get_gpt2_encoding()

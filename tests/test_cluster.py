@@ -20,13 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-import test_train
-from gpt2_repro import checkpoint as ckpt
+from gpt2_repro.checkpointing import folders as ckpt
 from machines import free_port, machines, wait_all, wait_for_step
-from test_train import MAX_STEPS, ROOT, TINY_ARGS, _env, _metrics
+from runs import MAX_STEPS, ROOT, TINY_ARGS, read_metrics, run_env
 
 # test_train's session fixtures (made once per session, whichever module asks first), visible here under their names.
-data_dir, hellaswag_file, reference = test_train.data_dir, test_train.hellaswag_file, test_train.reference
 
 # The option that bounds how long a process waits for the others in a collective (the process group's timeout,
 # accelerate's InitProcessGroupKwargs(timeout=...)); gloo's default is 30 minutes, NCCL's 10.
@@ -84,8 +82,8 @@ def test_two_machines_train_as_one_process(reference, data_dir, tmp_path):
     with machines(2, _args(data_dir, out), tmp_path) as (m0, m1):
         ended = wait_all([m0, m1], 240)
         assert [code for code, _ in ended.values()] == [0, 0], m0.output()[-3000:] + m1.output()[-3000:]
-    _close(_metrics(out)[0], _metrics(reference[0])[0])
-    assert sorted(_metrics(out)[0]) == list(range(1, MAX_STEPS + 1))
+    _close(read_metrics(out)[0], read_metrics(reference[0])[0])
+    assert sorted(read_metrics(out)[0]) == list(range(1, MAX_STEPS + 1))
     info = json.loads((out / "run_info.json").read_text())
     assert info["num_processes"] == 2 and info["grad_accum_steps"] == 1
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [12, 16]
@@ -104,7 +102,7 @@ def test_a_stop_reaches_every_machine_and_the_run_resumes_on_one_then_on_two(ref
 
     torchrun's agent reports 1 whatever its workers exit with (75 included), so the launchers' own codes say nothing.
     """
-    ref = _metrics(reference[0])[0]
+    ref = read_metrics(reference[0])[0]
     out = tmp_path / "run"
     args = _args(data_dir, out, "--resume", "latest")
 
@@ -122,7 +120,7 @@ def test_a_stop_reaches_every_machine_and_the_run_resumes_on_one_then_on_two(ref
     assert sorted(p.name for p in saved.glob("loader_rank*.json")) == ["loader_rank0.json", "loader_rank1.json"]
 
     # 2. One machine, one process: stopped by SIGTERM two steps later.
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         wait_for_step(out / "metrics.jsonl", first + 2, [proc])
@@ -146,7 +144,7 @@ def test_a_stop_reaches_every_machine_and_the_run_resumes_on_one_then_on_two(ref
     with machines(2, args, tmp_path / "c") as (m0, m1):
         ended = wait_all([m0, m1], 240)
         assert [code for code, _ in ended.values()] == [0, 0], m0.output()[-3000:]
-    losses = _metrics(out)[0]
+    losses = read_metrics(out)[0]
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     _close(losses, ref)
     attempts = json.loads((out / "run_info.json").read_text())["attempts"]
@@ -159,7 +157,7 @@ def _stopped_at(out: Path, output: str) -> int:
     found = re.findall(r"stopped at step (\d+) \(.*\): checkpoint (\S+) is complete", output)
     assert len(found) == 1, output[-4000:]  # one process speaks for all
     step, path = int(found[0][0]), Path(found[0][1])
-    assert max(_metrics(out)[0]) == step
+    assert max(read_metrics(out)[0]) == step
     assert ckpt.list_checkpoints(out / "checkpoints")[-1] == (step, path)
     assert not list((out / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
     _no_trainer_traceback(output)
@@ -250,7 +248,7 @@ def test_a_launch_whose_processes_form_no_group_is_refused(launch, data_dir, tmp
         port = str(free_port())
         commands = [[*acc, "--cpu", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
                      "127.0.0.1", "--main_process_port", port, *train] for rank in (0, 1)]  # fmt: skip
-    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen(c, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in commands]  # fmt: skip
     outputs = []
     for p in procs:
@@ -285,7 +283,7 @@ def test_sigterm_to_accelerate_launch_is_obeyed_within_its_grace_under_load(data
     others = [
         subprocess.Popen([sys.executable, str(ROOT / "train.py"), *_args(data_dir, tmp_path / f"other{i}"),
                           "--max_steps", "100000", "--checkpoint_every", "0"],
-                         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for i in range(2)
     ]  # fmt: skip
     out = tmp_path / "run"
@@ -294,7 +292,7 @@ def test_sigterm_to_accelerate_launch_is_obeyed_within_its_grace_under_load(data
         for i, other in enumerate(others):
             wait_for_step(tmp_path / f"other{i}" / "metrics.jsonl", 1, [other])
         proc = subprocess.Popen([*launcher, str(ROOT / "train.py"), *preset, "--output_dir", str(out)], cwd=ROOT,
-                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         try:
             wait_for_step(out / "metrics.jsonl", 3, [proc], timeout=300)
             t0 = time.time()
@@ -313,9 +311,9 @@ def test_sigterm_to_accelerate_launch_is_obeyed_within_its_grace_under_load(data
     assert took < ACCELERATE_GRACE_S + 2, f"{took:.1f} s from SIGTERM to the launcher's exit"
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
     resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *preset, "--output_dir", str(out),
-                              "--resume", "latest"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                              "--resume", "latest"], cwd=ROOT, env=run_env(), capture_output=True, text=True,
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {step}" in resumed.stdout + resumed.stderr
-    assert sorted(_metrics(out)[0]) == list(range(1, 15))
+    assert sorted(read_metrics(out)[0]) == list(range(1, 15))
     assert (out / "export" / "model.safetensors").is_file() and (out / "export-gpt2" / "model.safetensors").is_file()

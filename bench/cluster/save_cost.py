@@ -1,17 +1,16 @@
 """What a checkpoint costs, piece by piece, at the tiny preset and at GPT-2 124M (one CPU process), against the
-disk's own speed: is a preemption's checkpoint writable inside a launcher's grace (accelerate 5 s, torchrun 30 s,
-Slurm's KillWait 30 s)?
+disk's own speed: is a stopping run's checkpoint writable inside a launcher's grace (accelerate 5 s, torchrun 30 s,
+Slurm's KillWait 30 s)? The two saves train.py makes, side by side, alternating, on the same model and state:
 
     python bench/cluster/save_cost.py                      # both sizes; --sizes tiny for the small one only
 
 1. The disk: `dd if=/dev/zero bs=1M count=N conv=fsync` (sequential write, flushed), MB/s.
-2. Today's full path, `Checkpointer.save` as train.py calls it (real model, real AdamW state after one step), with
-   the time spent in each part: the NaN check, save_pretrained (model.safetensors, config, code), the tokenizer,
-   the model card, the stock GPT2LMHeadModel export (re-read from the folder just written, converted, saved),
-   accelerate's save_state (optimizer, RNG states), commit (fsync of every file, rename, rotation) and the links.
-   The timers wrap those functions for this measurement only; what runs is the real code.
-3. The resumable state alone, as a preemption would write it first: weights with safetensors, the optimizer's
-   state dict with torch.save, each fsynced: bytes and seconds.
+2. `Checkpoints.save` (real model, real AdamW state after one step), the full checkpoint of the periodic saves and
+   the quick one of a stop (`quick=True`: what a resume needs, the rest written at the next start), with the time
+   spent in each part: the NaN check, save_pretrained (model.safetensors, config, code), the tokenizer, the model
+   card, the stock GPT2LMHeadModel export (re-read, converted, saved), accelerate's save_state (optimizer, RNG
+   states), commit (fsync of every file, rename, rotation) and the links. The timers wrap those functions for
+   this measurement only; what runs is the real code.
 """
 
 from __future__ import annotations
@@ -96,26 +95,26 @@ def fsynced(path: Path) -> None:
 def measure(size: str, tmp: Path, data: Path, repeats: int) -> None:
     import torch
     import transformers
-    from safetensors.torch import save_file
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    import gpt2_repro.checkpointer as ckpt_mod
-    from gpt2_repro.accelerator import make_accelerator
-    from gpt2_repro.checkpointer import Checkpointer
-    from gpt2_repro.config import parse_args
-    from gpt2_repro.evaluator import LastEval
-    from gpt2_repro.loader import TokenShardLoader
-    from gpt2_repro.optim import build_optimizers
-    from gpt2_repro.tokenizer import get_gpt2_encoding
+    import gpt2_repro.checkpointing.checkpoints as ckpt_mod
+    from gpt2_repro.base.config import parse_args
+    from gpt2_repro.base.run_folder import RunFolder
+    from gpt2_repro.checkpointing.checkpoints import Checkpoints, LastEval
+    from gpt2_repro.data.shard_loader import TokenShardLoader
+    from gpt2_repro.data.tokenizer import get_gpt2_encoding
+    from gpt2_repro.evaluation import models as models_mod
+    from gpt2_repro.training.accelerator import make_accelerator
+    from gpt2_repro.training.optim import build_optimizers
     from modeling_gpt2_repro import GPT2ReproForCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # as train.py does
-    run_dir = tmp / f"run_{size}"
-    run_dir.mkdir()
-    cfg = parse_args([*SIZES[size], "--data_dir", str(data), "--output_dir", str(run_dir), "--seq_len", "64",
+    folder = RunFolder(tmp / f"run_{size}")
+    folder.root.mkdir()
+    cfg = parse_args([*SIZES[size], "--data_dir", str(data), "--output_dir", str(folder), "--seq_len", "64",
                       "--micro_batch_size", "1", "--total_batch_tokens", "64", "--keep_last", "1",
                       "--log_with", "none"])  # fmt: skip
-    acc = make_accelerator(cfg, run_dir)
+    acc = make_accelerator(cfg, folder)
     raw = GPT2ReproForCausalLM(cfg.model_config())
     model, *optimizers = acc.prepare(raw, *build_optimizers(raw, cfg, acc.device))
     for p in raw.parameters():  # one real step: AdamW's moments exist (their values do not change the cost)
@@ -123,60 +122,45 @@ def measure(size: str, tmp: Path, data: Path, repeats: int) -> None:
     for opt in optimizers:
         opt.step()
         opt.zero_grad()
-    loader = TokenShardLoader(str(data), split="train", batch_size=1, seq_len=64, rank=0, world_size=1, seed=0)
-    checkpointer = Checkpointer(cfg, acc, model, raw, loader, run_dir, get_gpt2_encoding())
+    source = TokenShardLoader(str(data), split="train", batch_size=1, seq_len=64, rank=0, world_size=1, seed=0)
+    checkpoints = Checkpoints(cfg, folder, acc, model, raw, source, get_gpt2_encoding())
     n_params = sum(p.numel() for p in raw.parameters())
 
     timers = Timers()
-    timers.wrap(ckpt_mod, "nonfinite_parameters", "NaN/inf check of the weights")
-    timers.wrap(ckpt_mod, "check_room", "free-space check")
+    timers.wrap(models_mod, "nonfinite_parameters", "NaN/inf check of the weights")
     timers.wrap(PreTrainedModel, "save_pretrained",
                 lambda a: "save_pretrained: ours (safetensors, config, code)" if isinstance(a[0], GPT2ReproForCausalLM)
                 else "stock export: save_pretrained of GPT2LMHeadModel")  # fmt: skip
     timers.wrap(PreTrainedTokenizerBase, "save_pretrained", "tokenizer save_pretrained")
-    timers.wrap(ckpt_mod, "write_model_card", "model cards (2)")
     timers.wrap(GPT2ReproForCausalLM, "from_pretrained", "stock export: re-read the folder (from_pretrained)")
     timers.wrap(GPT2ReproForCausalLM, "to_official_gpt2", "stock export: convert to GPT2LMHeadModel")
     timers.wrap(type(acc), "save_state", "accelerate save_state (optimizer, RNG)")
     timers.wrap(ckpt_mod, "commit_checkpoint", "commit: fsync every file, rename, rotate")
     timers.wrap(ckpt_mod, "link_tree", "export/ and export-gpt2/ hard links")
-    totals = []
+    totals, spent, sizes = {"full": [], "quick": []}, {"full": {}, "quick": {}}, {}
     try:
-        checkpointer.save(0, 0, LastEval())  # first call: imports and lazy set-up, not counted
-        timers.spent.clear()
+        checkpoints.save(0, 0, LastEval())  # first call: imports and lazy set-up, not counted
         for i in range(repeats):
-            t0 = time.perf_counter()
-            final = checkpointer.save(i + 1, 64 * (i + 1), LastEval())
-            totals.append(time.perf_counter() - t0)
+            for kind in ("full", "quick"):  # alternating: a busy machine weighs on both alike
+                timers.spent.clear()
+                t0 = time.perf_counter()
+                final = checkpoints.save(2 * i + (kind == "quick") + 1, 64, LastEval(), quick=kind == "quick")
+                totals[kind].append(time.perf_counter() - t0)
+                for name, t in timers.spent.items():
+                    spent[kind][name] = spent[kind].get(name, 0.0) + t / repeats
+                sizes[kind] = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
     finally:
         timers.undo()
-    size_bytes = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
-    print(f"\n== {size}: {n_params / 1e6:.1f}M parameters; today's checkpoint {size_bytes / 1e9:.3f} GB; "
-          f"Checkpointer.save {', '.join(f'{t:.2f}' for t in totals)} s")  # fmt: skip
-    for name, spent in sorted(timers.spent.items(), key=lambda kv: -kv[1]):
-        print(f"   {spent / repeats:7.2f} s  {name}")
-    by_file = sorted(((f.stat().st_size, f.relative_to(final)) for f in final.rglob("*") if f.is_file()), reverse=True)
-    print("   largest files: " + ", ".join(f"{p} {s / 1e6:.0f} MB" for s, p in by_file[:4]))
-
-    # The resumable state alone: the weights, the optimizers' states (what a resume needs besides small JSON).
-    state_dir = tmp / f"state_{size}"
-    state_dir.mkdir()
-    for i in range(repeats):
-        weights, optim = state_dir / "model.safetensors", state_dir / "optimizer.bin"
-        t0 = time.perf_counter()
-        save_file({k: v.contiguous() for k, v in raw.state_dict().items() if k != "lm_head.weight"}, str(weights))
-        t1 = time.perf_counter()
-        fsynced(weights)
-        t2 = time.perf_counter()
-        torch.save([o.state_dict() for o in optimizers], optim)
-        t3 = time.perf_counter()
-        fsynced(optim)
-        t4 = time.perf_counter()
-        print(f"   resumable state only, try {i + 1}: weights {weights.stat().st_size / 1e6:.0f} MB write "
-              f"{t1 - t0:.2f} s + fsync {t2 - t1:.2f} s; optimizer {optim.stat().st_size / 1e6:.0f} MB torch.save "
-              f"{t3 - t2:.2f} s + fsync {t4 - t3:.2f} s; total {t4 - t0:.2f} s")  # fmt: skip
-        for f in (weights, optim):
-            f.unlink()
+    print(f"\n== {size}: {n_params / 1e6:.1f}M parameters")
+    for kind in ("full", "quick"):
+        print(
+            f"   {kind}: {sizes[kind] / 1e9:.3f} GB, Checkpoints.save {', '.join(f'{t:.2f}' for t in totals[kind])} s"
+        )
+        for name, t in sorted(spent[kind].items(), key=lambda kv: -kv[1]):
+            print(f"      {t:7.2f} s  {name}")
+    full, quick = (sorted(totals[k])[len(totals[k]) // 2] for k in ("full", "quick"))
+    ratio = sizes["full"] / sizes["quick"]
+    print(f"   median full / quick: {full:.2f} / {quick:.2f} s = {full / quick:.2f}x; bytes {ratio:.2f}x")
 
 
 def main() -> None:
@@ -190,7 +174,7 @@ def main() -> None:
         tmp = Path(tmp)
         for mib in (256, 2048):
             print(f"disk: dd {mib} MiB conv=fsync -> {disk_speed(tmp, mib):.0f} MB/s ({tmp})")
-        from gpt2_repro.shards import write_shard
+        from gpt2_repro.data.shards import write_shard
         from synthetic import learnable_tokens
 
         data = tmp / "data"

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ..base.atomic_io import link_tree, write_json_atomic
 from ..base.cli import flat_options
-from ..base.errors import ConfigError, RunError, Stop, describe_environment_error
+from ..base.errors import ConfigError, RunError, Stop, describe_environment_error, describe_peer_failure
 from ..base.launch import is_main_process
 from ..base.run_folder import STOCK_EXPORT, RunFolder, step_of
 from ..data.source import source_type
@@ -599,9 +599,14 @@ def explained_failures(folder: RunFolder):
     except (ConfigError, RunError, DataError):
         raise
     except Exception as e:
-        described = describe_environment_error(e)
+        peer = describe_peer_failure(e)
+        described = describe_environment_error(e) or peer
         if described is None:
             raise
+        if peer and os.environ.get("LOCAL_RANK", "0") != "0":  # one line per machine, from its first process
+            raise Stop("", 2) from e
+        if peer:  # the survivors stop too; the run continues from its newest checkpoint, on every machine
+            raise RunError(f"{peer}; {resume_hint(folder.checkpoints)}") from e
         saved = list_checkpoints(folder.checkpoints)
         hint = f". Nothing is lost: {resume_hint(folder.checkpoints)}" if saved else ""
         raise RunError(described + hint) from e
