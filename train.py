@@ -157,7 +157,7 @@ def build(cfg: TrainConfig, checked: Checked, stop: StopRequest, cleanup: contex
     if cfg.optim.zero_init_proj:  # a resumed run then loads its checkpoint's weights over these
         zero_output_projections(raw_model)
     model, *optimizers = acc.prepare(raw_model, *build_optimizers(raw_model, cfg, acc.device))
-    stop.join(acc)  # from here on every process agrees on a stop before each micro-batch
+    stop.join(acc, cfg.run.dist_timeout)  # from here on every process agrees on a stop before each micro-batch
     source = open_data_source(cfg, acc.process_index, acc.num_processes)  # shards by rank itself: not prepared
     cleanup.callback(source.close)  # a stream's reader threads, also when the run fails
     checkpoints = Checkpoints(cfg, folder, acc, model, raw_model, source, checked.encoding, checked.uploader)

@@ -260,8 +260,8 @@ def test_a_launch_whose_processes_form_no_group_is_refused(launch, data_dir, tmp
         assert p.returncode != 0, output[-3000:]  # the launchers report 1 when a process fails
         line = _one_error_line(output)
         assert "torchrun" in line and "ACCELERATE_USE_CPU" in line, line
-        codes = _worker_exit_codes(output)
-        assert not codes or set(codes) == {2}, output[-3000:]
+        codes = _worker_exit_codes(output)  # torchrun ends the others once one failed: SIGTERM (-15) may beat their 2
+        assert not codes or (2 in codes and set(codes) <= {2, -signal.SIGTERM}), output[-3000:]
     _only_the_lock(out)
 
 

@@ -97,10 +97,10 @@ def _unshared_folder(accelerator: Accelerator, folder: RunFolder, wait_seconds: 
         return None
     blind = sorted({host for host, ok in hosts if not ok})
     return (
-        f"the processes of this run do not share its folder: {folder.root} on {', '.join(blind)} does not hold the "
-        f"lock the main process took on {hosts[0][0]}. Every machine writes its part of each checkpoint there, so "
-        "--output_dir must be on a file system all of them share (NFS, Lustre, ...): checkpoints split across "
-        "machines could never be resumed"
+        f"the processes of this run do not see one run folder: the lock the main process took in {folder.root} on "
+        f"{hosts[0][0]} is not in the --output_dir that processes on {', '.join(blind)} see. Every machine writes "
+        "its part of each checkpoint there, so --output_dir must be on a shared file system that every machine sees "
+        "(NFS, Lustre, ...): checkpoints split across machines could never be resumed"
     )
 
 

@@ -138,17 +138,20 @@ class StopRequest:
         """Whether this process was asked to stop (the others may not know yet: `agreed`)."""
         return self.reason is not None
 
-    def join(self, accelerator) -> None:
+    def join(self, accelerator, timeout_seconds: float) -> None:
         """Agree with the other processes of `accelerator` from now on (a collective: every process calls it).
 
         The agreement is a one-integer all-reduce on a gloo group of its own: on the CPU, so that asking it before
         a micro-batch never waits for the GPU's queued work (a NCCL all-reduce would be read back with a device
-        sync). One process agrees with itself at no cost.
+        sync). It waits for a lost process as long as the run's other collectives do (`timeout_seconds`: a new
+        group would otherwise wait gloo's 30 minutes). One process agrees with itself at no cost.
         """
         if accelerator.num_processes > 1:
+            from datetime import timedelta
+
             import torch.distributed as dist
 
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop: the same answer on every process, which all must ask together."""
