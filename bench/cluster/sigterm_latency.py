@@ -33,8 +33,7 @@ LAUNCHERS = {"python": [PY], "accelerate": [PY, "-m", "accelerate.commands.launc
 
 
 def make_data(folder: Path) -> Path:
-    from gpt2_repro.shards import write_shard
-
+    from gpt2_repro.data.shards import write_shard
     from synthetic import learnable_tokens
 
     folder.mkdir(parents=True)

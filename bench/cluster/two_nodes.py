@@ -41,8 +41,7 @@ TINY += "--val_tokens 512 --eval_batch_size 8 --hellaswag false --num_samples 0 
 
 
 def make_data(folder: Path) -> Path:
-    from gpt2_repro.shards import write_shard
-
+    from gpt2_repro.data.shards import write_shard
     from synthetic import learnable_tokens
 
     folder.mkdir(parents=True, exist_ok=True)
