@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 
 from gpt2_repro.base import cli
 from gpt2_repro.base.config import TrainConfig, parameter_count, parse_command_line
-from gpt2_repro.base.errors import ConfigError
-from gpt2_repro.base.launch import is_main_process
+from gpt2_repro.base.errors import ConfigError, Stop
+from gpt2_repro.base.launch import is_main_process, launch_problem
 from gpt2_repro.base.run_folder import RunFolder
 from gpt2_repro.checkpointing.checkpoints import diverged, explained_failures, find_checkpoint
-from gpt2_repro.checkpointing.folders import checkpoint_bytes, list_checkpoints
+from gpt2_repro.checkpointing.folders import checkpoint_bytes, checkpoint_name, list_checkpoints
 from gpt2_repro.data.source import source_type
 from gpt2_repro.training.memory_plan import PlanOptions, print_plan
-from gpt2_repro.training.stopping import DivergenceGuard, preempted
+from gpt2_repro.training.stopping import DivergenceGuard, StopRequest, preempted, stopped_before_training
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from gpt2_repro.publishing.hub import HubUploader
     from gpt2_repro.training.periodic_eval import Evaluator
     from gpt2_repro.training.step import StepResult
-    from gpt2_repro.training.stopping import StopRequest
     from modeling_gpt2_repro import GPT2ReproForCausalLM
 
 
@@ -56,8 +55,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     folder = RunFolder(cfg.run.output_dir)
     with explained_failures(folder), contextlib.ExitStack() as cleanup:
+        stop = cleanup.enter_context(StopRequest())  # SIGTERM, SIGUSR1, launcher exit, from the start: save, exit 75
         checked = preflight(cfg, folder, cleanup)
-        run = build(cfg, checked, cleanup)
+        run = build(cfg, checked, stop, cleanup)
         return train(cfg, run, cleanup)
 
 
@@ -93,6 +93,8 @@ def preflight(cfg: TrainConfig, folder: RunFolder, cleanup: contextlib.ExitStack
 
     main_process, data = is_main_process(), source_type(cfg.data.dataset)
     log = tqdm.write if main_process else (lambda *_: None)
+    if problem := launch_problem():  # processes that accelerate will run each alone: refused before the lock
+        raise ConfigError(problem) if main_process else Stop("", 2)
     data.preflight(cfg)
     try:
         encoding = get_gpt2_encoding()
@@ -139,7 +141,7 @@ class Run:
     start: Start
 
 
-def build(cfg: TrainConfig, checked: Checked, cleanup: contextlib.ExitStack) -> Run:
+def build(cfg: TrainConfig, checked: Checked, stop: StopRequest, cleanup: contextlib.ExitStack) -> Run:
     """Model, optimizers, data source, evaluation and checkpoints; the checkpoint to resume restored; then the run
     is recorded in its folder (config.yaml, run_info.json with the line of training): the first writes of this
     start."""
@@ -151,19 +153,18 @@ def build(cfg: TrainConfig, checked: Checked, cleanup: contextlib.ExitStack) -> 
     from gpt2_repro.training.accelerator import checkpoint_activations
     from gpt2_repro.training.optim import build_optimizers, zero_output_projections
     from gpt2_repro.training.periodic_eval import Evaluator
-    from gpt2_repro.training.stopping import StopRequest
     from gpt2_repro.training.tracking import tracker_config, tracker_init_kwargs
     from modeling_gpt2_repro import GPT2ReproForCausalLM
 
     acc, folder, log, found = checked.accelerator, checked.folder, checked.log, checked.found
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars at every checkpoint
-    stop = cleanup.enter_context(StopRequest())  # SIGTERM, SIGUSR1, launcher exit: save and stop
     set_seed(cfg.run.seed)  # the same initial weights on every rank
     raw_model = GPT2ReproForCausalLM(cfg.model_config())
     if cfg.optim.zero_init_proj:  # a resumed run then loads its checkpoint's weights over these
         zero_output_projections(raw_model)
     checkpointing = checkpoint_activations(cfg, raw_model)  # before prepare: DDP, FSDP, compile wrap it
     model, *optimizers = acc.prepare(raw_model, *build_optimizers(raw_model, cfg, acc.device))
+    stop.join(acc, cfg.run.dist_timeout)  # from here on every process agrees on a stop before each micro-batch
     source = open_data_source(cfg, acc.process_index, acc.num_processes)  # shards by rank itself: not prepared
     cleanup.callback(source.close)  # a stream's reader threads, also when the run fails
     checkpoints = Checkpoints(cfg, folder, acc, model, raw_model, source, checked.encoding, checked.uploader)
@@ -191,11 +192,12 @@ def build(cfg: TrainConfig, checked: Checked, cleanup: contextlib.ExitStack) -> 
 
 def train(cfg: TrainConfig, run: Run, cleanup: contextlib.ExitStack) -> Path:
     """The loop: an optimizer step at the scheduled LRs, its metrics line, the divergence guard, then the
-    evaluation and the checkpoint when they are due. A stop request saves the step it is on and exits 75."""
+    evaluation and the checkpoint when they are due. A stop request ends the run at the next micro-batch with a
+    quick checkpoint of its last completed step (`stop_here`), exit code 75."""
     from tqdm.auto import tqdm
 
     from gpt2_repro.training.optim import set_lrs
-    from gpt2_repro.training.step import train_step
+    from gpt2_repro.training.step import StepStart, train_step
     from gpt2_repro.training.tracking import StepLog
 
     t_start = time.time()
@@ -205,21 +207,24 @@ def train(cfg: TrainConfig, run: Run, cleanup: contextlib.ExitStack) -> Path:
     cleanup.callback(bar.close)  # an error message then starts on a line of its own
     step_log = StepLog(cfg, folder, acc, run.raw_model, bar, line)
     guard = DivergenceGuard(optim.max_bad_steps)
-    if step and run.evaluator.due(step) and last_eval.val_step != step:
+    if step and run.evaluator.due(step) and last_eval.val_step != step and not run.stop.agreed():
         last_eval = run.evaluator(run.raw_model, step)  # a stop saved before evaluating
 
     run.model.train()
     while step < optim.max_steps:
         t0 = time.perf_counter()
         lrs = set_lrs(run.optimizers, step, optim)
+        begun = StepStart.take(run.source)
         result = train_step(acc, run.model, run.optimizers, run.source, optim.grad_clip, run.stop)
+        if result.abandoned:  # stopped at a micro-batch boundary: the state of the last completed step is saved
+            begun.restore_rng()
+            raise stop_here(run, step, tokens_seen, last_eval, guard.streak > 0, begun.position)
         dt = time.perf_counter() - t0
         step, tokens_seen = step + 1, tokens_seen + data.total_batch_tokens
         step_log(step, tokens_seen, result, lrs, dt)
         in_streak = check_divergence(guard, result, step, cfg, folder, log)
-        if result.stop and step < optim.max_steps:  # preemption: save this step at once (not amid a streak), exit
-            saved = None if in_streak else run.checkpoints.save(step, tokens_seen, last_eval)
-            raise preempted(run.stop, step, saved, list_checkpoints(folder.checkpoints), acc.is_main_process)
+        if result.stop and step < optim.max_steps:  # asked during the step's last micro-batch: this step is saved
+            raise stop_here(run, step, tokens_seen, last_eval, in_streak)
         if in_streak:
             continue  # no evaluation or checkpoint of weights whose last loss was not finite
         if run.evaluator.due(step):
@@ -233,6 +238,22 @@ def train(cfg: TrainConfig, run: Run, cleanup: contextlib.ExitStack) -> Path:
     run.checkpoints.close(log)
     log(f"done: {step} steps in {time.time() - t_start:.0f}s; model in {folder.export}")
     return folder.root
+
+
+def stop_here(run: Run, step: int, tokens_seen: int, last_eval, in_streak: bool, position: dict | None = None):
+    """The end of a run asked to stop: a quick checkpoint of `step`, the last completed optimizer step, with what a
+    resume needs (the rest of it is written at the next start), then exit code 75. No checkpoint when `step` is
+    saved already, when the run has not trained a step since it started, or when its weights are amid a streak of
+    non-finite steps. `position`: the data position at the start of an abandoned step."""
+    acc, folder = run.accelerator, run.checkpoints.folder
+    if step == run.start.step:
+        return stopped_before_training(run.stop, step, list_checkpoints(folder.checkpoints), acc.is_main_process)
+    saved = None
+    if run.checkpoints.saved_step == step:
+        saved = folder.checkpoints / checkpoint_name(step)
+    elif not in_streak:
+        saved = run.checkpoints.save(step, tokens_seen, last_eval, quick=True, position=position)
+    return preempted(run.stop, step, saved, list_checkpoints(folder.checkpoints), acc.is_main_process)
 
 
 def check_divergence(

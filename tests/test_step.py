@@ -96,13 +96,45 @@ def test_with_a_gradient_scaler_an_overflow_is_skipped_but_not_counted(shards):
     assert any(not torch.equal(p, before[n]) for n, p in _params(model).items())
 
 
-def test_a_stop_request_rides_along_and_the_step_still_completes(shards):
+def test_a_stop_before_a_micro_batch_abandons_the_step_and_one_during_the_last_rides_along(shards):
+    """Asked before a micro-batch: the step stops there, nothing of it applied (its gradients dropped). Asked
+    during the step's last micro-batch: the step completes and its result says stop."""
     accelerator, model, optimizers, source = _setup(shards)
     stop = StopRequest()
     assert not train_step(accelerator, model, optimizers, source, 1.0, stop).stop
-    stop.request("SIGTERM received")
-    before = _params(model)
-    result = train_step(accelerator, model, optimizers, source, 1.0, stop)
-    assert result.stop and not result.skipped
+    before, served = _params(model), []
+
+    class AskedAt:  # the real source; the stop arrives while the given micro-batch is read
+        def __init__(self, when):
+            self.when = when
+
+        def next_batch(self):
+            served.append(1)
+            if len(served) == self.when:
+                stop.request("SIGTERM received")
+            return source.next_batch()
+
+    result = train_step(accelerator, model, optimizers, AskedAt(when=2), 1.0, stop)
+    assert result.abandoned and result.stop and len(served) == 2  # the third micro-batch was never read
+    assert all(torch.equal(p, before[n]) for n, p in _params(model).items())
+    assert all(p.grad is None for p in model.parameters())
+
+    accelerator, model, optimizers, source = _setup(shards)
+    stop, served, before = StopRequest(), [], _params(model)
+    result = train_step(accelerator, model, optimizers, AskedAt(when=ACCUM), 1.0, stop)
+    assert result.stop and not result.abandoned and not result.skipped and np.isfinite(result.loss)
     assert any(not torch.equal(p, before[n]) for n, p in _params(model).items())  # the step it was on is done
-    assert np.isfinite(result.loss)
+
+
+def test_the_start_of_a_step_restores_its_rng_states():
+    from gpt2_repro.training.step import StepStart
+
+    class Position:
+        def state_dict(self):
+            return {"consumed_windows": 7}
+
+    start = StepStart.take(Position())
+    drawn = torch.rand(3)
+    torch.rand(5)  # a half-done step's dropout draws
+    start.restore_rng()
+    assert torch.equal(torch.rand(3), drawn) and start.position == {"consumed_windows": 7}

@@ -278,6 +278,12 @@ class RunConfig:
     )  # --report_to: the name Trainer users know
     project_name: str = opt("gpt2-repro", "tracker project name")
     peak_tflops: float | None = opt(None, "peak bf16 TFLOP/s per device for MFU (default: known-GPU table)")
+    dist_timeout: int = opt(
+        300,
+        "seconds a process waits for the others (a collective, the start) before the run stops with an error: "
+        "how soon a machine that died or hangs ends the rest; above the main process's longest lone work (a "
+        "checkpoint write, the data check)",
+    )
 
 
 @dataclass
@@ -323,6 +329,7 @@ class TrainConfig:
                 ]
             ],
             (run.peak_tflops is None or run.peak_tflops > 0, f"run.peak_tflops={run.peak_tflops} must be positive"),
+            (run.dist_timeout >= 1, f"run.dist_timeout={run.dist_timeout} must be >= 1 (seconds)"),
             (0 <= run.seed < 2**32, f"run.seed={run.seed} must be in [0, 2**32) (what numpy and torch seed with)"),
             (
                 min(data.stream_val_tokens, data.stream_shuffle_windows, data.stream_workers, data.stream_batch_docs)

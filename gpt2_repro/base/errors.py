@@ -112,6 +112,23 @@ def describe_environment_error(exc: BaseException) -> str | None:
     return f"{what}{place} ({os.strerror(code)}): {fix}"
 
 
+def describe_peer_failure(exc: BaseException) -> str | None:
+    """One line naming the failure of another process of the run, as torch.distributed reports it to a survivor (a
+    connection closed by the peer, a collective that timed out: a machine died, hangs or lost its network), or None
+    when `exc` is something else."""
+    for e in _chain(exc):
+        text = str(e)
+        distributed = any(c.__name__ == "DistError" for c in type(e).__mro__)  # torch.distributed's own errors
+        gloo = isinstance(e, RuntimeError) and re.match(r"\[[^\]]*gloo[^\]]*\]", text)  # "[.../gloo/...cc:553] ..."
+        if distributed or gloo:
+            first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else "")
+            return (
+                f"another process of the run stopped answering ({first[:160] or type(e).__name__}): a machine died, "
+                "hangs or lost its network (a hang ends after --dist_timeout seconds)"
+            )
+    return None
+
+
 def _chain(exc: BaseException):
     """`exc`, then its cause (or the exception it was raised while handling), and so on, each once."""
     seen = set()

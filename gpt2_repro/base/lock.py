@@ -62,6 +62,7 @@ class RunLock:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.fsync(fd)  # other machines read it (training/accelerator.py: a shared folder), NFS once it is flushed
         self._fd = fd
         return self
 

@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ..base.atomic_io import link_tree, write_json_atomic
 from ..base.cli import flat_options
-from ..base.errors import ConfigError, RunError, Stop, describe_environment_error
+from ..base.errors import ConfigError, RunError, Stop, describe_environment_error, describe_peer_failure
 from ..base.launch import is_main_process
 from ..base.run_folder import STOCK_EXPORT, RunFolder, step_of
 from ..data.source import source_type
 from .folders import (
     ABANDONED,
     RUN_STATE,
+    STATE_FILE_RE,
     TRAINER_STATE,
     checkpoint_bytes,
     checkpoint_problem,
@@ -217,6 +218,7 @@ class Checkpoints:
             self.tokenizer = build_hf_tokenizer(encoding, model_max_length=cfg.model.n_positions)
         self.card = {"config": cfg.to_dict(), "data_source": source.identity, "repo_id": cfg.checkpoint.push_to_hub}
         self.line = 1  # the line of training the checkpoints belong to (set by restore)
+        self.saved_step: int | None = None  # the step this start last saved, the same on every process
         register_weight_hooks(accelerator, raw_model)
 
     def due(self, step: int) -> bool:
@@ -294,6 +296,9 @@ class Checkpoints:
         if problem := link_newest_checkpoint(self.folder):  # runs saved before the link existed get it here
             log(f"warning: {problem}")
         saved = list_checkpoints(self.folder.checkpoints)
+        for _, checkpoint in saved:
+            if read_run_state(checkpoint).get("deferred"):
+                self._complete(checkpoint, log)
         if not saved:
             return
         step, newest = saved[-1]
@@ -305,6 +310,18 @@ class Checkpoints:
         self._link_exports(newest)
         log(f"export/ and {STOCK_EXPORT}/ were behind: they now hold the newest checkpoint, {newest} (step {step})")
 
+    def _complete(self, checkpoint: Path, log) -> None:
+        """Write the parts of a quick save's model folder that were deferred (tokenizer, card, stock export), then
+        record them: the checkpoint is then the same as one saved whole."""
+        state = read_run_state(checkpoint)
+        save_model_folder_rest(checkpoint, self.tokenizer, self._card(state))
+        state.pop("deferred")
+        state["model_files"] = sorted(
+            p.name for p in checkpoint.iterdir() if p.is_file() and not STATE_FILE_RE.match(p.name)
+        )
+        write_json_atomic(checkpoint / RUN_STATE, state)
+        log(f"{checkpoint}: wrote its tokenizer, model card and stock export, deferred when the run stopped")
+
     def _link_exports(self, checkpoint: Path) -> None:
         """export/ and export-gpt2/: hard links to `checkpoint`'s model files (no extra disk space)."""
         link_tree(checkpoint, self.folder.export, names=model_files(checkpoint))
@@ -312,11 +329,18 @@ class Checkpoints:
 
     # ------------------------------------------------------------------------------------------------- save
 
-    def save(self, step: int, tokens_seen: int, last_eval: LastEval) -> Path | None:
+    def save(
+        self, step: int, tokens_seen: int, last_eval: LastEval, quick: bool = False, position: dict | None = None
+    ) -> Path | None:
         """Checkpoint `step`, guarded: never of non-finite weights (RunError naming the last good checkpoint), not
         without the disk space for it, and a failed or interrupted save removes its temporary folder (the previous
         checkpoints are untouched: they are replaced only by a complete new one). Returns the checkpoint folder
-        (None on processes other than the main one)."""
+        (None on processes other than the main one).
+
+        quick: a stopping run's save, inside a launcher's grace: only what a resume needs (weights, optimizer, RNG
+        states, data positions, run state), committed and flushed; the tokenizer, card and stock export, which can
+        be rebuilt from it, and the exports and Hub uploads follow at the next start (`restore`). `position`: the
+        data position to record instead of the source's current one (a step abandoned half-way: `StepStart`)."""
         import torch
 
         from ..evaluation.models import nonfinite_parameters
@@ -341,7 +365,9 @@ class Checkpoints:
         if problem:  # on every process: none is left waiting for the others in a collective
             raise RunError(problem)
         try:
-            return self._write(self._run_state(step, tokens_seen, last_eval))
+            final = self._write(self._run_state(step, tokens_seen, last_eval), quick, position)
+            self.saved_step = step
+            return final
         except BaseException as e:
             if acc.is_main_process:
                 shutil.rmtree(temp_checkpoint_dir(root, step), ignore_errors=True)
@@ -383,7 +409,15 @@ class Checkpoints:
         )
         return asdict(state)
 
-    def _write(self, run_state: dict) -> Path | None:
+    def _card(self, run_state: dict) -> dict:
+        """The model card's facts for a checkpoint whose run state is `run_state`."""
+        card = {**self.card, "config": run_state.get("config") or self.card["config"]}
+        card |= {"step": run_state["step"], "tokens": run_state["tokens_seen"]}
+        return card | {
+            k: run_state.get(k) for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")
+        }
+
+    def _write(self, run_state: dict, quick: bool = False, position: dict | None = None) -> Path | None:
         from accelerate import DistributedType
 
         from ..publishing.hub import STOCK_GPT2_BRANCH
@@ -396,12 +430,15 @@ class Checkpoints:
         written = []
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving this same step
-            card = {**self.card, "step": step, "tokens": run_state["tokens_seen"]}
-            card |= {k: run_state.get(k) for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")}
-            written = save_model_files(self.raw_model, tmp, self.tokenizer, card, state_dict=full_state)
+            save_weights(self.raw_model, tmp, state_dict=full_state)
+            if quick:
+                run_state["deferred"] = True  # the rest of the model folder: written at the next start
+            else:
+                save_model_folder_rest(tmp, self.tokenizer, self._card(run_state))
+            written = sorted(p.name for p in tmp.iterdir() if p.is_file())
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # optimizer, RNG states, scaler (the weights: save_model_files)
-        write_json_atomic(tmp / f"loader_rank{acc.process_index}.json", self.source.state_dict())
+        acc.save_state(str(tmp))  # optimizer, RNG states, scaler (the weights: save_weights)
+        write_json_atomic(tmp / f"loader_rank{acc.process_index}.json", position or self.source.state_dict())
         if acc.is_main_process:
             write_json_atomic(tmp / RUN_STATE, {**run_state, "model_files": written})
             write_json_atomic(tmp / TRAINER_STATE, self._trainer_state(run_state))
@@ -409,11 +446,12 @@ class Checkpoints:
         final = None
         if acc.is_main_process:
             final = commit_checkpoint(tmp, self.cfg.checkpoint.keep_last)
-            self._link_exports(final)
-            link_newest_checkpoint(self.folder)  # a failure was said once at start (_refresh_exports)
-            if self.uploader:
-                self.uploader.submit(self.folder.export, f"step {step}")
-                self.uploader.submit(self.folder.stock_export, f"step {step}", revision=STOCK_GPT2_BRANCH)
+            if not quick:  # a quick save's exports, link and uploads follow the rest of its model folder (next start)
+                self._link_exports(final)
+                link_newest_checkpoint(self.folder)  # a failure was said once at start (_refresh_exports)
+                if self.uploader:
+                    self.uploader.submit(self.folder.export, f"step {step}")
+                    self.uploader.submit(self.folder.stock_export, f"step {step}", revision=STOCK_GPT2_BRANCH)
         acc.wait_for_everyone()
         return final
 
@@ -455,19 +493,23 @@ def _holds(export: Path, checkpoint: Path, names: list[str]) -> bool:
 
 def save_model_files(model, folder: Path, tokenizer, card: dict, state_dict=None) -> list[str]:
     """The model as transformers saves it, at the root of `folder`, and the stock GPT2LMHeadModel in
-    folder/export-gpt2. Returns the names written at the root (what the run's export/ links to).
+    folder/export-gpt2 (`save_weights`, then `save_model_folder_rest`). Returns the names written at the root (what
+    the run's export/ links to).
 
     Root: config.json, model.safetensors, generation_config.json, modeling_gpt2_repro.py, tokenizer, model card:
-    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it. The stock export is
-    converted from the folder just written (not from the live module), which also proves that it loads,
-    whatever wraps the live module (DDP, FSDP).
+    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it.
     """
-    import torch
+    save_weights(model, folder, state_dict)
+    save_model_folder_rest(folder, tokenizer, card)
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
 
+
+def save_weights(model, folder: Path, state_dict=None) -> None:
+    """`save_pretrained` of the model: config.json, generation_config.json, model.safetensors and its code (what a
+    resume needs of the model), group-readable like the rest on a cluster."""
     from modeling_gpt2_repro import GPT2ReproForCausalLM
 
-    from ..base.atomic_io import follow_umask, link_or_copy
-    from ..publishing.cards import write_model_card
+    from ..base.atomic_io import follow_umask
 
     if type(model) is not GPT2ReproForCausalLM:
         # FSDP2 swaps the module's class for a subclass of its own, whose source file (torch's FSDP code)
@@ -478,9 +520,22 @@ def save_model_files(model, folder: Path, tokenizer, card: dict, state_dict=None
             raise RuntimeError(f"saving the model: missing {missing}, unexpected {unexpected}")
         model, state_dict = plain, None
     model.save_pretrained(folder, state_dict=state_dict)
+    follow_umask(folder)  # model.safetensors is written 0600
+
+
+def save_model_folder_rest(folder: Path, tokenizer, card: dict) -> None:
+    """What completes the model folder of saved weights: the tokenizer, the model card, and the stock
+    GPT2LMHeadModel in folder/export-gpt2, converted from the folder's own weights (not from the live module),
+    which also proves that they load, whatever wraps the live module (DDP, FSDP)."""
+    import torch
+
+    from modeling_gpt2_repro import GPT2ReproForCausalLM
+
+    from ..base.atomic_io import follow_umask, link_or_copy
+    from ..publishing.cards import write_model_card
+
     tokenizer_files = [Path(f).name for f in tokenizer.save_pretrained(folder)]
     write_model_card(folder, **card)
-    written = sorted(p.name for p in folder.iterdir() if p.is_file())
     stock = folder / STOCK_EXPORT
     GPT2ReproForCausalLM.from_pretrained(folder, dtype=torch.float32).to_official_gpt2().save_pretrained(stock)
     for name in tokenizer_files:  # the same tokenizer: linked, not written twice
@@ -488,7 +543,6 @@ def save_model_files(model, folder: Path, tokenizer, card: dict, state_dict=None
     write_model_card(stock, **card, stock_gpt2=True)
     for files in (folder, stock):  # model.safetensors is written 0600: group-readable like the rest on a cluster
         follow_umask(files)
-    return written
 
 
 def register_weight_hooks(accelerator: Accelerator, raw_model) -> None:
@@ -548,9 +602,14 @@ def explained_failures(folder: RunFolder):
     except (ConfigError, RunError, DataError):
         raise
     except Exception as e:
-        described = describe_environment_error(e)
+        peer = describe_peer_failure(e)
+        described = describe_environment_error(e) or peer
         if described is None:
             raise
+        if peer and os.environ.get("LOCAL_RANK", "0") != "0":  # one line per machine, from its first process
+            raise Stop("", 2) from e
+        if peer:  # the survivors stop too; the run continues from its newest checkpoint, on every machine
+            raise RunError(f"{peer}; {resume_hint(folder.checkpoints)}") from e
         saved = list_checkpoints(folder.checkpoints)
         hint = f". Nothing is lost: {resume_hint(folder.checkpoints)}" if saved else ""
         raise RunError(described + hint) from e

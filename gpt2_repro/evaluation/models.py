@@ -60,7 +60,10 @@ def reshard(model) -> None:
 def nonfinite_parameters(model) -> list[str]:
     """Names of the parameters holding NaN or inf, on this process (one device sync for all of them).
 
-    Under FSDP each process checks its own shards (DTensor local parts): reduce the count across processes.
+    Under FSDP each process checks its own shards (DTensor local parts): reduce the count across processes. The
+    norm of each tensor first (NaN and inf carry through it; 0.1 s for GPT-2 124M on a CPU core, against 3 s for an
+    element-wise test of every weight); the tensors are tested one by one only to name the bad ones (or when a
+    norm of finite weights overflows).
     """
     import torch
 
@@ -68,6 +71,12 @@ def nonfinite_parameters(model) -> list[str]:
     if not named:
         return []
     local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
+    if (
+        torch.stack([torch.linalg.vector_norm(p.float() if p.dtype == torch.float16 else p) for p in local])
+        .isfinite()
+        .all()
+    ):
+        return []
     finite = torch.stack([torch.isfinite(p).all() for p in local]).tolist()
     return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 

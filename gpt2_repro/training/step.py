@@ -1,8 +1,10 @@
-"""One optimizer step of the training loop: accumulation, clipping, the divergence guard's test, the stop flag."""
+"""One optimizer step of the training loop: accumulation, clipping, the divergence guard's test, the stop flag; and
+the step's starting point (`StepStart`), where a stop inside the step rewinds to."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -19,6 +21,28 @@ class StepResult(NamedTuple):
     skipped: bool  # no update: a non-finite loss or norm, or a gradient-scaler overflow
     bad: bool  # skipped for a non-finite loss or norm: what the divergence guard counts
     stop: bool  # some process was asked to stop (StopRequest)
+    abandoned: bool = False  # stopped at a micro-batch boundary: nothing of this step was applied or logged
+
+
+@dataclass(frozen=True)
+class StepStart:
+    """Where an optimizer step starts: the data source's position and the torch RNG states (dropout draws from
+    them). A step abandoned at a micro-batch boundary leaves the weights and the optimizer as they were; restoring
+    these too makes the saved state exactly that of the last completed step, so the resume is exact."""
+
+    position: dict  # the data source's state_dict
+    cpu_rng: torch.Tensor
+    cuda_rng: list  # one state per visible CUDA device ([] on a CPU machine)
+
+    @classmethod
+    def take(cls, source) -> StepStart:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return cls(source.state_dict(), torch.get_rng_state(), cuda)
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
 
 
 def train_step(
@@ -31,11 +55,15 @@ def train_step(
     optimizers' step, so the guard costs no extra sync), and both are the same on every process (the loss is
     reduced, the norm is that of the all-reduced gradients): every process decides alike. Whether `stop` was
     requested (by now, on any process) rides along in the loss reduction, so all processes agree to stop after the
-    same step.
+    same step. Before each micro-batch the processes agree whether one was asked to stop since (StopRequest.agreed):
+    then the step is abandoned there, its gradients dropped, and StepResult.abandoned says so.
     """
     accum = accelerator.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
     for _ in range(accum):
+        if stop is not None and stop.agreed():  # a micro-batch boundary: stop without finishing the step
+            model.zero_grad(set_to_none=True)  # (accelerate's optimizers zero nothing amid an accumulation)
+            return StepResult(math.nan, math.nan, skipped=True, bad=False, stop=True, abandoned=True)
         x, y = source.next_batch()  # (B, T) int64 each: this rank's share of the global batch
         x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):  # no DDP all-reduce until the last micro-step

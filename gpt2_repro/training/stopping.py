@@ -118,13 +118,15 @@ def launcher_pid(env=os.environ) -> int | None:
 
 
 class StopRequest:
-    """A request to stop after the current optimizer step, from a signal or from the launcher's exit.
+    """A request to stop, from a signal or from the launcher's exit, agreed by every process.
 
-    Use as a context manager around training: it installs the handlers and a watch on the launcher, and puts the
-    previous handlers back on exit. `reason` is None until a request arrives. Repeated SIGTERM/SIGUSR1 change
-    nothing (`srun` signals every process and torchrun forwards the same signal again); SIGINT or SIGKILL abort,
-    and the checkpoint being written is then left incomplete under its temporary name, so the previous one stays
-    the newest.
+    Use as a context manager around the whole run: it installs the handlers and a watch on the launcher, and puts
+    the previous handlers back on exit. `reason` is None until a request arrives. The run stops at the next
+    micro-batch boundary (`agreed`, asked before each micro-batch) and saves the state of its last completed
+    optimizer step; a request that arrives during the step's last micro-batch rides along the step's own loss
+    reduction (`StepResult.stop`). Repeated SIGTERM/SIGUSR1 change nothing (`srun` signals every process and
+    torchrun forwards the same signal again); SIGINT or SIGKILL abort, and the checkpoint being written is then left
+    incomplete under its temporary name, so the previous one stays the newest.
     """
 
     def __init__(self, poll_seconds: float | None = None):
@@ -132,10 +134,40 @@ class StopRequest:
         self.poll_seconds = float(os.environ.get(POLL_ENV, 1.0)) if poll_seconds is None else poll_seconds
         self._previous: dict = {}
         self._done = threading.Event()
+        self._group = None  # the processes' gloo group that agrees on a stop (join), None with one process
 
     @property
     def requested(self) -> bool:
+        """Whether this process was asked to stop (the others may not know yet: `agreed`)."""
         return self.reason is not None
+
+    def join(self, accelerator, timeout_seconds: float) -> None:
+        """Agree with the other processes of `accelerator` from now on (a collective: every process calls it).
+
+        The agreement is a one-integer all-reduce on a gloo group of its own: on the CPU, so that asking it before
+        a micro-batch never waits for the GPU's queued work (a NCCL all-reduce would be read back with a device
+        sync). It waits for a lost process as long as the run's other collectives do (`timeout_seconds`: a new
+        group would otherwise wait gloo's 30 minutes). One process agrees with itself at no cost.
+        """
+        if accelerator.num_processes > 1:
+            from datetime import timedelta
+
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop: the same answer on every process, which all must ask together."""
+        if self._group is None:
+            return self.requested
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.requested)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item() and self.reason is None:
+            self.reason = "another process was asked to stop"
+        return bool(flag.item())
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers live there
@@ -162,7 +194,7 @@ class StopRequest:
         if self.reason is None:
             self.reason = reason
             _say(
-                f"{reason}: stopping after the current optimizer step with a checkpoint "
+                f"{reason}: stopping at the next micro-batch with a checkpoint of the last completed step "
                 "(Ctrl-C aborts at once; the previous checkpoint stays intact either way)"
             )
         else:
@@ -224,7 +256,7 @@ def preempted(stop: StopRequest, step: int, saved: Path | None, checkpoints: lis
     amid a streak of non-finite steps, whose weights are not saved (`checkpoints`: the complete ones, oldest first)."""
     reason = stop.reason or "another process was asked to stop"
     if saved is not None:
-        what = f"checkpoint {saved} is complete"
+        what = f"checkpoint {saved} is complete (its card, tokenizer and stock export are written at the next start)"
     elif checkpoints:
         step_saved, newest = checkpoints[-1]
         what = (
@@ -235,5 +267,17 @@ def preempted(stop: StopRequest, step: int, saved: Path | None, checkpoints: lis
         what = "no checkpoint of these weights, whose last loss was not finite, and none before them: it starts over"
     message = (
         f"stopped at step {step} ({reason}): {what}. Continue with --resume latest (exit code {PREEMPTED_EXIT_CODE})."
+    )
+    return Stop(message if is_main else "", PREEMPTED_EXIT_CODE)
+
+
+def stopped_before_training(stop: StopRequest, step: int, checkpoints: list, is_main: bool) -> Stop:
+    """The orderly end of a run asked to stop before its first step: nothing new to save, and the scheduler's
+    requeue (exit 75) starts it again where it was."""
+    reason = stop.reason or "another process was asked to stop"
+    where = f"the newest checkpoint is {checkpoints[-1][1]}" if checkpoints else "there is no checkpoint yet"
+    message = (
+        f"stopped before training step {step + 1} ({reason}): nothing new to save; {where}. Continue with --resume "
+        f"latest (exit code {PREEMPTED_EXIT_CODE})."
     )
     return Stop(message if is_main else "", PREEMPTED_EXIT_CODE)
