@@ -263,13 +263,16 @@ def test_a_launch_whose_processes_form_no_group_is_refused(launch, data_dir, tmp
 @pytest.mark.slow
 def test_sigterm_to_accelerate_launch_is_obeyed_within_its_grace_under_load(data_dir, tmp_path):
     """The tiny preset's model (4 layers, width 128, 50,304-word vocabulary: its full checkpoint is 0.13 GB, the
-    stock export's conversion included) under `accelerate launch --cpu --num_processes 1`, with two other processes
-    keeping both cores busy. SIGTERM to the launcher, which passes it on and kills train.py 5 s later: train.py stops
+    stock export's conversion included), in micro-batches of 2, under `accelerate launch --cpu --num_processes 1`,
+    with two other processes keeping both cores busy. SIGTERM to the launcher, which passes it on and kills train.py 5 s later: train.py stops
     at the next micro-batch and exits 75 inside those 5 s with a quick checkpoint of its last completed step, and
     `--resume latest` writes the rest of that checkpoint (tokenizer, card, stock export), then trains to the end."""
     preset = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--data_dir", str(data_dir), "--val_tokens", "512"]
     preset += ["--hellaswag", "false", "--num_samples", "0", "--eval_every", "0", "--log_with", "none"]
-    preset += ["--max_steps", "8", "--checkpoint_every", "0"]
+    preset += ["--max_steps", "8", "--warmup_steps", "2", "--checkpoint_every", "0"]
+    # Micro-batches of 2 sequences (accumulation 8, the same tokens per step): the stop waits for the micro-batch in
+    # flight, and on two cores shared four ways (the suite's other worker, too) one of 8 sequences takes seconds.
+    preset += ["--micro_batch_size", "2"]
     burn = "import time\nend = time.time() + 600\nwhile time.time() < end: pass"  # a core's worth of other work
     others = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
     out = tmp_path / "run"

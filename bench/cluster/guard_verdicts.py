@@ -1,5 +1,5 @@
 """Read probe_env.py's JSON lines (from any launcher) on stdin and print, per process, the launch variables, what
-accelerate made of them and the proposed guard's verdict (launch_guard.py).
+accelerate made of them and the trainer's guard's verdict (gpt2_repro/base/launch.py).
 
     srun -n 2 python bench/cluster/probe_env.py | python bench/cluster/guard_verdicts.py
 """
@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
 
-from launch_guard import launch_problem  # noqa: E402
+from gpt2_repro.base.launch import launch_problem  # noqa: E402
 
 SHOWN = ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "WORLD_SIZE", "RANK", "MASTER_ADDR", "ACCELERATE_USE_CPU")
 

@@ -1,6 +1,6 @@
 """Every launch the multi-process guard must tell apart, run for real on this machine (CPU): what each process's
 environment holds and what accelerate's Accelerator makes of it (bench/cluster/probe_env.py), and the verdict of the
-proposed guard (bench/cluster/launch_guard.py). Exits 1 if the guard misjudges a launch.
+trainer's guard (gpt2_repro/base/launch.py). Exits 1 if the guard misjudges a launch.
 
     python bench/cluster/launch_matrix.py            # a table on stdout; --json FILE keeps the raw records
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(ROOT)]
 
-from launch_guard import launch_problem  # noqa: E402
+from gpt2_repro.base.launch import launch_problem  # noqa: E402
 
 PROBE = str(HERE / "probe_env.py")
 PY = sys.executable

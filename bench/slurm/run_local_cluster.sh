@@ -7,7 +7,7 @@
 #   bash bench/slurm/run_local_cluster.sh           # PYTHON=.venv/bin/python WORK=/tmp/gpt2-slurm by default
 #
 # 1. Launches: `srun -n 2 python probe_env.py` (two copies of a one-process run: the guard must refuse it) and
-#    `srun -n 1 torchrun --nproc_per_node 2` (one group of two), through bench/cluster/launch_guard.py.
+#    `srun -n 1 torchrun --nproc_per_node 2` (one group of two), through the trainer's guard (gpt2_repro/base/launch.py).
 # 2. The time limit's warning sent by hand (scancel --batch --signal=USR1, what --signal=B:USR1@N sends): the
 #    script stops the training, which saves and exits, and requeues the job (Slurm starts a requeued job about two
 #    minutes later); it continues with --resume latest to the end.

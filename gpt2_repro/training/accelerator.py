@@ -100,7 +100,7 @@ def _unshared_folder(accelerator: Accelerator, folder: RunFolder, wait_seconds: 
     from accelerate.utils import broadcast_object_list, gather_object
 
     lock = folder.root / LOCK_NAME
-    (expected,) = broadcast_object_list([lock.read_text() if accelerator.is_main_process else None])
+    (expected,) = broadcast_object_list([_read(lock) if accelerator.is_main_process else None])
     deadline = time.monotonic() + wait_seconds
     while not (seen := _read(lock) == expected) and time.monotonic() < deadline:
         time.sleep(0.2)
