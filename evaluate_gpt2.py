@@ -42,7 +42,7 @@ class EvaluateArgs:
     dataset_split: str = opt("train", "--dataset's split")
     text_column: str = opt("text", "--dataset's column holding the documents")
     val_tokens: int = opt(BUILD_NANOGPT_VAL_TOKENS, "validation token budget (build-nanogpt: 10,485,760)")
-    seq_len: int | None = opt(None, "tokens per validation sequence; unset: min(1024, the model's context)")
+    seq_len: int | None = opt(None, "tokens per validation sequence (auto: min(1024, the model's context))", auto=True)
     val_batch_size: int = opt(8, "validation sequences per forward pass")
     hellaswag_file: str | None = opt(None, "local hellaswag_val.jsonl; unset: download once and cache")
     limit: int | None = opt(None, "score only the first N HellaSwag examples")

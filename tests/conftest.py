@@ -100,8 +100,8 @@ def repro():
 def val_dir(tmp_path_factory):
     """A val shard of SEQ_LEN * VAL_WINDOWS + 1 GPT-2 ids (synthetic's constants), written by shards.write_shard."""
     import numpy as np
-    from gpt2_repro.data.shards import write_shard
 
+    from gpt2_repro.data.shards import write_shard
     from synthetic import SEQ_LEN, VAL_WINDOWS
 
     folder = tmp_path_factory.mktemp("shards")
