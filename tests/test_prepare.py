@@ -208,6 +208,29 @@ def test_the_shard_set_is_the_manifests_and_one_preparation_holds_a_folder(finew
     assert not list((tmp_path / "busy").glob("*.bin")) and not (tmp_path / "busy" / "manifest.json").exists()
 
 
+def test_a_manifest_names_only_files_of_its_own_folder(fineweb, tmp_path):
+    """A shard name in manifest.json that leads out of the folder ("../victim/x_train_000001.bin") is refused by
+    --verify and by a rerun, as an edited manifest, though a file is there: the folder does not hold that shard,
+    and nothing outside it is read or described."""
+    path, _ = fineweb
+    out = tmp_path / "data" / "out"
+    m = prep(path, out, max_tokens=25_000)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    last = m["shards"][-1]["file"]
+    shutil.move(out / last, victim / last)
+    m["shards"][-1]["file"] = f"../../victim/{last}"
+    (out / "manifest.json").write_text(json.dumps(m))
+    r = subprocess.run(
+        [sys.executable, "data_prep.py", "--verify", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"the shard name '../../victim/{last}' is not a file name in the manifest's folder" in r.stderr
+    assert f"{(victim / last).stat().st_size:,}" not in r.stderr
+    with pytest.raises(DataError, match="is not a file name in the manifest's folder"):
+        prep(path, out, max_tokens=25_000)
+
+
 def test_what_cannot_work_is_refused_up_front(fineweb, gpt2_encoding, tmp_path):
     path, texts = fineweb
     out = tmp_path / "out"
