@@ -522,8 +522,12 @@ def _mend_trainer_state(checkpoint: Path, log) -> None:
         problem = "it names another step"
     except (OSError, ValueError, TypeError) as e:
         problem = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
-    write_json_atomic(path, trainer_state(state))
-    log(f"warning: {path} could not be read ({problem}): rewritten from run_state.json (the resume does not need it)")
+    try:
+        write_json_atomic(path, trainer_state(state))
+        done = "rewritten from run_state.json"
+    except OSError as e:  # a checkpoint resumed from a folder this run may not write: it is only read
+        done = f"not rewritten ({e.strerror or e})"
+    log(f"warning: {path} could not be read ({problem}): {done} (the resume does not need it)")
 
 
 def _agree(accelerator, value):
