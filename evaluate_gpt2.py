@@ -45,11 +45,14 @@ class EvaluateArgs:
     text_column: str = opt("text", "--dataset's column holding the documents")
     val_tokens: int | None = opt(
         None,
-        "validation token budget; unset: the training run's, on its data (when --model is one of its checkpoints "
+        "validation token budget; auto: the training run's, on its data (when --model is one of its checkpoints "
         "or exports), else build-nanogpt's 10,485,760",
+        auto=True,
     )
     seq_len: int | None = opt(
-        None, "tokens per validation sequence; unset: the training run's (as val_tokens), else min(1024, context)"
+        None,
+        "tokens per validation sequence; auto: the training run's (as val_tokens), else min(1024, the model's context)",
+        auto=True,
     )
     val_batch_size: int = opt(8, "validation sequences per forward pass")
     hellaswag_file: str | None = opt(None, "local hellaswag_val.jsonl; unset: download once and cache")

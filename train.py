@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpt2_repro.base import cli
-from gpt2_repro.base.config import TrainConfig, parameter_count, parse_command_line
+from gpt2_repro.base.config import TrainConfig, parse_command_line
 from gpt2_repro.base.errors import ConfigError, Stop
 from gpt2_repro.base.launch import is_main_process, launch_problem
 from gpt2_repro.base.run_folder import RunFolder
 from gpt2_repro.checkpointing.checkpoints import diverged, explained_failures, find_checkpoint
-from gpt2_repro.checkpointing.folders import checkpoint_bytes, checkpoint_name, list_checkpoints
+from gpt2_repro.checkpointing.folders import checkpoint_name, list_checkpoints
 from gpt2_repro.data.source import source_type
 from gpt2_repro.training.memory_plan import PlanOptions, print_plan
 from gpt2_repro.training.stopping import DivergenceGuard, StopRequest, preempted, stopped_before_training
@@ -104,12 +104,12 @@ def preflight(cfg: TrainConfig, folder: RunFolder, cleanup: contextlib.ExitStack
     if main_process:
         cleanup.callback(folder.claim(log).release)  # one run per folder, refused at once
         data.verify(cfg, log)
-        folder.check_room(checkpoint_bytes(parameter_count(cfg.model)), "a checkpoint")
         if cfg.checkpoint.push_to_hub:  # no token or no write access fails here, not at the first checkpoint
             from gpt2_repro.publishing.hub import open_hub
 
             uploader = open_hub(cfg.checkpoint, folder.root)
-    found = find_checkpoint(cfg, folder, int(os.environ.get("WORLD_SIZE", 1)), log)  # unreadable ones skipped
+    # unreadable ones skipped; the disk must hold the checkpoints the run keeps at once (main process)
+    found = find_checkpoint(cfg, folder, int(os.environ.get("WORLD_SIZE", 1)), log)
     cfg.check_model()  # the model's own checks import transformers: last of the quick ones
 
     from gpt2_repro.training.accelerator import make_accelerator
@@ -170,7 +170,15 @@ def build(cfg: TrainConfig, checked: Checked, stop: StopRequest, cleanup: contex
     checkpoints = Checkpoints(cfg, folder, acc, model, raw_model, source, checked.encoding, checked.uploader)
     start = checkpoints.restore(found, log)
     evaluator = Evaluator(
-        cfg, acc, checked.encoding, folder, log, source.validation_data, checked.hellaswag, start.line
+        cfg,
+        acc,
+        checked.encoding,
+        folder,
+        log,
+        source.validation_data,
+        checked.hellaswag,
+        start.line,
+        source.restore_hint(),
     )
     attempt = {"start_step": start.step, "resumed_from": found and str(found), "line": start.line}
     facts = {"gradient_checkpointing": checkpointing}
@@ -208,7 +216,10 @@ def train(cfg: TrainConfig, run: Run, cleanup: contextlib.ExitStack) -> Path:
     step_log = StepLog(cfg, folder, acc, run.raw_model, bar, line)
     guard = DivergenceGuard(optim.max_bad_steps)
     if step and run.evaluator.due(step) and last_eval.val_step != step and not run.stop.agreed():
-        last_eval = run.evaluator(run.raw_model, step)  # a stop saved before evaluating
+        last_eval = run.evaluator(run.raw_model, step)  # saved before evaluating (a stop, a failure)
+        run.checkpoints.add_evaluation(step, last_eval)
+    if step >= optim.max_steps:
+        log(f"nothing to train: the run is at step {step}, its --max_steps; to train longer, pass a larger one")
 
     run.model.train()
     while step < optim.max_steps:
@@ -227,10 +238,15 @@ def train(cfg: TrainConfig, run: Run, cleanup: contextlib.ExitStack) -> Path:
             raise stop_here(run, step, tokens_seen, last_eval, in_streak)
         if in_streak:
             continue  # no evaluation or checkpoint of weights whose last loss was not finite
-        if run.evaluator.due(step):
+        evaluate, save = run.evaluator.due(step), run.checkpoints.due(step)
+        if save:  # first: an evaluation that fails (its data gone) or is killed then costs no training
+            log(f"checkpoint {run.checkpoints.save(step, tokens_seen, last_eval, publish=not evaluate)}")
+            if note := run.source.report():  # what reading the data found (a stream's skipped documents)
+                log(note)
+        if evaluate:
             last_eval = run.evaluator(run.raw_model, step)
-        if run.checkpoints.due(step):
-            log(f"checkpoint {run.checkpoints.save(step, tokens_seen, last_eval)}")
+            if save:
+                run.checkpoints.add_evaluation(step, last_eval)  # what the checkpoint would say, saved after it
 
     bar.close()
     run.stop.close()  # from here on SIGTERM ends the process as usual (the final checkpoint is written)

@@ -184,10 +184,11 @@ class FlakyReads:
 
     def _open(self, file, mode="r", *args, **kwargs):
         handle = self._real_open(file, mode, *args, **kwargs)
-        # prepare.py's source fingerprint hashes the local file itself: a local check, not a read of the stream
-        if sys._getframe(1).f_globals.get("__name__") == "gpt2_repro.data.prepare":
+        # prepare.py's source fingerprint hashes the local file itself, and text_stream.py opens each local file
+        # once before streaming (is it readable?): local checks, not reads of the stream
+        if sys._getframe(1).f_globals.get("__name__") in ("gpt2_repro.data.prepare", "gpt2_repro.data.text_stream"):
             return handle
-        if isinstance(file, (str, os.PathLike)) and self.match in os.fspath(file) and "b" in mode:
+        if isinstance(file, (str, os.PathLike)) and self.match in os.fspath(file):  # parquet "rb", text "r"
             return _FlakyFile(handle, self)
         return handle
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     ("cls", "argv", "where", "expected"),
     [
-        (TrainConfig, ["--max_steps", "40"], ("optim", "max_steps"), 40),
-        (TrainConfig, ["--max-steps", "40"], ("optim", "max_steps"), 40),
+        (TrainConfig, ["--max_steps", "4000"], ("optim", "max_steps"), 4000),
+        (TrainConfig, ["--max-steps", "4e3"], ("optim", "max_steps"), 4000),
         (TrainConfig, ["--shuffle", "false"], ("data", "shuffle"), False),
         (TrainConfig, ["--shuffle"], ("data", "shuffle"), True),
         (PrepConfig, ["--output-dir", "o", "--max-tokens", "5e6"], ("max_tokens",), 5_000_000),
@@ -71,9 +71,9 @@ def test_yaml_presets_for_flat_and_sectioned_configs(tmp_path):
     (tmp_path / "eval.yaml").write_text("model: runs/x/export\nlimit: 100\n")
     args = parse(EvaluateArgs, ["--config", str(tmp_path / "eval.yaml"), "--limit", "7"])
     assert args.model == "runs/x/export" and args.limit == 7  # the command line overrides the preset
-    (tmp_path / "train.yaml").write_text("optim:\n  max_steps: 12\nrun:\n  seed: 5\n")
+    (tmp_path / "train.yaml").write_text("optim:\n  max_steps: 1200\nrun:\n  seed: 5\n")
     cfg = parse(TrainConfig, ["--config", str(tmp_path / "train.yaml")])
-    assert (cfg.optim.max_steps, cfg.run.seed, cfg.data.seq_len) == (12, 5, 1024)
+    assert (cfg.optim.max_steps, cfg.run.seed, cfg.data.seq_len) == (1200, 5, 1024)
     (tmp_path / "bad.yaml").write_text("optim:\n  max_steps: [12\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
         parse(TrainConfig, ["--config", str(tmp_path / "bad.yaml")])
@@ -162,3 +162,13 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_traceback(monkeypatch):
         code, err = _exit_of(stop, argv, **debug_env)
         assert code == 75 and "Traceback" in err and err.endswith("stopped at step 7\n")
     assert debugging(["--debug", "false"]) is False and debugging(["--debug=true"]) is True
+
+
+def test_auto_is_an_unset_value_only_where_the_help_says_so():
+    """`auto` leaves unset the fields whose help offers it (chosen for you); elsewhere it is a value like any other
+    (a file or a repository may be called auto), and --resume auto is litgpt's spelling of latest."""
+    cfg = parse(TrainConfig, ["--compile", "auto", "--cpu_threads", "auto", "--hellaswag_file", "auto"])
+    assert cfg.run.compile is None and cfg.run.cpu_threads is None and cfg.eval.hellaswag_file == "auto"
+    assert parse(TrainConfig, ["--resume", "auto"]).checkpoint.resume == "latest"
+    assert parse(TrainConfig, ["--push_to_hub", "none"]).checkpoint.push_to_hub is None
+    assert parse(EvaluateArgs, ["--model", "m", "--seq_len", "auto"]).seq_len is None

@@ -264,9 +264,10 @@ def test_a_launch_whose_processes_form_no_group_is_refused(launch, data_dir, tmp
 def test_sigterm_to_accelerate_launch_is_obeyed_within_its_grace_under_load(data_dir, tmp_path):
     """The tiny preset's model (4 layers, width 128, 50,304-word vocabulary: its full checkpoint is 0.13 GB, the
     stock export's conversion included), in micro-batches of 2, under `accelerate launch --cpu --num_processes 1`,
-    with two other processes keeping both cores busy. SIGTERM to the launcher, which passes it on and kills train.py 5 s later: train.py stops
-    at the next micro-batch and exits 75 inside those 5 s with a quick checkpoint of its last completed step, and
-    `--resume latest` writes the rest of that checkpoint (tokenizer, card, stock export), then trains to the end."""
+    with two other processes keeping both cores busy. SIGTERM to the launcher, which passes it on and kills
+    train.py 5 s later: train.py stops at the next micro-batch and exits 75 inside those 5 s with a quick
+    checkpoint of its last completed step, and `--resume latest` writes the rest of that checkpoint (tokenizer,
+    card, stock export), then trains to the end."""
     preset = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--data_dir", str(data_dir), "--val_tokens", "512"]
     preset += ["--hellaswag", "false", "--num_samples", "0", "--eval_every", "0", "--log_with", "none"]
     preset += ["--max_steps", "8", "--warmup_steps", "2", "--checkpoint_every", "0"]

@@ -79,7 +79,7 @@ def test_bad_command_line_is_refused(capsys):
     assert e.value.code == 2 and "Did you mean --max_steps?" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--micro_batch_size: expected int, got 'x'"):
         parse_args(["--micro_batch_size", "x"])
-    with pytest.raises(ConfigError, match="model: n_embd=100 is not divisible by n_head=12"):
+    with pytest.raises(ConfigError, match="model.n_embd=100 is not divisible by model.n_head=12"):
         parse_args(["--n_embd", "100"])
     with pytest.raises(ConfigError, match="seq_len=2048 exceeds model.n_positions=1024"):
         parse_args(["--seq_len", "2048"])
@@ -240,3 +240,32 @@ def test_the_model_section_is_the_models_own_declaration():
         assert field.type == theirs[name].type in ("int", "float"), name  # both modules postpone annotations
         assert field.default == theirs[name].default, name
         assert field.metadata["help"] == theirs[name].metadata["help"], name
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [{}, {"n_head": 0}, {"n_layer": 0}, {"n_positions": 0}, {"n_embd": 100}, {"vocab_size": 100}, {"dropout": 1.5}],
+)
+def test_the_quick_model_checks_agree_with_the_models_own(shape):
+    """ModelConfig.checks (no import, so a bad shape answers at once) refuses exactly what GPT2ReproConfig does."""
+    import dataclasses
+
+    from gpt2_repro.base.config import ModelConfig
+    from modeling_gpt2_repro import GPT2ReproConfig
+
+    values = dataclasses.asdict(ModelConfig()) | shape
+    ours = all(ok for ok, _ in ModelConfig(**values).checks())
+    try:
+        GPT2ReproConfig(**values)
+        theirs = True
+    except ValueError:
+        theirs = False
+    assert ours == theirs
+
+
+def test_the_trackers_are_accelerates():
+    from accelerate.utils import LoggerType
+
+    from gpt2_repro.base.config import TRACKERS
+
+    assert set(TRACKERS) == {t.value for t in LoggerType} | {"none"}

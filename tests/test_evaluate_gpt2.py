@@ -3,6 +3,7 @@ input errors."""
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -234,11 +235,15 @@ def test_two_processes_equal_one(saved, val_dir, tmp_path):
         "latin1_hellaswag",
         "missing_hellaswag",
         "readonly_output",
+        "more_layers",
+        "pickle",
     ],
 )
 def test_cli_input_errors_exit_2_with_one_line(case, saved, val_dir, tmp_path, request):
-    """Input errors end with one `error:` line naming the problem and the fix, exit code 2, no traceback; all but
-    non-finite weights (found once the model is loaded) before torch is imported (python -X importtime)."""
+    """Input errors end with one `error:` line naming the problem and the fix, exit code 2, no traceback, nothing
+    written; all but what only loading the model finds (non-finite weights, weights that do not fit the config,
+    a weights file that is a pickle of something else) before torch is imported (python -X importtime)."""
+    loaded = ("nan_weights", "more_layers", "pickle")
     args = ["--model", saved / "export", "--device", "cpu", "--output", tmp_path / "r.json"]
     if case == "no_model":
         args[1], expected = tmp_path / "nowhere", "Could not load a causal LM from"
@@ -273,6 +278,22 @@ def test_cli_input_errors_exit_2_with_one_line(case, saved, val_dir, tmp_path, r
     elif case == "missing_hellaswag":
         args += ["--hellaswag_file", tmp_path / "typo.jsonl"]
         expected = f"--hellaswag_file {tmp_path / 'typo.jsonl'}: no such file"
+    elif case == "more_layers":  # config.json edited, n_layer 2 -> 3: a block at random (test_scoring: 2 -> 1)
+        shutil.copytree(saved / "export", tmp_path / "copy")
+        config = json.loads((tmp_path / "copy" / "config.json").read_text())
+        (tmp_path / "copy" / "config.json").write_text(json.dumps(config | {"n_layer": 3}))
+        args[1] = tmp_path / "copy"
+        expected = "its weights do not fit its config.json: 12 weights the model has and the file lacks, left at random"
+    elif case == "pickle":  # a pytorch_model.bin that would run code if unpickled in full
+
+        class Payload:
+            def __reduce__(self):
+                return (print, ("pwned",))
+
+        (tmp_path / "copy").mkdir()
+        shutil.copy(saved / "export" / "config.json", tmp_path / "copy")
+        (tmp_path / "copy" / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+        args[1], expected = tmp_path / "copy", "its weights file is not plain tensors: torch.load(weights_only=True)"
     else:  # checked before the model is even loaded
         out = request.getfixturevalue("readonly_dir") / "r.json"
         args[-1] = out
@@ -290,7 +311,9 @@ def test_cli_input_errors_exit_2_with_one_line(case, saved, val_dir, tmp_path, r
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    assert expected in errors[0] and "Traceback" not in proc.stderr
+    assert expected in errors[0] and "Traceback" not in proc.stderr and "pwned" not in proc.stdout
+    card = tmp_path / "copy" / "README.md"  # the model card of a copied folder is as it was
     assert not (tmp_path / "r.json").exists()
+    assert not card.exists() or card.read_text() == (saved / "export" / "README.md").read_text()
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert ("torch" in imported) == (case == "nan_weights")
+    assert ("torch" in imported) == (case in loaded)

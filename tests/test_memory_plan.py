@@ -221,9 +221,9 @@ def test_plan_options_are_train_options_outside_its_config():
     from gpt2_repro.base.config import parse_command_line
 
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--plan", "--gpu-memory", "141GB", "--gpus", "8"]
-    cfg, options = parse_command_line([*argv, "--max_steps", "5", "--mfu", "0.5"], PlanOptions)
+    cfg, options = parse_command_line([*argv, "--max_steps", "20", "--mfu", "0.5"], PlanOptions)
     assert (options.plan, options.gpu_memory, options.gpus, options.mfu) == (True, "141GB", 8, 0.5)
-    assert (options.distributed_type, options.gpu) == (None, "H100") and cfg.optim.max_steps == 5
+    assert (options.distributed_type, options.gpu) == (None, "H100") and cfg.optim.max_steps == 20
     assert "plan" not in cli.flat_options(cfg.to_dict()) and "gpus" not in cli.to_yaml(cfg)
     assert parse_command_line(["--plan", "false"], PlanOptions)[1] == PlanOptions()
     with pytest.raises(ConfigError, match="--gpus: expected int, got 'eight'"):

@@ -13,7 +13,13 @@ from gpt2_repro.evaluation.scoring import score_hellaswag, validation_loss
 from gpt2_repro.training.periodic_eval import Evaluator
 from synthetic import SEQ_LEN, VAL_WINDOWS, hellaswag_examples, tiny_repro
 
-SETTINGS = {"max_steps": "10", "eval_every": "4", "seq_len": str(SEQ_LEN), "val_tokens": str(SEQ_LEN * VAL_WINDOWS)}
+SETTINGS = {
+    "max_steps": "10",
+    "warmup_steps": "2",
+    "eval_every": "4",
+    "seq_len": str(SEQ_LEN),
+    "val_tokens": str(SEQ_LEN * VAL_WINDOWS),
+}
 SETTINGS |= {"eval_batch_size": "2", "num_samples": "2", "sample_tokens": "5", "n_positions": "128"}
 
 

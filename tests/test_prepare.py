@@ -95,8 +95,11 @@ def test_jsonl_text_folder_and_glob_take_the_same_path(fineweb, gpt2_encoding, t
         assert np.array_equal(shard_stream(tmp_path / f"out{i}", m), ref), dataset
 
 
-def _run_until(cmd: list[str], shard: str, out: Path, sig: int) -> tuple[int, str]:
-    """Start data_prep.py, send `sig` once `shard` exists; (exit code, stderr)."""
+def _run_until(cmd: list[str], out: Path, sig: int) -> tuple[int, str]:
+    """Start data_prep.py, send `sig` once it has written a train shard of its own; (exit code, stderr)."""
+    # A shard the previous run finished as it was stopped would otherwise trigger the signal during start-up, before
+    # the handler exists.
+    before = set(out.glob("*_train_*.bin"))
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -107,7 +110,7 @@ def _run_until(cmd: list[str], shard: str, out: Path, sig: int) -> tuple[int, st
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 90
-    while not list(out.glob(shard)) and proc.poll() is None and time.monotonic() < deadline:
+    while not set(out.glob("*_train_*.bin")) - before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(sig)
     _, err = proc.communicate()
@@ -123,15 +126,15 @@ def test_interrupted_run_resumes_byte_identical_and_refuses_a_changed_source(gpt
     args = ["--dataset", str(data), "--val_tokens", "5000", "--shard_tokens", "1500", "--batch_docs", "4"]
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "data_prep.py"), *args, "--output_dir", str(out)]
-    code, err = _run_until([*cmd, "--num_workers", "1"], "*_train_000002.bin", out, signal.SIGTERM)
+    code, err = _run_until([*cmd, "--num_workers", "1"], out, signal.SIGTERM)
     assert code == 130, err[-2000:]
     assert "finished shard(s) kept: rerun the same command to continue" in err and "Traceback" not in err
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
-    code, err = _run_until([*cmd, "--num_workers", "1"], "*_train_000003.bin", out, signal.SIGINT)  # Ctrl-C
+    code, err = _run_until([*cmd, "--num_workers", "1"], out, signal.SIGINT)  # Ctrl-C
     assert code == 130 and "Resuming" in err, err[-2000:]
     assert "finished shard(s) kept: rerun the same command to continue" in err and "Traceback" not in err
     assert not [p for p in out.iterdir() if is_temporary(p.name)], "temporary files left behind"
-    code, err = _run_until([*cmd, "--num_workers", "1"], "*_train_000004.bin", out, signal.SIGKILL)
+    code, err = _run_until([*cmd, "--num_workers", "1"], out, signal.SIGKILL)
     assert code == -signal.SIGKILL, err[-2000:]
     assert "Resuming" in err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -218,6 +221,29 @@ def test_the_shard_set_is_the_manifests_and_one_preparation_holds_a_folder(finew
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: {tmp_path / 'busy'} is in use by another preparation (pid {holder.pid} on host" in r.stderr
     assert not list((tmp_path / "busy").glob("*.bin")) and not (tmp_path / "busy" / "manifest.json").exists()
+
+
+def test_a_manifest_names_only_files_of_its_own_folder(fineweb, tmp_path):
+    """A shard name in manifest.json that leads out of the folder ("../victim/x_train_000001.bin") is refused by
+    --verify and by a rerun, as an edited manifest, though a file is there: the folder does not hold that shard,
+    and nothing outside it is read or described."""
+    path, _ = fineweb
+    out = tmp_path / "data" / "out"
+    m = prep(path, out, max_tokens=25_000)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    last = m["shards"][-1]["file"]
+    shutil.move(out / last, victim / last)
+    m["shards"][-1]["file"] = f"../../victim/{last}"
+    (out / "manifest.json").write_text(json.dumps(m))
+    r = subprocess.run(
+        [sys.executable, "data_prep.py", "--verify", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"the shard name '../../victim/{last}' is not a file name in the manifest's folder" in r.stderr
+    assert f"{(victim / last).stat().st_size:,}" not in r.stderr
+    with pytest.raises(DataError, match="is not a file name in the manifest's folder"):
+        prep(path, out, max_tokens=25_000)
 
 
 def test_what_cannot_work_is_refused_up_front(fineweb, gpt2_encoding, tmp_path):

@@ -249,3 +249,18 @@ def test_nonfinite_parameters_names_them():
         model[0].bias[1] = float("nan")
         model[1].weight[0] = float("inf")
     assert nonfinite_parameters(model) == ["0.bias", "1.weight"]
+
+
+@pytest.mark.parametrize(("layers", "expected"), [(1, "in the file that the model has no place for"), (3, "lacks")])
+def test_weights_that_do_not_fit_the_config_are_refused(repro, tmp_path, layers, expected):
+    """config.json edited after saving (n_layer 2 -> 1 or 3): transformers would load what fits and leave the rest
+    out or at random; load_model refuses it, naming what does not fit."""
+    import json
+
+    from gpt2_repro.base.errors import EvaluationInputError
+
+    repro.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"n_layer": layers}))
+    with pytest.raises(EvaluationInputError, match=f"its weights do not fit its config.json: 12 weights .*{expected}"):
+        load_model(str(tmp_path))

@@ -48,13 +48,14 @@ def test_stream_head_is_the_val_shard_and_says_where_training_starts(gpt2_encodi
     lengths = [len(reference_tokens(gpt2_encoding, [t])) for t in texts]
     ends = np.cumsum(lengths)
     for n in (1, 500, int(ends[19]), int(ends[19]) + 1, len(ref) - 1):  # mid-document and at its end
-        head, (row, offset) = read_stream_head(ds, "text", gpt2_encoding, n, batch_docs=7)
+        head, (row, offset), skipped = read_stream_head(ds, "text", gpt2_encoding, n, batch_docs=7)
+        assert skipped == (row > 20)  # the empty document 20, once the head reaches past it
         assert np.array_equal(head, ref[:n])
         before = int(ends[row - 1]) if row else 0
         assert 0 <= offset < lengths[row] and before + offset == n, (n, row, offset)
-    head, end = read_stream_head(ds, "text", gpt2_encoding, len(ref), keep=10)
+    head, end, _ = read_stream_head(ds, "text", gpt2_encoding, len(ref), keep=10)
     assert end == (60, 0) and np.array_equal(head, ref[:10])  # training would start after the end
-    head, end = read_stream_head(ds, "text", gpt2_encoding, len(ref) + 1)
+    head, end, _ = read_stream_head(ds, "text", gpt2_encoding, len(ref) + 1)
     assert end is None and np.array_equal(head, ref)  # the stream is shorter than asked
 
 

@@ -4,6 +4,7 @@ written and without importing torch where they can."""
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -62,8 +63,17 @@ def test_help_a_config_error_and_a_refused_start_import_no_torch(data_dir, corru
         ),
         "no room": (
             [*tiny, "--n_layer", "1000", "--n_embd", "262144", "--output_dir", str(tmp_path / "c")],
-            "GB free, but a checkpoint needs about 16493006.66 GB. Free some space or choose --output_dir on another",
+            "GB free, but room for 3 more checkpoints (a new one is written before the oldest of --keep_last 2 is removed)"
+            " needs about 49479019.97 GB. Free some space or choose --output_dir on another disk",
         ),
+        # the model's shape and dropout, and the trackers, are checked with the rest of the config
+        "n_head": ([*tiny, "--n_head", "0"], "model.n_head=0 must be a positive integer"),
+        "dropout": ([*tiny, "--dropout", "1.5"], "model.dropout=1.5 must be in [0, 1)"),
+        "vocab": (
+            [*tiny, "--vocab_size", "100"],
+            "model.vocab_size=100 is smaller than the GPT-2 tokenizer's 50257 ids",
+        ),
+        "tracker": ([*tiny, "--log_with", "foo"], "run.log_with='foo': unknown tracker 'foo'"),
     }
     with RunLock(busy):
         for name, (args, message) in cases.items():
@@ -95,31 +105,61 @@ def test_a_resume_that_does_not_fit_is_refused_at_once_naming_the_optimizer(refe
     assert {p: p.read_bytes() for p in before} == before
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--max_lr", "-1e-3"], "optim.max_lr=-0.001 must be positive"),  # a negative value reaches its check
+        (["--max_steps", "99999999999999999999999"], "--max_steps: 99999999999999999999999 is out of range"),
+        (["--max_steps", "1e30"], "--max_steps: 1000000000000000000000000000000 is out of range"),
+        (["--warmup_steps", "300", "--max_steps", "200"], "warmup_steps=300 exceeds max_steps=200"),
+        (["--config", "{tmp}/twice.yaml"], "the key 'max_steps' is given twice (lines 2 and 3): keep one"),
+        (["--config", "{tmp}"], "is a folder, not a YAML file"),
+    ],
+)
+def test_options_are_read_exactly_and_refused_by_range(args, expected, tmp_path):
+    """What the command line and a preset say is read as written (a negative number is a value, an integer is
+    not rounded through a float, a key given twice is not silently one of them) and refused by its range."""
+    (tmp_path / "twice.yaml").write_text("optim:\n  max_steps: 5\n  max_steps: 7\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, "--data_dir", str(tmp_path / "none")]  # never reached
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    expect_exit_2(proc)
+    assert expected in proc.stderr, proc.stderr  # a config error lists each problem on a line of its own
+
+
 @pytest.mark.slow
 def test_an_unfinished_data_folder_is_refused_with_the_command_that_finishes_it(gpt2_encoding, tmp_path):
     """data_prep.py stopped after a few shards (manifest.json: complete false): training refuses to start on it,
-    naming the command that finishes it; once finished, the same command line trains."""
+    naming the command that finishes it, made of every option the preparation recorded (here plain-text files read
+    by paragraph) and quoted (a path with a space); that command finishes it, and the same command line trains."""
     from gpt2_repro.data.prepare import PrepConfig, prepare
-    from synthetic import FlakyReads, make_texts, write_fineweb_parquet
+    from synthetic import FlakyReads, make_texts
 
-    source = tmp_path / "source"
+    source = tmp_path / "my source"
     source.mkdir()
     texts = make_texts(160, seed=6, words=(50, 400))
     for i in range(8):
-        write_fineweb_parquet(source / f"part_{i:03d}.parquet", texts[i * 20 : (i + 1) * 20])
-    data = tmp_path / "data"
+        (source / f"part_{i:03d}.txt").write_text("\n\n".join(texts[i * 20 : (i + 1) * 20]))
+    data = tmp_path / "my data"
     cfg = PrepConfig(
-        dataset=str(source), output_dir=str(data), val_tokens=2048, shard_tokens=2000, batch_docs=16, retries=0
+        dataset=str(source),
+        output_dir=str(data),
+        val_tokens=2048,
+        shard_tokens=2000,
+        batch_docs=16,
+        retries=0,
+        text_sample_by="paragraph",
     )
     with FlakyReads("part_005", failures=10**9), pytest.raises(DataError):
         prepare(cfg)  # a read that keeps failing: the finished shards stay, the rest is to come
     assert not json.loads((data / "manifest.json").read_text())["complete"]
     line = expect_exit_2(run_unchecked(["--data_dir", str(data), "--hellaswag", "false"], tmp_path / "run"))
     assert f"{data} is unfinished: data_prep.py stopped after" in line and "complete: false" in line, line
-    finish = line.split("Finish it first: `")[1].split("`")[0]
-    assert finish.startswith("python data_prep.py --dataset ") and "--shard_tokens 2000" in finish
+    finish = shlex.split(line.split("Finish it first: `")[1].split("`")[0])
+    assert finish[:3] == ["python", "data_prep.py", "--dataset"] and "--shard_tokens" in finish
+    assert finish[finish.index("--text_sample_by") + 1] == "paragraph"
     done = subprocess.run(
-        [sys.executable, *finish.split()[1:]], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, *finish[1:]], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
     args = ["--data_dir", str(data), "--hellaswag", "false", "--max_steps", "2", "--eval_every", "0"]
@@ -213,3 +253,46 @@ def test_input_and_environment_errors_exit_2_with_one_line(case, data_dir, tmp_p
     assert expected in line, line
     assert a_file.read_text() == "keep me"
     assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 150 MB file system (tmpfs, as root): room for two of the tiny test model's checkpoints as train.py counts
+    them (about 66 MB each, 53 MB on disk), not for three."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_the_disk_must_hold_the_checkpoints_kept_at_once_and_a_later_full_disk_names_the_way_back(
+    small_disk, data_dir, tmp_path
+):
+    """A new checkpoint is written before the oldest is removed: with --keep_last 2 and four saves to come the run
+    holds three at once, which the disk cannot, so it is refused at start (not at its third checkpoint). With
+    --keep_last 1 two are enough and the run starts; when the disk fills up during the run, the save that cannot
+    be written names the steps it loses and the checkpoint to resume."""
+    from runs import training_in_background, wait_for_step
+
+    run = small_disk / "run"
+    line = expect_exit_2(run_unchecked(["--data_dir", str(data_dir)], run))
+    assert f"{run} has 0.16 GB free, but room for 3 more checkpoints" in line, line
+    assert "--keep_last 2" in line and not (run / "checkpoints").exists()
+
+    args = ["--data_dir", str(data_dir), "--keep_last", "1", "--checkpoint_every", "8", "--eval_every", "0"]
+    args += ["--hellaswag", "false", "--num_samples", "0", "--log_with", "none"]
+    first = run / "checkpoints" / "step_00000008"
+    with training_in_background(args, run) as proc:
+        wait_for_step(run, 9, proc)  # the first checkpoint is whole: leave the next one no room
+        free = shutil.disk_usage(small_disk).free
+        (small_disk / "filler").write_bytes(b"\0" * (free - 20_000_000))
+        _, stderr = proc.communicate(timeout=240)
+    line = expect_exit_2(proc, stderr)
+    assert "checkpoint step 16 needs about 0.07 GB" in line and "Steps 9-16 are not saved" in line, line
+    assert f"the newest complete checkpoint is {first} (step 8): continue with --resume latest" in line, line

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt2_repro.checkpointing import folders as ckpt
 from gpt2_repro.data.shards import write_shard
@@ -170,7 +171,7 @@ def test_a_resume_with_other_settings_is_refused_before_anything_is_written(refe
     line = expect_exit_2(run_unchecked(args, run))
     assert "step_00000016 cannot be resumed with these settings: n_layer: 2 in the checkpoint, 3 now;" in line
     assert "seq_len: 32 in the checkpoint, 16 now; data: the training shards are not the checkpoint's" in line
-    assert f"--config {run / 'config.yaml'} --resume latest" in line
+    assert f"--config {run / 'config.yaml'} --output_dir {run} --resume latest" in line
     assert {name: (run / name).read_bytes() for name in names} == before
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [12, 16]
 
@@ -198,10 +199,20 @@ def test_a_resume_from_an_older_checkpoint_starts_a_new_line_and_keeps_the_old_o
     } == {2}
     attempts = json.loads((run / "run_info.json").read_text())["attempts"]
     assert attempts[-1]["line"] == 2 and attempts[-1]["abandoned"] == str(aside)
-    again = run_training([*args, "--resume", "latest", "--max_steps", "18"], run)  # the new line goes on: 16 -> 18
-    assert "resumed from step 16" in again.stdout + again.stderr
-    assert not (run / "checkpoints" / "abandoned" / "line-2-after-step_00000016").exists()
-    assert [r.get("line") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())][-1] == 2
+    # Line 3 begins at step 14 and stops before it saves a checkpoint of its own (here it has nothing to train;
+    # a kill does the same): --resume latest goes on with line 3, not with line 2, whose step 16 was set aside.
+    third = run_training([*args, "--resume", str(run / "checkpoints" / "step_00000014"), "--max_steps", "14"], run)
+    said = third.stdout + third.stderr
+    assert "line 3 of training starts at step 14" in said and "nothing to train: the run is at step 14" in said
+    again = run_training([*args, "--resume", "latest"], run)  # line 3 goes on: 14 -> 16
+    assert "resumed from step 14" in again.stdout + again.stderr
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [14, 16]
+    assert ckpt.read_run_state(run / "checkpoints" / "step_00000016")["line"] == 3
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["line"] for r in rows if r["step"] > 14} == {3}
+    attempts = json.loads((run / "run_info.json").read_text())["attempts"]
+    assert [a["line"] for a in attempts] == [1, 2, 3, 3]
+    assert not (run / "checkpoints" / "abandoned" / "line-3-after-step_00000014").exists()
 
 
 @pytest.mark.slow
@@ -295,20 +306,120 @@ def test_a_stale_export_and_leftovers_of_an_interrupted_save_are_mended_at_start
 
 @pytest.mark.slow
 def test_an_unreadable_checkpoint_is_skipped_by_latest_and_refused_by_path(reference, data_dir, tmp_path):
-    """A truncated model.safetensors in the newest checkpoint: --resume latest says so on one line and resumes the
-    older one, which gives the reference's losses; naming the broken one is an error that names the older ones."""
+    """Checkpoints that cannot resume exactly, newest first: truncated weights (16), random states missing (15), a
+    data position that parses but is not one (14), truncated random states (13). --resume auto (litgpt's spelling of
+    latest) says so on one line each and resumes step 12, whose unreadable trainer_state.json (which a resume does
+    not need) is rewritten with a warning: the reference's losses follow. Naming the broken one is an error that
+    names the older ones."""
+    from transformers import TrainerState
+
     run = tmp_path / "run"
-    shutil.copytree(reference[0], run, symlinks=True)
-    broken = run / "checkpoints" / "step_00000016"
+    shutil.copytree(reference[0], run, symlinks=True)  # as cp -a: checkpoint-N stays a link
+    root = run / "checkpoints"
+    damage = {
+        15: ("random_states_0.pkl", None, "random_states_0.pkl (the random states of process 0) is missing"),
+        14: ("loader_rank0.json", b'{"consumed_windows": "x"}', "loader_rank0.json holds no data position"),
+        13: ("random_states_0.pkl", b"\x80\x02", "random_states_0.pkl cannot be read as random states"),
+    }
+    for step, (name, content, _) in damage.items():
+        _linked_copy(reference[0] / "checkpoints" / "step_00000016", root / f"step_{step:08d}")
+        _replace(root / f"step_{step:08d}" / name, content)
+    broken = root / "step_00000016"
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (root / "step_00000012" / "trainer_state.json").write_text('{"global_step": "twelve"')
     line = expect_exit_2(run_unchecked(["--data_dir", str(data_dir), "--resume", str(broken)], tmp_path / "other"))
     assert f"{broken} cannot be resumed: model.safetensors cannot be read" in line
-    assert f"Resume an older one by path: --resume {run / 'checkpoints' / 'step_00000012'}" in line
-    args = ["--data_dir", str(data_dir), "--hellaswag", "false", "--resume", "latest"]
+    assert f"Resume an older one by path: --resume {root / 'step_00000015'}" in line
+    args = ["--data_dir", str(data_dir), "--hellaswag", "false", "--resume", "auto"]
     proc = run_training(args, run)
-    skipped = [r for r in (proc.stdout + proc.stderr).splitlines() if r.startswith("warning: skipping")]
-    assert len(skipped) == 1 and str(broken) in skipped[0] and "model.safetensors cannot be read" in skipped[0]
+    said = (proc.stdout + proc.stderr).splitlines()
+    skipped = [r for r in said if r.startswith("warning: skipping")]
+    assert len(skipped) == 4 and str(broken) in skipped[0] and "model.safetensors cannot be read" in skipped[0]
+    for (step, (_, _, expected)), warning in zip(damage.items(), skipped[1:], strict=True):
+        assert str(root / f"step_{step:08d}") in warning and expected in warning, warning
+    mended = [r for r in said if r.startswith(f"warning: {root / 'step_00000012' / 'trainer_state.json'}")]
+    assert len(mended) == 1 and "rewritten from run_state.json" in mended[0], said
+    assert TrainerState.load_from_json(str(root / "step_00000012" / "trainer_state.json")).global_step == 12
     assert "resumed from step 12" in proc.stdout + proc.stderr
     losses, _ = read_metrics(run)
     assert losses == read_metrics(reference[0])[0]  # steps 13-16 trained again, exactly
+
+
+def _linked_copy(source: Path, target: Path) -> None:
+    """A copy of a run folder or checkpoint of the session's runs whose large files (weights, optimizer and random
+    states) are hard links: nothing writes such a file in place, and _replace replaces one with a file of its own."""
+
+    def link_large(src, dst):
+        if Path(src).suffix in (".safetensors", ".bin", ".pkl"):
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_large)
+
+
+def _replace(path: Path, content: bytes | None) -> None:
+    """Put `content` at `path` as a new file (None: remove it), leaving whatever it was linked to as it was."""
+    path.unlink()
+    if content is not None:
+        path.write_bytes(content)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["run_state", "random_states", "foreign_random_states", "position", "past_the_end"])
+def test_a_checkpoint_that_cannot_resume_exactly_is_refused_by_path(case, reference, data_dir, tmp_path):
+    """Named by path, each is one error line before anything is written, naming what is wrong and what to resume
+    instead: a run state that does not parse (the older checkpoints are named all the same), random states gone
+    or not random states (accelerate would go on without them: other dropout masks than an uninterrupted run's),
+    a data position that parses but is not one, a checkpoint past --max_steps (how to go on instead)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (12, 16):
+        _linked_copy(reference[0] / "checkpoints" / f"step_{step:08d}", run / "checkpoints" / f"step_{step:08d}")
+    newest, older = run / "checkpoints" / "step_00000016", run / "checkpoints" / "step_00000012"
+    args, expected = ["--data_dir", str(data_dir), "--resume", str(newest)], "cannot be resumed: "
+    if case == "run_state":
+        _replace(newest / "run_state.json", b"{not json")
+        expected += "its run state or data position cannot be read (JSONDecodeError"
+    elif case == "random_states":
+        _replace(newest / "random_states_0.pkl", None)
+        expected += "random_states_0.pkl (the random states of process 0) is missing or empty"
+    elif case == "foreign_random_states":
+        torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pkl")
+        _replace(newest / "random_states_0.pkl", (tmp_path / "foreign.pkl").read_bytes())
+        expected += "random_states_0.pkl cannot be read as random states (KeyError: 'random_state')"
+    elif case == "position":
+        position = json.loads((newest / "loader_rank0.json").read_text()) | {"consumed_windows": "x"}
+        _replace(newest / "loader_rank0.json", json.dumps(position).encode())
+        expected += "loader_rank0.json holds no data position that can be resumed (the data position's "
+        expected += "'consumed_windows' is 'x', not int)"
+    else:
+        args += ["--max_steps", "8"]
+        expected = "is at step 16, past --max_steps 8: there is nothing to train. To train longer, resume it with "
+        expected += "a larger --max_steps (above 16)"
+    line = expect_exit_2(run_unchecked(args, run))
+    assert f"{newest} " in line and expected in line, line
+    if case != "past_the_end":
+        assert f"Resume an older one by path: --resume {older}" in line, line
+    assert {p.name for p in run.iterdir()} <= {"checkpoints", ".lock"}  # nothing written but the lock
+
+
+@pytest.mark.slow
+def test_a_refused_resume_of_a_moved_run_folder_names_a_command_that_resumes_it(reference, data_dir, tmp_path):
+    """The refusal's advice runs the run's own config.yaml, which names the folder the run was started in: moved
+    since, the advice also names the folder it is in now (an option given on the command line overrides the
+    preset's), so it resumes that one, not a fresh run in the old place."""
+    import shlex
+
+    import yaml
+
+    old, run = tmp_path / "started_here", tmp_path / "moved_here"
+    _linked_copy(reference[0], run)
+    config = yaml.safe_load((reference[0] / "config.yaml").read_text())
+    config["run"]["output_dir"] = str(old)
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    line = expect_exit_2(run_unchecked(["--data_dir", str(data_dir), "--resume", "latest", "--seq_len", "16"], run))
+    advice = shlex.split(line.split("(`")[1].split("`")[0])
+    assert advice == ["--config", str(run / "config.yaml"), "--output_dir", str(run), "--resume", "latest"], line
+    assert not old.exists()

@@ -259,3 +259,42 @@ def test_two_runs_cannot_share_a_folder(data_dir, tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # one writer
     with RunLock(out):  # released with the process
         pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["removed", "truncated"])
+def test_data_taken_away_during_training_is_named_and_loses_no_saved_step(case, gpt2_encoding, data_dir, tmp_path):
+    """The data folder removed during the run: the final checkpoint is saved before the final evaluation, which
+    then fails with one line naming the data's source and the command that prepares it again, and the checkpoint
+    to resume. A training shard truncated in place: one line naming it and what to do, not a SIGBUS."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    if case == "removed":
+        from gpt2_repro.data.prepare import PrepConfig, prepare
+        from synthetic import make_texts
+
+        source = tmp_path / "corpus.txt"
+        source.write_text("\n\n".join(make_texts(150, seed=9, words=(50, 200))))
+        prepare(PrepConfig(dataset=str(source), output_dir=str(data), val_tokens=4096, progress=False))
+        args = ["--max_steps", "12"]
+    else:
+        shutil.copytree(data_dir, data)
+        args = ["--max_steps", "200"]
+    args += ["--data_dir", str(data), "--checkpoint_every", "0", "--eval_every", "0", "--hellaswag", "false"]
+    with training_in_background([*args, "--num_samples", "0", "--log_with", "none"], out) as proc:
+        wait_for_step(out, 2, proc)
+        if case == "removed":
+            shutil.rmtree(data)  # the training shards stay readable through their memory maps; not the val shard
+        else:
+            os.truncate(data / "test_train_000001.bin", 4096)
+        _, err = proc.communicate(timeout=240)
+    line = expect_exit_2(proc, err)
+    if case == "removed":
+        newest = out / "checkpoints" / "step_00000012"
+        assert "step 12: the validation data cannot be read any more" in line, line
+        command = f"python data_prep.py --dataset {source} --output_dir {data} --val_tokens 4096"
+        assert f"prepare it again from its source, {source}: `{command}" in line, line
+        assert f"the newest complete checkpoint is {newest} (step 12): continue with --resume latest" in line, line
+        assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [12]
+    else:
+        assert f"{data / 'test_train_000001.bin'} shrank from 52,832 to 4,096 bytes while training read it" in line
+        assert "then continue with --resume latest" in line, line

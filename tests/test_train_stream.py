@@ -47,7 +47,7 @@ def test_streamed_training_equals_training_on_shards_of_the_same_source(streamed
     prep = data_prep.PrepConfig(
         dataset=str(stream_files[0]), output_dir=str(shards), val_tokens=2048, shard_tokens=1000
     )
-    data_prep.prepare(prep)
+    manifest = data_prep.prepare(prep)
     run_training(["--data_dir", str(shards), *QUICK], tmp_path / "run")
     losses, evals = read_metrics(tmp_path / "run")
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
@@ -56,6 +56,11 @@ def test_streamed_training_equals_training_on_shards_of_the_same_source(streamed
     assert config.data.dataset == str(stream_files[0]) and config.data.stream_val_tokens == 2048
     state = json.loads((streamed / "checkpoints" / "step_00000016" / "loader_rank0.json").read_text())
     assert state["epoch"] == 1 and state["dataset_state"] is not None
+    # The documents that are not text (empty, whitespace-only, null) are skipped and counted as data_prep.py counts
+    # them: once an epoch is read, the same number, in the checkpoints' run state and the run's output.
+    skipped = manifest["skipped_documents"]
+    assert skipped == 3 and ckpt.read_run_state(streamed / "checkpoints" / "step_00000016")["skipped_documents"] == 3
+    assert f"{skipped} documents skipped so far" in (streamed.parent / "stdout.txt").read_text()
 
 
 @pytest.mark.slow

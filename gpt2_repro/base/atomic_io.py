@@ -136,3 +136,18 @@ def link_tree(src: str | Path, dst: str | Path, names: Iterable[str] | None = No
     shutil.copytree(src, tmp, copy_function=link_or_copy, ignore=ignore)
     remove_tree(dst)
     os.replace(tmp, dst)
+
+
+def json_fields_problem(state, fields: dict[str, tuple[type, ...]]) -> str | None:
+    """Why `state` (JSON read back) is not a mapping holding each of `fields` ({name: accepted types}) with a value
+    of its types (True is not an int here), or None: a file that parses may still not be the one expected."""
+    if not isinstance(state, dict):
+        return f"a data position is a JSON object, not {type(state).__name__}"
+    for name, types in fields.items():
+        if name not in state:
+            return f"the data position has no {name!r}"
+        value = state[name]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            return f"the data position's {name!r} is {value!r}, not {wanted}"
+    return None

@@ -38,10 +38,16 @@ from .errors import EXPECTED, ConfigError, Stop, describe_environment_error
 DEBUG_ENV = "GPT2_REPRO_DEBUG"  # =1: tracebacks for expected errors too (like --debug)
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", aliases: tuple[str, ...] = ()):
+def opt(default: Any = dataclasses.MISSING, help: str = "", aliases: tuple[str, ...] = (), auto: bool = False):
     """A dataclass field with the help text of its option. No default: the option is required. `aliases`: other
-    names of the option on the command line (another tool's name for it, e.g. Trainer's `report_to`)."""
-    return field(default=default, metadata={"help": help, "aliases": aliases})
+    names of the same option (an old spelling, the name another script or tool uses, e.g. Trainer's `report_to`),
+    accepted on the command line and in YAML presets and shown in --help. `auto`: the field is optional and `auto`
+    is a spelling of its unset value (None: chosen for you), as its help says."""
+    return field(default=default, metadata={"help": help, "aliases": tuple(aliases), "auto": auto})
+
+
+UNSET_WORDS = ("none", "null", "")  # what leaves an optional value unset; "auto" too where a field takes it
+INT64_MAX = 2**63 - 1  # what numpy and torch hold: an integer option beyond it cannot mean what it says
 
 
 # ----------------------------------------------------------------------------------------------- types
@@ -55,13 +61,13 @@ def _base_type(tp) -> tuple[Any, bool]:
     return next(a for a in typing.get_args(tp) if a is not type(None)), True
 
 
-def _type_name(tp) -> str:
+def _type_name(tp, auto: bool = False) -> str:
     base, optional = _base_type(tp)
     if typing.get_origin(base) is Literal:
         name = "one of " + ", ".join(map(str, typing.get_args(base)))
     else:
         name = base.__name__
-    return f"{name} or null" if optional else name
+    return (f"{name}, null or auto" if auto else f"{name} or null") if optional else name
 
 
 def _parse_text(text: str, base, tp, where: str):
@@ -73,27 +79,47 @@ def _parse_text(text: str, base, tp, where: str):
                 raise ValueError
             return lowered in ("true", "1", "yes", "on")
         if base is int:
-            as_float = float(text.replace("_", ""))
-            if not as_float.is_integer():
-                raise ValueError
-            return int(as_float)  # accepts 5e5 and 524_288
+            return _parse_int(text.replace("_", ""))  # accepts 5e5 and 524_288
         return base(text.replace("_", "") if base is float else text)
     except ValueError:
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {text!r}") from None
 
 
-def coerce(value, tp, where: str):
+def _parse_int(text: str) -> int:
+    """An integer written as one (`524288`) or in scientific notation (`5e5`), exactly: a float would round
+    99999999999999999999999 to 99999999999999991611392. ValueError when it is not a whole number."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        exact = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(text) from None
+    if not exact.is_finite() or exact != exact.to_integral_value():
+        raise ValueError(text)
+    if exact.adjusted() > 100:  # int() of 1e999999999 would build a number of a billion digits
+        raise ValueError(text)
+    return int(exact)  # coerce then refuses what does not fit in 64 bits
+
+
+def coerce(value, tp, where: str, auto: bool = False):
     """Check (YAML) or convert (command-line strings) `value` to the field type `tp`; clear error otherwise. A number
-    is finite: no option takes inf or nan."""
-    value = _coerce(value, tp, where)
+    is finite (no option takes inf or nan), an integer fits in 64 bits. `auto`: "auto" is an unset value too."""
+    value = _coerce(value, tp, where, auto)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise ConfigError(f"{where}: {value} is out of range: an integer option must be below 2**63 ({INT64_MAX:,})")
     return value
 
 
-def _coerce(value, tp, where: str):
+def _coerce(value, tp, where: str, auto: bool = False):
     base, optional = _base_type(tp)
-    if value is None or (isinstance(value, str) and optional and value.strip().lower() in ("none", "null", "auto", "")):
+    unset = UNSET_WORDS + (("auto",) if auto else ())
+    if value is None or (isinstance(value, str) and optional and value.strip().lower() in unset):
         if optional:
             return None
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {'null' if value is None else repr(value)}")
@@ -108,8 +134,8 @@ def _coerce(value, tp, where: str):
         return _parse_text(value.strip(), base, tp, where)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if base is int and isinstance(value, float) and value.is_integer():
-        return int(value)
+    if base is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)  # YAML's 5.0e+5; beyond 2**53 a float no longer holds every integer
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         kind = type(value).__name__
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({kind})")
@@ -149,7 +175,34 @@ def option_index(cls) -> dict[str, tuple[str | None, dataclasses.Field, Any]]:
                 first = index[f.name][0]
                 raise RuntimeError(f"config field {f.name!r} is declared in both {first} and {section}")
             index[f.name] = (section, f, hints[f.name])
+    aliases(cls, index)  # checks that no alias is another option's name
     return index
+
+
+def _aliases_of(f: dataclasses.Field) -> tuple[str, ...]:
+    return tuple(f.metadata.get("aliases", ()))
+
+
+def _takes_auto(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("auto"))
+
+
+def aliases(cls, index: dict | None = None) -> dict[str, str]:
+    """{alias: option name} over the whole config (`opt(..., aliases=...)`). An alias that is also an option's name
+    or another option's alias is a bug of the declaration."""
+    index = option_index(cls) if index is None else index
+    found: dict[str, str] = {}
+    for name, (_, f, _) in index.items():
+        for alias in _aliases_of(f):
+            if alias in index or alias in found:
+                raise RuntimeError(f"alias {alias!r} of {name!r} is already an option or an alias")
+            found[alias] = name
+    return found
+
+
+def canonical(key: str, alias_map: dict[str, str]) -> str:
+    """An option's name for `key`, which may be one of its aliases."""
+    return alias_map.get(key, key)
 
 
 def _default(f: dataclasses.Field):
@@ -186,10 +239,17 @@ def read_values(cls, raw, where: str = "config") -> dict:
 
 def _read_part(cls, raw: dict, where: str, prefix: str) -> dict:
     hints = _hints(cls)
-    for key in raw:
-        if key not in hints:
-            raise did_you_mean(key, hints, where)
-    return {k: coerce(v, hints[k], f"{where}: {prefix}{k}") for k, v in raw.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    alias_map = {a: f.name for f in fields.values() for a in _aliases_of(f)}
+    values = {}
+    for key, value in raw.items():
+        name = canonical(key, alias_map)
+        if name not in hints:
+            raise did_you_mean(key, [*hints, *alias_map], where)
+        if name in values:
+            raise ConfigError(f"{where}: {prefix}{name} is given twice (as {name!r} and as its alias {key!r})")
+        values[name] = coerce(value, hints[name], f"{where}: {prefix}{key}", _takes_auto(fields[name]))
+    return values
 
 
 def _construct(cls, values: dict):
@@ -203,9 +263,31 @@ def _construct(cls, values: dict):
     return cls(**values)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the later one silently, so a
+    preset edited in two places would run with one of them unnoticed)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}): keep one",
+                    key_node.start_mark,
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     """A YAML file as a mapping, or a ConfigError naming the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder, not a YAML file: pass the preset file itself")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = path.read_bytes()
@@ -217,7 +299,7 @@ def load_yaml(path: str | Path) -> dict:
             f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): save it as UTF-8."
         ) from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     return loaded or {}
@@ -227,12 +309,14 @@ def build(cls, preset: str | Path | None = None, overrides: dict[str, Any] | Non
     """The defaults, then the YAML preset, then the flat overrides {field: value or string}; validated."""
     values = read_values(cls, load_yaml(preset), str(preset)) if preset is not None else {}
     index = option_index(cls)
+    alias_map = aliases(cls, index)
     for key, value in (overrides or {}).items():
-        if key not in index:
-            raise did_you_mean(key, index, "command line")
-        section, _, tp = index[key]
+        name = canonical(key, alias_map)
+        if name not in index:
+            raise did_you_mean(key, [*index, *alias_map], "command line")
+        section, f, tp = index[name]
         target = values.setdefault(section, {}) if section else values
-        target[key] = coerce(value, tp, f"--{key}")
+        target[name] = coerce(value, tp, f"--{key}", _takes_auto(f))
     cfg = _construct(cls, values)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
@@ -273,6 +357,7 @@ def _add_option(group, name: str, f: dataclasses.Field, tp) -> None:
     flag means true."""
     default = _default(f)
     shown = "required" if default is dataclasses.MISSING else f"default {default}"
+    shown = "default auto" if default is None and _takes_auto(f) else shown
     flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
     base = _base_type(tp)[0]
     extra = {"nargs": "?", "const": "true"} if base is bool else {}
@@ -284,10 +369,10 @@ def _add_option(group, name: str, f: dataclasses.Field, tp) -> None:
         *flags,
         dest=name,
         metavar=metavar,
-        help=f"{f.metadata.get('help', '')} [{_type_name(tp)}; {shown}]".strip(),
+        help=f"{f.metadata.get('help', '')} [{_type_name(tp, _takes_auto(f))}; {shown}]".strip(),
         **extra,
     )
-    for alias in f.metadata.get("aliases", ()):  # a dest of its own: `parse` refuses two different values
+    for alias in _aliases_of(f):  # a dest of its own: `parse` refuses two different values
         flags = [f"--{alias}"] + ([f"--{alias.replace('_', '-')}"] if "_" in alias else [])
         group.add_argument(*flags, dest=alias, metavar=metavar, help=f"the same as --{name}", **extra)
 
@@ -319,11 +404,11 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None, ad
     saved with the config. With it, `(config, extra's instance)` is returned.
     """
     parser = build_parser(cls, description, extra)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_negative_values(sys.argv[1:] if argv is None else argv))
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         key = flag.lstrip("-").split("=")[0].replace("-", "_")
-        names = list(option_index(cls)) + (list(option_index(extra)) if extra is not None else [])
+        names = [*option_index(cls), *aliases(cls)] + (list(option_index(extra)) if extra is not None else [])
         close = difflib.get_close_matches(key, names, n=1)
         hint = f" Did you mean --{close[0]}?" if close else ""
         parser.error(f"unknown option {flag!r}.{hint} See --help for the full list.")
@@ -343,6 +428,32 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None, ad
         return build(cls, preset, adjust(values) if adjust else values)
     options = build(extra, None, {name: values.pop(name) for name in option_index(extra) if name in values})
     return build(cls, preset, adjust(values) if adjust else values), options
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """`--max_lr -1e-3` as `--max_lr=-1e-3`: argparse takes a word that starts with '-' for an option unless it
+    looks like a plain negative number (`-1`, `-0.5`), so `-1e-3` or `-inf` would leave the option without its
+    value. Joined, the value reaches the option's own check (which refuses it by range, for example)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg, value = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        if arg.startswith("--") and "=" not in arg and value is not None and _is_negative_number(value):
+            out.append(f"{arg}={value}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+def _is_negative_number(text: str) -> bool:
+    if not text.startswith("-"):
+        return False
+    try:
+        float(text.replace("_", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def flat_options(values: dict) -> dict:

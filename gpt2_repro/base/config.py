@@ -29,6 +29,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from modeling_gpt2_repro import GPT2ReproConfig
 
+GPT2_VOCAB_SIZE = 50257  # the GPT-2 BPE's ids (tokenizer.py says the same; importing it would import tiktoken)
 # The layout data_prep.py writes by default, which the streaming loader cuts a stream into the same way.
 VAL_TOKENS = 100_000_000  # the validation shard: the source's first tokens (+ 1: shards.val_shard_tokens)
 SHARD_TOKENS = 100_000_000  # each training shard
@@ -46,6 +47,27 @@ class ModelConfig:
     n_positions: int = opt(1024, "maximum context length (>= seq_len)")
     vocab_size: int = opt(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128 for speed")
     dropout: float = opt(0.0, "dropout probability (0 for pretraining, as in the GPT-2 reproductions)")
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(holds, message): the model's own checks (GPT2ReproConfig.check) that need no import, so that a
+        command line with an impossible shape answers before torch and transformers are loaded (6-7 s). The
+        model checks again when it is built (TrainConfig.check_model); a test keeps the two in agreement."""
+        sizes = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+        positive = [(value > 0, f"model.{name}={value} must be a positive integer") for name, value in sizes.items()]
+        divisors = [h for h in range(1, min(max(self.n_embd, 0), 64) + 1) if self.n_embd % h == 0]
+        return positive + [
+            (
+                self.n_head <= 0 or self.n_embd % self.n_head == 0,
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: every head needs the "
+                f"same width. Pick n_head in {divisors} or change n_embd to a multiple of {self.n_head}",
+            ),
+            (
+                self.vocab_size >= GPT2_VOCAB_SIZE,
+                f"model.vocab_size={self.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids: "
+                f"use {GPT2_VOCAB_SIZE}, or 50304 (padded to a multiple of 128)",
+            ),
+            (0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)"),
+        ]
 
 
 DEFAULT_DATA_DIR = "data/fineweb-edu-10BT"
@@ -196,6 +218,11 @@ class OptimConfig:
         return [
             (self.max_steps > 0, f"optim.max_steps={self.max_steps} must be positive"),
             (self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0"),
+            (
+                self.schedule != "cosine" or self.warmup_steps <= self.max_steps,
+                f"optim.warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}: the cosine schedule "
+                "would never reach its peak LR nor its floor. Lower warmup_steps or raise max_steps",
+            ),
             (self.max_lr > 0, f"optim.max_lr={self.max_lr} must be positive"),
             (0.0 <= self.min_lr <= self.max_lr, f"optim.min_lr={self.min_lr} must be in [0, max_lr={self.max_lr}]"),
             (self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0"),
@@ -237,7 +264,7 @@ class EvalConfig:
 
     eval_every: int = opt(250, "evaluate every N optimizer steps and at the end (0 = only at the end)")
     val_tokens: int = opt(10485760, "validation token budget, the same whatever the GPU count")
-    eval_batch_size: int | None = opt(None, "sequences per eval forward pass (default: micro_batch_size)")
+    eval_batch_size: int | None = opt(None, "sequences per eval forward pass (auto: micro_batch_size)", auto=True)
     hellaswag: bool = opt(True, "score HellaSwag when its data can be had (warns once otherwise)")
     hellaswag_file: str | None = opt(None, "local HellaSwag validation jsonl (default: download and cache)")
     hellaswag_limit: int | None = opt(None, "score only the first N HellaSwag examples")
@@ -252,9 +279,33 @@ class CheckpointConfig:
 
     checkpoint_every: int = opt(5000, "save a checkpoint every N optimizer steps and at the end (0 = only at end)")
     keep_last: int = opt(2, "complete checkpoints kept; older ones are deleted once a newer one is whole")
-    resume: str | None = opt(None, "'latest' (newest checkpoint in output_dir, or a fresh start) or a path")
+    resume: str | None = opt(
+        None,
+        "'latest' (newest checkpoint in output_dir, or a fresh start; 'auto', litgpt's spelling, is the same) "
+        "or a path",
+    )
     push_to_hub: str | None = opt(None, "Hub repo id; export/ is uploaded in the background at each checkpoint")
     hub_private: bool = opt(False, "create the Hub repo as private")
+
+    def __post_init__(self):
+        if isinstance(self.resume, str) and self.resume.strip().lower() == "auto":
+            self.resume = "latest"  # litgpt's `--resume auto`: the newest checkpoint, or a fresh start
+
+
+# accelerate's tracker names (accelerate.utils.LoggerType; a test keeps them equal), and "none".
+TRACKERS = (
+    "tensorboard",
+    "wandb",
+    "all",
+    "none",
+    "comet_ml",
+    "aim",
+    "mlflow",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "trackio",
+)
 
 
 @dataclass
@@ -264,7 +315,7 @@ class RunConfig:
     output_dir: str = opt("runs/gpt2-124m", "run folder: metrics.jsonl, checkpoints/, export/, export-gpt2/, logs")
     seed: int = opt(1337, "seed of the model init and of the data shuffling")
     mixed_precision: str = opt("auto", "auto (bf16 on a GPU that has it, else fp32), no, bf16 or fp16")
-    compile: bool | None = opt(None, "torch.compile the model (default: on for CUDA, off on CPU)")
+    compile: bool | None = opt(None, "torch.compile the model (auto: on for CUDA, off on CPU)", auto=True)
     gradient_checkpointing: bool = opt(
         False,
         "activation checkpointing (transformers' own, every block): a block keeps only its input and runs its "
@@ -272,12 +323,16 @@ class RunConfig:
         "about a third more compute",
     )
     tf32: bool = opt(True, "allow TF32 matmuls on CUDA")
-    cpu_threads: int | None = opt(None, "CPU runs: torch threads per process (default: physical cores / processes)")
+    cpu_threads: int | None = opt(
+        None, "CPU runs: torch threads per process (auto: physical cores / processes)", auto=True
+    )
     log_with: str = opt(
-        "tensorboard", "trackers: tensorboard, wandb, all, none, or a comma list", aliases=("report_to",)
-    )  # --report_to: the name Trainer users know
+        "tensorboard",
+        "trackers: tensorboard, wandb, all, none, or a comma list (accelerate's names)",
+        aliases=("report_to",),  # --report_to: the name Trainer users know
+    )
     project_name: str = opt("gpt2-repro", "tracker project name")
-    peak_tflops: float | None = opt(None, "peak bf16 TFLOP/s per device for MFU (default: known-GPU table)")
+    peak_tflops: float | None = opt(None, "peak bf16 TFLOP/s per device for MFU (auto: known-GPU table)", auto=True)
     dist_timeout: int = opt(
         300,
         "seconds a process waits for the others (a collective, the start) before the run stops with an error: "
@@ -303,7 +358,10 @@ class TrainConfig:
         once; the model's own checks, which import transformers, are `check_model`."""
         data, optim, evals = self.data, self.optim, self.eval
         ckpt, run, n_positions = self.checkpoint, self.run, self.model.n_positions
+        trackers = [t.strip() for t in run.log_with.split(",") if t.strip()]
+        unknown = [t for t in trackers if t not in TRACKERS]
         checks = [
+            *self.model.checks(),
             (data.seq_len <= n_positions, f"data.seq_len={data.seq_len} exceeds model.n_positions={n_positions}"),
             *optim.checks(),
             (
@@ -330,6 +388,11 @@ class TrainConfig:
             ],
             (run.peak_tflops is None or run.peak_tflops > 0, f"run.peak_tflops={run.peak_tflops} must be positive"),
             (run.dist_timeout >= 1, f"run.dist_timeout={run.dist_timeout} must be >= 1 (seconds)"),
+            (
+                trackers and not unknown,
+                f"run.log_with={run.log_with!r}: unknown tracker {', '.join(map(repr, unknown))}; use "
+                f"{', '.join(TRACKERS)} or a comma list of them",
+            ),
             (0 <= run.seed < 2**32, f"run.seed={run.seed} must be in [0, 2**32) (what numpy and torch seed with)"),
             (
                 min(data.stream_val_tokens, data.stream_shuffle_windows, data.stream_workers, data.stream_batch_docs)

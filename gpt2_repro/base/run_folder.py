@@ -96,15 +96,17 @@ class RunFolder:
 
     # -------------------------------------------------------------------------------------------------- room
 
-    def check_room(self, need: int, what: str) -> None:
+    def check_room(self, need: int, what: str, checkpoint: int | None = None) -> None:
         """Refuse up front what the disk cannot hold (room_problem)."""
-        problem = self.room_problem(need, what)
+        problem = self.room_problem(need, what, checkpoint)
         if problem:
             raise RunError(problem)
 
-    def room_problem(self, need: int, what: str) -> str | None:
-        """What keeps the disk from holding `need` bytes (a whole checkpoint) in files of up to 2/5 of that (the
-        optimizer state): too little free space, or a file-size limit; None when it fits."""
+    def room_problem(self, need: int, what: str, checkpoint: int | None = None) -> str | None:
+        """What keeps the disk from holding `need` more bytes (checkpoints of `checkpoint` bytes each, one when it is
+        None), whose largest files are 2/5 of a checkpoint (the optimizer state): too little free space, or a
+        file-size limit; None when it fits."""
+        checkpoint = need if checkpoint is None else checkpoint
         free = shutil.disk_usage(self.root).free
         if free < need:
             return (
@@ -112,10 +114,10 @@ class RunFolder:
                 "space or choose --output_dir on another disk."
             )
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit != resource.RLIM_INFINITY and limit < need // 2:  # with a margin over the 2/5
+        if limit != resource.RLIM_INFINITY and limit < checkpoint // 2:  # with a margin over the 2/5
             return (
-                f"the file-size limit (ulimit -f) is {limit:,} bytes, but {what} writes files of up to about "
-                f"{need * 2 // 5:,} bytes. Raise it (ulimit -f unlimited) before training."
+                f"the file-size limit (ulimit -f) is {limit:,} bytes, but a checkpoint writes files of up to about "
+                f"{checkpoint * 2 // 5:,} bytes. Raise it (ulimit -f unlimited) before training."
             )
         return None
 
@@ -133,10 +135,16 @@ class RunFolder:
             return []
         return [row for row in self.metrics.read_text().splitlines() if step_of(row) is not None]
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop the lines of steps after `step` (run after the checkpoint a start resumes from: they are redone)."""
+    def truncate_metrics(self, step: int, keep_evaluation: bool = True) -> None:
+        """Drop the lines of steps after `step` (run after the checkpoint a start resumes from: they are redone), and
+        with keep_evaluation=False the evaluation line of `step` itself (it is redone too)."""
+
+        def kept(row: str) -> bool:
+            at = step_of(row)
+            return at < step or (at == step and (keep_evaluation or "val_loss" not in json.loads(row)))
+
         if self.metrics.is_file():
-            write_atomic(self.metrics, "".join(row + "\n" for row in self.metrics_rows() if step_of(row) <= step))
+            write_atomic(self.metrics, "".join(row + "\n" for row in self.metrics_rows() if kept(row)))
 
     def log_history(self, step: int) -> list[dict]:
         """metrics.jsonl's lines up to `step` (every training step and evaluation of the run's current line: a resume

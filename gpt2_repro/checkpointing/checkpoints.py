@@ -30,6 +30,7 @@ import dataclasses
 import filecmp
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +48,9 @@ from .folders import (
     STATE_FILE_RE,
     TRAINER_STATE,
     checkpoint_bytes,
+    checkpoint_name,
     checkpoint_problem,
+    checkpoint_step,
     commit_checkpoint,
     link_newest_checkpoint,
     list_checkpoints,
@@ -117,9 +120,10 @@ class Start(NamedTuple):
 
 def find_checkpoint(cfg: TrainConfig, folder: RunFolder, num_processes: int, log) -> Path | None:
     """The checkpoint to resume from (None: a fresh start), refused before anything is written when it does not
-    fit: an earlier run's checkpoints without --resume, settings that differ from the checkpoint's, or a checkpoint
-    the data source cannot continue with `num_processes` processes. Unreadable checkpoints are skipped by `--resume
-    latest` (one line each) and refused when named by path."""
+    fit: an earlier run's checkpoints without --resume, settings that differ from the checkpoint's, a checkpoint
+    the data source cannot continue with `num_processes` processes, or (main process) a disk that cannot hold the
+    checkpoints the run will keep (`check_room_at_start`; before the checks that import torch, so it answers at
+    once). Unreadable checkpoints are skipped by `--resume latest` (one line each) and refused when named by path."""
     root, resume = folder.checkpoints, cfg.checkpoint.resume
     if not resume:
         if list_checkpoints(root):
@@ -127,13 +131,14 @@ def find_checkpoint(cfg: TrainConfig, folder: RunFolder, num_processes: int, log
                 f"{folder} already holds checkpoints of an earlier run. Continue it with --resume latest, "
                 f"or train from scratch in another --output_dir."
             )
-        return None
+        return check_room_at_start(cfg, folder, None)
     latest = resume == "latest"
     candidates = [p for _, p in reversed(list_checkpoints(root))] if latest else [resolve_resume(resume, root)]
     for found in candidates:
         problem = checkpoint_problem(found, deep=False)
         if problem is None:
             _check_fits(cfg, found, num_processes)  # a refusal, not a fallback: the settings are the user's
+            check_room_at_start(cfg, folder, found)
             problem = checkpoint_problem(found)
         if problem is None:
             return found
@@ -141,16 +146,42 @@ def find_checkpoint(cfg: TrainConfig, folder: RunFolder, num_processes: int, log
             raise RunError(f"{found} cannot be resumed: {problem}. {_older_ones(found)}")
         log(f"warning: skipping {found}: {problem}; trying the next older checkpoint")
     if not candidates:
-        return None
+        return check_room_at_start(cfg, folder, None)
     raise RunError(
         f"no checkpoint in {root} can be read (each was skipped above): restore the files, or train from scratch "
         "in another --output_dir"
     )
 
 
+def check_room_at_start(cfg: TrainConfig, folder: RunFolder, found: Path | None) -> None:
+    """Refuse a start from `found` (None: a fresh start) whose disk cannot hold the checkpoints the run will keep
+    at once (on the main process; nothing is written). A new checkpoint is written whole before the oldest is
+    rotated away, so with `keep_last` K the folder holds up to K + 1 at once; the run's own saves (every
+    checkpoint_every steps up to max_steps, and one more a stop request may add) and the checkpoints already there
+    (those after the resumed step move to abandoned/ and stay) say how many of them are still to be written."""
+    from ..base.config import parameter_count
+
+    if not is_main_process():
+        return
+    one = checkpoint_bytes(parameter_count(cfg.model))
+    start = read_run_state(found).get("step", 0) if found is not None else 0
+    every, max_steps, keep = cfg.checkpoint.checkpoint_every, cfg.optim.max_steps, cfg.checkpoint.keep_last
+    saves = (max_steps // every - start // every if every else 0) + (not every or max_steps % every != 0)
+    if start >= max_steps:
+        return  # nothing to train, nothing to save
+    there = len([s for s, _ in list_checkpoints(folder.checkpoints) if s <= start])
+    writes = saves + 1  # a stop request (SIGTERM) saves the step it is on
+    most = max(there + 1, min(there + writes - 1, keep) + 1)  # held at once: the kept ones and the one written
+    need = (most - there) * one
+    kept = f"{most - there} more checkpoint{'s' if most - there > 1 else ''}"
+    what = f"room for {kept} (a new one is written before the oldest of --keep_last {keep} is removed)"
+    folder.check_room(need, what, one)
+
+
 def _older_ones(found: Path) -> str:
-    """What to resume instead of the unreadable checkpoint `found`."""
-    step = read_run_state(found).get("step") if (found / RUN_STATE).is_file() else None
+    """What to resume instead of the unreadable checkpoint `found` (its step is its name's: its files may be what
+    cannot be read)."""
+    step = checkpoint_step(found)
     older = [p for s, p in list_checkpoints(found.parent) if p != found and (step is None or s < step)]
     if not older:
         return "No older checkpoint to fall back on: restore the files, or train from scratch in another --output_dir."
@@ -165,11 +196,19 @@ def _check_fits(cfg: TrainConfig, found: Path, num_processes: int) -> None:
     saved_data = json.loads((found / "loader_rank0.json").read_text()) | {"shard_files": state.get("shard_files")}
     problems = resume_mismatches(state, cfg.to_dict(), saved_data, data.resume_facts(cfg))
     if problems:
-        config = found.parent.parent / "config.yaml"
+        run = found.parent.parent
         raise ConfigError(
             f"{found} cannot be resumed with these settings: " + "; ".join(problems) + ". Nothing was changed. "
-            f"Resume with the checkpoint's values (`--config {config} --resume latest` has them), or train from "
-            "scratch in another --output_dir."
+            f"Resume with the checkpoint's values (`--config {run / 'config.yaml'} --output_dir {run} --resume "
+            "latest` has them: the file names the folder the run was started in, which may have moved since), or "
+            "train from scratch in another --output_dir."
+        )
+    step, max_steps = state.get("step", 0), cfg.optim.max_steps
+    if step > max_steps:
+        raise ConfigError(
+            f"{found} is at step {step}, past --max_steps {max_steps}: there is nothing to train. To train longer, "
+            f"resume it with a larger --max_steps (above {step}); to end at step {max_steps}, resume a checkpoint "
+            "at or before it by path. Nothing was changed."
         )
     problem = data.elastic_problem(found, state.get("num_processes", num_processes), num_processes)
     if problem:
@@ -236,14 +275,17 @@ class Checkpoints:
         (dropout, if any) cannot carry over; they are re-seeded from (seed, step, rank).
         """
         state = self._load(found) if found is not None else {}
-        step, line, abandoned = state.get("step", 0), 1, None
+        step, line, abandoned, last_eval = state.get("step", 0), 1, None, LastEval.of(state)
         if self.accelerator.is_main_process:
             if found is not None:
                 line, abandoned = self._start_line(step, state.get("line", 1))
+                _mend_trainer_state(found, self.folder.log_history(step), log)
             self._refresh_exports(log)
-            self.folder.truncate_metrics(step)  # the steps logged after the checkpoint are redone
+            # The steps logged after the checkpoint are redone, and so is an evaluation of its own step that it
+            # does not record (a run stopped between evaluating and recording it: see add_evaluation).
+            self.folder.truncate_metrics(step, keep_evaluation=last_eval.val_step == step)
         self.line = line
-        return Start(step, state.get("tokens_seen", 0), LastEval.of(state), line, abandoned)
+        return Start(step, state.get("tokens_seen", 0), last_eval, line, abandoned)
 
     def _load(self, found: Path) -> dict:
         import numpy as np
@@ -273,7 +315,12 @@ class Checkpoints:
         root = self.folder.checkpoints
         later = [p for s, p in list_checkpoints(root) if s > step]
         if not later:
-            return line, None
+            # A line that began at this checkpoint and was stopped before it saved one of its own (its abandoned
+            # predecessor is named after this step) goes on: the steps after it must not take the label of the
+            # abandoned ones.
+            named = [_ABANDONED_RE.match(p.name) for p in _abandoned(root)]
+            begun = [max(line, int(m.group(1))) + 1 for m in named if int(m.group(2)) == step]
+            return max([line, *begun]), None
         left = max(_line_of(p) for p in later)
         aside = root / ABANDONED / f"line-{left}-after-step_{step:08d}"
         for n in range(2, 1000):  # the same step abandoned twice
@@ -330,17 +377,24 @@ class Checkpoints:
     # ------------------------------------------------------------------------------------------------- save
 
     def save(
-        self, step: int, tokens_seen: int, last_eval: LastEval, quick: bool = False, position: dict | None = None
+        self,
+        step: int,
+        tokens_seen: int,
+        last_eval: LastEval,
+        quick: bool = False,
+        position: dict | None = None,
+        publish: bool = True,
     ) -> Path | None:
         """Checkpoint `step`, guarded: never of non-finite weights (RunError naming the last good checkpoint), not
-        without the disk space for it, and a failed or interrupted save removes its temporary folder (the previous
-        checkpoints are untouched: they are replaced only by a complete new one). Returns the checkpoint folder
-        (None on processes other than the main one).
+        without the disk space for it (RunError naming the way back), and a failed or interrupted save removes its
+        temporary folder (the previous checkpoints are untouched: they are replaced only by a complete new one).
+        Returns the checkpoint folder (None on processes other than the main one).
 
         quick: a stopping run's save, inside a launcher's grace: only what a resume needs (weights, optimizer, RNG
         states, data positions, run state), committed and flushed; the tokenizer, card and stock export, which can
         be rebuilt from it, and the exports and Hub uploads follow at the next start (`restore`). `position`: the
-        data position to record instead of the source's current one (a step abandoned half-way: `StepStart`)."""
+        data position to record instead of the source's current one (a step abandoned half-way: `StepStart`).
+        publish=False leaves the Hub upload to `add_evaluation`."""
         import torch
 
         from ..evaluation.models import nonfinite_parameters
@@ -363,9 +417,9 @@ class Checkpoints:
                     raise
         problem = _agree(acc, problem)
         if problem:  # on every process: none is left waiting for the others in a collective
-            raise RunError(problem)
+            raise RunError(f"{problem} {_not_saved(root, step)}")
         try:
-            final = self._write(self._run_state(step, tokens_seen, last_eval), quick, position)
+            final = self._write(self._run_state(step, tokens_seen, last_eval), quick, position, publish)
             self.saved_step = step
             return final
         except BaseException as e:
@@ -390,24 +444,8 @@ class Checkpoints:
         return state | asdict(last_eval) | {"config": self.cfg.to_dict()}
 
     def _trainer_state(self, run_state: dict) -> dict:
-        """The run state in the layout of transformers' TrainerState (`TrainerState.load_from_json` reads it), for the
-        tools that read a Trainer checkpoint's trainer_state.json: step, tokens, intervals, and as `log_history` the
-        run's metrics up to this step, training steps and evaluations, under Trainer's names (`loss`,
-        `learning_rate`, `grad_norm`, `eval_loss`, ...; RunFolder.log_history)."""
-        from transformers import TrainerState
-
-        cfg, history = self.cfg, self.folder.log_history(run_state["step"])
-        state = TrainerState(
-            global_step=run_state["step"],
-            max_steps=cfg.optim.max_steps,
-            logging_steps=1,
-            eval_steps=cfg.eval.eval_every,
-            save_steps=cfg.checkpoint.checkpoint_every,
-            train_batch_size=cfg.data.micro_batch_size,
-            num_input_tokens_seen=run_state["tokens_seen"],
-            log_history=history,
-        )
-        return asdict(state)
+        """trainer_state.json of a checkpoint, with the run's metrics up to its step as `log_history`."""
+        return trainer_state(run_state, self.folder.log_history(run_state["step"]))
 
     def _card(self, run_state: dict) -> dict:
         """The model card's facts for a checkpoint whose run state is `run_state`."""
@@ -417,10 +455,10 @@ class Checkpoints:
             k: run_state.get(k) for k in ("val_loss", "val_step", "hellaswag_acc_norm", "hellaswag_examples")
         }
 
-    def _write(self, run_state: dict, quick: bool = False, position: dict | None = None) -> Path | None:
+    def _write(
+        self, run_state: dict, quick: bool = False, position: dict | None = None, publish: bool = True
+    ) -> Path | None:
         from accelerate import DistributedType
-
-        from ..publishing.hub import STOCK_GPT2_BRANCH
 
         acc, step = self.accelerator, run_state["step"]
         tmp = temp_checkpoint_dir(self.folder.checkpoints, step)
@@ -449,16 +487,99 @@ class Checkpoints:
             if not quick:  # a quick save's exports, link and uploads follow the rest of its model folder (next start)
                 self._link_exports(final)
                 link_newest_checkpoint(self.folder)  # a failure was said once at start (_refresh_exports)
-                if self.uploader:
-                    self.uploader.submit(self.folder.export, f"step {step}")
-                    self.uploader.submit(self.folder.stock_export, f"step {step}", revision=STOCK_GPT2_BRANCH)
+                if publish:
+                    self._upload(step)
         acc.wait_for_everyone()
         return final
+
+    def _upload(self, step: int) -> None:
+        from ..publishing.hub import STOCK_GPT2_BRANCH
+
+        if self.uploader:
+            self.uploader.submit(self.folder.export, f"step {step}")
+            self.uploader.submit(self.folder.stock_export, f"step {step}", revision=STOCK_GPT2_BRANCH)
+
+    def add_evaluation(self, step: int, last_eval: LastEval) -> None:
+        """Record the evaluation of `step` in the checkpoint of that step, then publish it (main process).
+
+        The loop saves a checkpoint before evaluating the same step, so that an evaluation that fails (its data
+        gone) or is killed loses no training; this then adds what the evaluation found, as a save after it would
+        have recorded it: the run state, trainer_state.json and both model cards say it, the exports link the new
+        cards, and the Hub upload goes. A start that evaluates its resumed step does the same."""
+        from ..publishing.cards import write_model_card
+
+        checkpoint = self.folder.checkpoints / checkpoint_name(step)
+        if not self.accelerator.is_main_process or not checkpoint.is_dir():
+            return
+        state = read_run_state(checkpoint) | asdict(last_eval)
+        card = self._card(state)
+        write_model_card(checkpoint, **card)
+        write_model_card(checkpoint / STOCK_EXPORT, **card, stock_gpt2=True)
+        write_json_atomic(checkpoint / TRAINER_STATE, self._trainer_state(state))
+        write_json_atomic(checkpoint / RUN_STATE, state)  # last: until then a resume evaluates this step again
+        if list_checkpoints(self.folder.checkpoints)[-1][1] == checkpoint:
+            self._link_exports(checkpoint)
+            self._upload(step)
 
     def close(self, log) -> None:
         if self.uploader:
             log(f"waiting for the last Hub upload to {self.uploader.repo_id}...")
             self.uploader.close()
+
+
+def _not_saved(root: Path, step: int) -> str:
+    """What a save that cannot be written loses, and the way back."""
+    saved = list_checkpoints(root)
+    since = saved[-1][0] + 1 if saved else 1
+    steps = f"Step {step} is" if since == step else f"Steps {since}-{step} are"
+    if not saved:
+        return f"{steps} not saved, and no checkpoint was written yet: once there is room, rerun the command."
+    return f"{steps} not saved: once there is room, {resume_hint(root)}."
+
+
+def trainer_state(run_state: dict, history: list[dict]) -> dict:
+    """A checkpoint's run state (with the config it holds) in the layout of transformers' TrainerState
+    (`TrainerState.load_from_json` reads it), for the tools that read a Trainer checkpoint's trainer_state.json:
+    step, tokens, intervals, and as `log_history` the run's metrics up to this step, training steps and
+    evaluations, under Trainer's names (`loss`, `learning_rate`, `grad_norm`, `eval_loss`, ...;
+    RunFolder.log_history)."""
+    from transformers import TrainerState
+
+    config = flat_options(run_state.get("config") or {})
+    state = TrainerState(
+        global_step=run_state["step"],
+        max_steps=config.get("max_steps", 0),
+        logging_steps=1,
+        eval_steps=config.get("eval_every", 500),
+        save_steps=config.get("checkpoint_every", 500),
+        train_batch_size=run_state.get("micro_batch_size", config.get("micro_batch_size")),
+        num_input_tokens_seen=run_state["tokens_seen"],
+        log_history=history,
+    )
+    return asdict(state)
+
+
+def _mend_trainer_state(checkpoint: Path, history: list[dict], log) -> None:
+    """Rewrite a checkpoint's trainer_state.json from its run_state.json when transformers' TrainerState cannot
+    read it or it names another step. A resume does not need it (run_state.json is what it reads), but the tools
+    made for Trainer checkpoints do, and they would fail on it later, far from the cause."""
+    from transformers import TrainerState
+
+    path, state = checkpoint / TRAINER_STATE, read_run_state(checkpoint)
+    if not (checkpoint / RUN_STATE).is_file() or "config" not in state:
+        return  # a checkpoint from before run_state.json: trainer_state.json is its run state, and it was read
+    try:
+        if TrainerState.load_from_json(path).global_step == state["step"]:
+            return
+        problem = "it names another step"
+    except (OSError, ValueError, TypeError) as e:
+        problem = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    try:
+        write_json_atomic(path, trainer_state(state, history))
+        done = "rewritten from run_state.json"
+    except OSError as e:  # a checkpoint resumed from a folder this run may not write: it is only read
+        done = f"not rewritten ({e.strerror or e})"
+    log(f"warning: {path} could not be read ({problem}): {done} (the resume does not need it)")
 
 
 def _agree(accelerator, value):
@@ -468,6 +589,15 @@ def _agree(accelerator, value):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value])[0]
+
+
+_ABANDONED_RE = re.compile(r"^line-(\d+)-after-step_(\d+)(-\d+)?$")
+
+
+def _abandoned(root: Path) -> list[Path]:
+    """The folders of checkpoints/abandoned/ named as _start_line names them, in name order."""
+    folder = root / ABANDONED
+    return sorted(p for p in folder.iterdir() if _ABANDONED_RE.match(p.name)) if folder.is_dir() else []
 
 
 def _line_of(checkpoint: Path) -> int:

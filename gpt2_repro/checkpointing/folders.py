@@ -167,18 +167,30 @@ def safetensors_problem(path: str | Path) -> str | None:
 
 
 def checkpoint_problem(checkpoint: str | Path, deep: bool = True) -> str | None:
-    """Why `checkpoint` cannot be resumed, or None: a run state that does not parse, a data position, the weights
-    or the optimizer state missing or unreadable (truncated, or refused by torch.load's weights_only, as a pickle
-    that is not plain tensors is). Reads headers and metadata, not the tensors: cheap even for a large model.
-    deep=False skips the optimizer state's structure, the one check that imports torch."""
+    """Why `checkpoint` cannot be resumed, or None: a run state that does not parse, a data position that is
+    missing, does not parse or is not one of the run's data source, each process's random states missing or
+    empty, the weights or the optimizer state missing or unreadable (truncated, or refused by torch.load's
+    weights_only, as a pickle that is not plain tensors is). Reads headers and metadata, not the tensors: cheap
+    even for a large model. deep=False skips what imports torch: the optimizer state's structure and the random
+    states' contents."""
+    from ..base.cli import flat_options
+    from ..data.source import source_type
+
     folder = Path(checkpoint)
     try:
         state = read_run_state(folder)
         processes = int(state.get("num_processes", 1))
+        source = source_type(flat_options(state.get("config") or {}).get("dataset"))
         for rank in range(processes):
-            json.loads((folder / f"loader_rank{rank}.json").read_text())
-    except (OSError, ValueError, TypeError) as e:
+            name = f"loader_rank{rank}.json"
+            if problem := source.position_problem(json.loads((folder / name).read_text())):
+                return f"{name} holds no data position that can be resumed ({problem})"
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         return f"its run state or data position cannot be read ({type(e).__name__}: {e})"
+    randoms = [folder / f"random_states_{rank}.pkl" for rank in range(processes)]
+    for path in randoms:  # accelerate would skip a missing or unreadable one with an INFO line: other dropout
+        if not path.is_file() or path.stat().st_size == 0:
+            return f"{path.name} (the random states of process {path.stem.rsplit('_', 1)[1]}) is missing or empty"
     weights = sorted(folder.glob("model*.safetensors"))
     if not weights:
         return "model.safetensors is missing"
@@ -197,7 +209,37 @@ def checkpoint_problem(checkpoint: str | Path, deep: bool = True) -> str | None:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # structure only: no tensor is read
         except Exception as e:  # a truncated zip (RuntimeError), a refused pickle (UnpicklingError), ...
             return f"{path.name} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    for path in randoms:
+        if problem := random_states_problem(path):
+            return f"{path.name} cannot be read as random states ({problem})"
     return None
+
+
+def random_states_problem(path: Path) -> str | None:
+    """Why accelerate's load_state could not restore the random states in `path` (it would go on without them,
+    saying so only at INFO level, and a run with dropout would then draw other masks than an uninterrupted one),
+    or None. Loaded as accelerate loads them, and each state set on a generator of its own, not the process's."""
+    import random
+
+    import numpy as np
+    import torch
+    from accelerate.utils import load
+
+    try:
+        states = load(path)
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except Exception as e:  # truncated (RuntimeError), refused pickle (UnpicklingError), a key or type missing, ...
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return None
+
+
+def checkpoint_step(checkpoint: str | Path) -> int | None:
+    """The step a checkpoint folder's name says (`step_00000040`: 40), None for another name: read without
+    opening the folder, so also for a checkpoint whose files cannot be read."""
+    found = CHECKPOINT_RE.match(Path(checkpoint).name)
+    return int(found.group(1)) if found else None
 
 
 def resume_hint(root: str | Path) -> str:

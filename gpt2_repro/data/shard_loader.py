@@ -5,6 +5,7 @@ The streaming loader (`stream_loader.py`) serves the same batches straight from 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -14,12 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..base.atomic_io import json_fields_problem
 from ..base.errors import ConfigError, DataError
 from .shards import (
     check_shards,
     find_shards,
-    finish_command,
     manifest_source,
+    prep_command,
     read_manifest,
     read_shard,
     shards_fingerprint,
@@ -67,7 +69,7 @@ class TokenShardLoader:
             raise DataError(
                 f"{data_dir} is unfinished: data_prep.py stopped after {done} shard(s) (manifest.json says "
                 f"complete: false), and the shards still to come would change the data under a run. Finish it "
-                f"first: `{finish_command(data_dir, manifest)}`."
+                f"first: `{prep_command(data_dir, manifest)}`."
             )
         val_windows(data_dir, cfg.data.seq_len, cfg.eval.val_tokens)  # DataError if too short
 
@@ -115,6 +117,15 @@ class TokenShardLoader:
         return None
 
     @classmethod
+    def position_problem(cls, state) -> str | None:
+        """A position is state_dict's fields, with a count of windows that is not negative."""
+        fields = {"consumed_windows": (int,), "seed": (int,), "shuffle": (bool,), "seq_len": (int,), "shards": (str,)}
+        problem = json_fields_problem(state, fields)
+        if problem is None and state["consumed_windows"] < 0:
+            problem = f"the data position's 'consumed_windows' is {state['consumed_windows']}, below 0"
+        return problem
+
+    @classmethod
     def from_config(cls, cfg: TrainConfig, rank: int, world_size: int) -> TokenShardLoader:
         data = cfg.data
         return cls(
@@ -139,6 +150,14 @@ class TokenShardLoader:
         self.data_dir = str(data_dir_or_glob)
         self.files = find_shards(data_dir_or_glob, split)
         self.shards = [read_shard(f) for f in self.files]
+        # Each shard's mapped bytes: a file truncated in place under the map would kill the process with SIGBUS
+        # at the first read past its new end, so the size is checked before windows are read (`_intact`).
+        self._mapped = [_map_of(shard) for shard in self.shards]
+        self._bytes = [None if m is None else m.size() for m in self._mapped]
+        self._manifest = None  # what data_prep.py recorded: how to make the data again (restore_hint)
+        if Path(self.data_dir).is_dir():
+            with contextlib.suppress(DataError):
+                self._manifest = read_manifest(self.data_dir)
         self.batch_size, self.seq_len, self.rank, self.world_size = (batch_size, seq_len, rank, world_size)
         self.seed, self.shuffle = seed, shuffle
         lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
@@ -203,11 +222,24 @@ class TokenShardLoader:
             order, cum = self._plan(epoch)
             j = int(np.searchsorted(cum, pos, side="right")) - 1
             local = pos - int(cum[j])
+            self._intact(int(order[j]))
             view, perm = self._shard_windows(epoch, int(order[j]))
             take = min(count - done, len(perm) - local)
             out[done : done + take] = view[perm[local : local + take]]
             done += take
         return out
+
+    def _intact(self, shard: int) -> None:
+        """DataError when shard `shard` is shorter than when it was mapped (truncated or rewritten in place): its
+        windows past the new end cannot be read (reading them would end the process with SIGBUS, no word said)."""
+        mapped, size = self._mapped[shard], self._bytes[shard]
+        if mapped is None or mapped.size() >= size:
+            return
+        raise DataError(
+            f"{self.files[shard]} shrank from {size:,} to {mapped.size():,} bytes while training read it (truncated "
+            "or rewritten in place, not replaced). Restore it (python data_prep.py --verify names what differs from "
+            "manifest.json), then continue with --resume latest: the checkpoints already written are whole."
+        )
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y) for this rank: int64 CPU tensors of shape (B, T)."""
@@ -238,6 +270,20 @@ class TokenShardLoader:
     def checkpoint_facts(self) -> dict:
         return {"shard_files": self.shard_files()}
 
+    def report(self) -> None:
+        """Nothing to tell: data_prep.py reported what it skipped."""
+        return None
+
+    def restore_hint(self) -> str:
+        """The folder's source and the command that prepares it again (its manifest.json, read at start)."""
+        if self._manifest is None:
+            return f"Restore {self.data_dir} (it had no manifest.json from data_prep.py, so its source is not known)."
+        dataset = (self._manifest.get("source") or {}).get("dataset")
+        return (
+            f"Restore {self.data_dir}, or prepare it again from its source, {dataset}: "
+            f"`{prep_command(self.data_dir, self._manifest)}`."
+        )
+
     def state_dict(self) -> dict:
         """The position (windows consumed by all ranks) and what it refers to. Same on every rank."""
         return {
@@ -267,6 +313,13 @@ class TokenShardLoader:
                 "since the checkpoint. Resume with the same data, seed, shuffle and seq_len."
             )
         self._consumed = int(state["consumed_windows"])
+
+
+def _map_of(shard: np.ndarray):
+    """The mmap.mmap under a memory-mapped shard (None for one in memory, such as an empty shard)."""
+    while shard is not None and not isinstance(shard, np.memmap):
+        shard = shard.base if isinstance(shard.base, np.ndarray) else None
+    return getattr(shard, "_mmap", None)
 
 
 def _shard_changes(saved: dict, now: dict) -> str:

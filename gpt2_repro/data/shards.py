@@ -12,6 +12,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,8 +102,9 @@ def find_shards(data_dir_or_glob: str | os.PathLike, split: str) -> list[Path]:
         files = [p for p in files if p.suffix in (".bin", ".npy")]
     if not files:
         raise NotFound(
-            f"No {split} shards (*_{split}_*.bin or *_{split}_*.npy) found at {spec}. "
-            f"Prepare them with: python data_prep.py --output_dir {spec}"
+            f"No {split} shards (*_{split}_*.bin or *_{split}_*.npy) found at {spec}. Pass the folder data_prep.py "
+            f"wrote, or prepare one: python data_prep.py --dataset YOUR_TEXT --output_dir {shlex.quote(spec)} "
+            "(without --dataset it prepares FineWeb-Edu)"
         )
     return sorted(files)
 
@@ -170,7 +172,7 @@ def verify_shards(
         return None
     try:
         shards = json.loads(path.read_text())["shards"]
-        expected = [(Path(folder) / s["file"], int(s["tokens"]), s["sha256"]) for s in shards]
+        expected = [(Path(folder) / shard_name(s["file"]), int(s["tokens"]), s["sha256"]) for s in shards]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{path}: unreadable ({type(e).__name__}: {e})"]
     listed = {file.name for file, _, _ in expected}
@@ -197,6 +199,15 @@ def verify_shards(
         return unlisted + [problem for problem in pool.map(check, expected) if problem]
 
 
+def shard_name(name) -> str:
+    """A shard file name from manifest.json: a plain file name, in the manifest's own folder. ValueError for
+    anything else (a path, `..`): a manifest never points at files outside its folder, which could be read,
+    sized or trusted as part of the data without being there."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"the shard name {name!r} is not a file name in the manifest's folder")
+    return name
+
+
 def check_shards(folder: str | os.PathLike, threads: int | None = None) -> bool:
     """Raise DataError naming every shard that does not match manifest.json; False when there is no manifest."""
     problems = verify_shards(folder, threads)
@@ -220,20 +231,37 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
         raise DataError(f"{path}: unreadable manifest ({e}). Nothing was changed: choose another folder.") from e
     if not isinstance(manifest, dict) or manifest.get("created_by") != "data_prep.py":
         raise DataError(f"{path} was not written by data_prep.py. Nothing was changed: choose another folder.")
+    try:
+        for shard in manifest.get("shards") or []:
+            shard_name(shard["file"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(
+            f"{path}: {e}. A manifest names the shards of its own folder only: this one was edited or made "
+            "elsewhere. Nothing was changed: prepare the data again into a new folder with data_prep.py."
+        ) from None
     return manifest
 
 
-def finish_command(folder: str | os.PathLike, manifest: dict) -> str:
-    """The data_prep.py command that continues the unfinished preparation of `folder` (its manifest's options)."""
+# manifest "source" keys -> data_prep.py's options, with the default each leaves out
+_SOURCE_OPTIONS = {"name": ("--name", None), "split": ("--split", "train"), "text_column": ("--text_column", "text")}
+_SOURCE_OPTIONS |= {"sample_by": ("--text_sample_by", "document")}
+
+
+def prep_command(folder: str | os.PathLike, manifest: dict) -> str:
+    """The data_prep.py command that prepares `folder` as its manifest records it, from every recorded option,
+    quoted for a POSIX shell: it continues an unfinished preparation, or makes the same shards again."""
     source, settings = manifest.get("source") or {}, manifest.get("settings") or {}
-    args = [f"--dataset {source.get('dataset')}", f"--output_dir {folder}"]
-    args += [f"--name {source['name']}"] if source.get("name") else []
-    args += [f"--split {source['split']}"] if source.get("split") not in (None, "train") else []
-    args += [f"--text_column {source['text_column']}"] if source.get("text_column") not in (None, "text") else []
+    args = ["python", "data_prep.py", "--dataset", str(source.get("dataset")), "--output_dir", str(folder)]
+    for key, (option, default) in _SOURCE_OPTIONS.items():
+        if source.get(key) not in (None, default):
+            args += [option, str(source[key])]
     args += [
-        f"--{k} {settings[k]}" for k in ("val_tokens", "shard_tokens", "max_tokens") if settings.get(k) is not None
+        a
+        for k in ("val_tokens", "shard_tokens", "max_tokens")
+        if settings.get(k) is not None
+        for a in (f"--{k}", str(settings[k]))
     ]
-    return "python data_prep.py " + " ".join(args)
+    return shlex.join(args)
 
 
 def manifest_source(data_dir: str | os.PathLike | None) -> dict | None:

@@ -6,11 +6,13 @@ that tells them apart; the trainer, the checkpoints and the evaluation speak to 
 
 - before anything starts (a class, no loader yet): `preflight` refuses data that is missing, unfinished or
   unreadable, `verify` checks its integrity; `resume_facts` and `resume_problems` say whether a checkpoint's data
-  position still means the same data, `elastic_problem` whether it can resume with another process count;
+  position still means the same data, `elastic_problem` whether it can resume with another process count,
+  `position_problem` whether a saved position is one of this kind of source at all (a checkpoint's loader file);
 - a built source (`open_data_source`): `next_batch`, its position (`state_dict` / `load_state_dict`, a DataError
   when the position belongs to other data), `close`, `validation_data` (what `validation_loss` reads: the same
   tokens data_prep.py writes to the val shard), `identity` (what the data is: the run record and the model card
-  name it) and `checkpoint_facts` (what a checkpoint records beside the position).
+  name it), `checkpoint_facts` (what a checkpoint records beside the position), `report` (what reading it
+  found: a stream's skipped documents) and `restore_hint` (how to bring it back should it disappear).
 
 Every source shards by process itself: never pass it through `accelerator.prepare`.
 """
@@ -56,6 +58,12 @@ class DataSource(Protocol):
         """Why a checkpoint saved by `saved_processes` cannot resume with `num_processes` (None: it can)."""
 
     @classmethod
+    def position_problem(cls, state) -> str | None:
+        """Why `state` (a saved `state_dict`, as read from a checkpoint) is not a position of this kind of source:
+        not a mapping, a field missing or of the wrong type (None: it is one). Whether it fits this run's data and
+        settings is `resume_problems`'."""
+
+    @classmethod
     def from_config(cls, cfg: TrainConfig, rank: int, world_size: int) -> DataSource:
         """This process's source for a training run."""
 
@@ -81,6 +89,13 @@ class DataSource(Protocol):
 
     def checkpoint_facts(self) -> dict:
         """Facts about the data a checkpoint records with the position (to name what changed if the data does)."""
+
+    def report(self) -> str | None:
+        """A line on what reading the data found since the last report (a stream: documents skipped), or None:
+        logged at each checkpoint."""
+
+    def restore_hint(self) -> str | None:
+        """How to bring the data back should it disappear during the run (a folder removed or moved), or None."""
 
 
 def source_type(dataset: str | None) -> type[DataSource]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..base.atomic_io import json_fields_problem
 from ..base.config import READ_RETRIES, SHARD_TOKENS, VAL_TOKENS
 from ..base.errors import DataError, StreamReadError
 from ..base.published import FINEWEB_EDU
@@ -147,12 +148,13 @@ def _cut_windows(pieces, seq_len: int, filled: int = 0) -> Iterator[tuple[np.nda
 
     A window never spans two shards; a shard's tail too short for one more window is unused (TokenShardLoader's
     layout). `filled`: the shard position of the first piece's first token. Where a window starts is the stream
-    state before the batch holding its first token, that token's index in the batch, and the shard position.
+    state before the batch holding its first token, that token's index in the batch, the shard position, and the
+    documents skipped before that batch.
     """
     T = seq_len
     pend, anchors, at = (None, [], filled)  # the shard from the next window on; its pieces; pend[0]'s position
     for piece in pieces:
-        anchors.append((0 if pend is None else len(pend), piece.batch.state, piece.offset))
+        anchors.append((0 if pend is None else len(pend), piece.batch, piece.offset))
         pend = piece.tokens if pend is None else np.concatenate([pend, piece.tokens])
         n = (len(pend) - 1) // T
         if n > 0:
@@ -161,14 +163,21 @@ def _cut_windows(pieces, seq_len: int, filled: int = 0) -> Iterator[tuple[np.nda
             for s in range(0, n * T, T):
                 while a + 1 < len(anchors) and anchors[a + 1][0] <= s:
                     a += 1
-                index, state, offset = anchors[a]
-                starts.append({"dataset_state": state, "skip_tokens": offset + s - index, "shard_filled": at + s})
+                index, batch, offset = anchors[a]
+                starts.append(
+                    {
+                        "dataset_state": batch.state,
+                        "skip_tokens": offset + s - index,
+                        "shard_filled": at + s,
+                        "skipped_documents": batch.skipped_before,
+                    }
+                )
             yield windows, starts
             rest = n * T
             while len(anchors) > 1 and anchors[1][0] <= rest:
                 anchors.pop(0)
-            index, state, offset = anchors[0]
-            anchors = [(0, state, offset + rest - index)] + [(i - rest, s, o) for i, s, o in anchors[1:]]
+            index, batch, offset = anchors[0]
+            anchors = [(0, batch, offset + rest - index)] + [(i - rest, b, o) for i, b, o in anchors[1:]]
             pend, at = pend[rest:], at + rest
         if piece.shard_end:
             pend, anchors, at = None, [], 0
@@ -242,6 +251,20 @@ class StreamingTokenLoader:
         )
 
     @classmethod
+    def position_problem(cls, state) -> str | None:
+        """A position is state_dict's fields: where the next window starts, the validation set's end, the
+        settings it was taken with."""
+        count = (int,)
+        fields = {"epoch": count, "skip_tokens": count, "shard_filled": count, "block": count, "block_served": count}
+        fields |= {"dataset_state": (dict, type(None)), "validation_end": (list,), "settings": (dict,)}
+        problem = json_fields_problem(state, fields)
+        if problem is None and not (
+            len(state["validation_end"]) == 2 and all(type(v) is int for v in state["validation_end"])
+        ):
+            problem = f"the data position's 'validation_end' is {state['validation_end']!r}, not [rows, tokens]"
+        return problem
+
+    @classmethod
     def from_config(cls, cfg: TrainConfig, rank: int, world_size: int) -> StreamingTokenLoader:
         data = cfg.data
         return cls(
@@ -286,6 +309,8 @@ class StreamingTokenLoader:
         self.shuffle_windows, self.keep_val_tokens = stream.shuffle_windows, keep_val_tokens
         self.num_workers, self.batch_docs, self.retries = stream.num_workers, stream.batch_docs, stream.retries
         self._boundary: tuple[int, int] | None = None  # (rows, tokens of the next row) of the validation set
+        self._head_skipped = 0  # documents of the validation set skipped (not text): process 0 counts them
+        self._reported = 0  # skipped documents `report` has told of
         self._validation: np.ndarray | None = None
         self._start: dict | None = None  # the resume point to start from; None: the training stream's start
         self._block: _Block | None = None
@@ -301,7 +326,7 @@ class StreamingTokenLoader:
         ds = ts.open_text_stream(*self._source).dataset
         args = (self.keep_val_tokens, self.num_workers, self.batch_docs, self.retries)
         try:
-            head, boundary = ts.read_stream_head(ds, self.text_column, self.encoding, n, *args)
+            head, boundary, skipped = ts.read_stream_head(ds, self.text_column, self.encoding, n, *args)
         except StreamReadError as e:
             raise _resumable(e) from e
         if len(head) < self.keep_val_tokens or (find_boundary and boundary is None):
@@ -312,7 +337,7 @@ class StreamingTokenLoader:
             )
         self._validation = head
         if find_boundary:
-            self._boundary = boundary
+            self._boundary, self._head_skipped = boundary, skipped
 
     @property
     def validation_data(self) -> np.ndarray:
@@ -325,7 +350,31 @@ class StreamingTokenLoader:
         return self.source.identity
 
     def checkpoint_facts(self) -> dict:
-        return {}
+        return {"skipped_documents": self.skipped_documents}
+
+    @property
+    def skipped_documents(self) -> int:
+        """Documents of the stream this process skipped before its next window (empty, whitespace-only or not a
+        string: no tokens), as data_prep.py counts its skipped_documents: the validation set's (process 0) and the
+        first epoch's, so that once an epoch is read it is data_prep.py's count of the same source (summed over
+        the processes). Part of the position: a resume goes on counting."""
+        return self._current().resume_point(self._served).get("skipped_documents", 0)
+
+    def restore_hint(self) -> None:
+        """Nothing to add: a stream that cannot be read says why itself (`_resumable`)."""
+        return None
+
+    def report(self) -> str | None:
+        """A line when more documents were skipped since the last report (None otherwise)."""
+        skipped = self.skipped_documents
+        if skipped == self._reported:
+            return None
+        self._reported = skipped
+        return (
+            f"--dataset {self._source[0]}: {skipped:,} documents skipped so far (empty, whitespace-only or not "
+            f"text, as data_prep.py skips them{'' if self.world_size == 1 else ', by this process'}; "
+            "skipped_documents in each checkpoint's run_state.json)"
+        )
 
     @property
     def validation_tokens(self) -> np.ndarray:
@@ -343,10 +392,19 @@ class StreamingTokenLoader:
             ds = split_dataset_by_node(ds, self.rank, self.world_size, strategy="examples")
         return ds
 
-    def _epoch_blocks(self, epoch: int, at: dict | None) -> Iterator[_Block]:
-        """The blocks of one epoch, from `at` (a resume point of this epoch) or from its start."""
+    def _epoch_blocks(self, epoch: int, at: dict | None, skipped: list[int]) -> Iterator[_Block]:
+        """The blocks of one epoch, from `at` (a resume point of this epoch) or from its start. `skipped`: [the
+        documents skipped before], counted on as the first epoch is read (later epochs read the same documents)."""
         lead = self._boundary[1] if self.rank == 0 else 0  # the validation part of the first document
         at = at or {"dataset_state": None, "skip_tokens": lead, "shard_filled": 0}
+        skipped[0] = at.get("skipped_documents", skipped[0])
+
+        def counted(batches):
+            for batch in batches:
+                batch.skipped_before = skipped[0]
+                yield batch
+                skipped[0] += batch.skipped if epoch == 0 else 0
+
         batches = ts.encoded_batches(
             self._training_stream(),
             self.text_column,
@@ -358,7 +416,7 @@ class StreamingTokenLoader:
         )
         try:
             size = self.shard_tokens
-            pieces = ts.cut_shards(batches, lambda _: size, filled=at["shard_filled"], skip=at["skip_tokens"])
+            pieces = ts.cut_shards(counted(batches), lambda _: size, filled=at["shard_filled"], skip=at["skip_tokens"])
             windows = _cut_windows(pieces, self.seq_len, at["shard_filled"])
             if not self.shuffle:
                 for w, starts in windows:
@@ -389,9 +447,10 @@ class StreamingTokenLoader:
     def _blocks(self, start: dict | None) -> Iterator[_Block]:
         """Blocks of windows from `start` on, epoch after epoch."""
         epoch = start["epoch"] if start else 0
+        skipped = [self._head_skipped if self.rank == 0 else 0]  # a resume point says its own
         while True:
             served = 0
-            for block in self._epoch_blocks(epoch, start):
+            for block in self._epoch_blocks(epoch, start, skipped):
                 served += len(block.windows)
                 yield block
             if not served and start is None:
@@ -528,6 +587,6 @@ class StreamingTokenLoader:
             )
         self.close()
         keys = ("epoch", "dataset_state", "skip_tokens", "shard_filled", "block", "block_served")
-        self._start = {k: state[k] for k in keys}
+        self._start = {k: state[k] for k in keys} | {"skipped_documents": state.get("skipped_documents", 0)}
         self._boundary = tuple(state["validation_end"])
         self._block, self._served, self._failure = None, 0, None

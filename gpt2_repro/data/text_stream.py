@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -245,6 +246,7 @@ class EncodedBatch:
     state: dict | None  # the stream's state_dict() before this batch (None: the stream's start)
     tokens: np.ndarray  # (n,) uint16: the documents' tokens, EOT before each
     doc_tokens: np.ndarray  # (documents,) int64: tokens of each document of the batch; 0 = skipped
+    skipped_before: int = 0  # documents skipped before this batch, where a reader counts them (stream_loader)
 
     @property
     def skipped(self) -> int:
@@ -376,6 +378,14 @@ def cut_shards(
                 shard, filled = shard + 1, 0
 
 
+class StreamHead(NamedTuple):
+    """The first tokens of a stream (`read_stream_head`)."""
+
+    tokens: np.ndarray  # (min(keep, n_tokens),) uint16
+    end: tuple[int, int] | None  # where the stream goes on: (row, tokens of that row taken); None: it is shorter
+    skipped: int  # documents before that row skipped (empty, whitespace-only or not text), as data_prep.py counts
+
+
 def read_stream_head(
     ds,
     column: str,
@@ -385,20 +395,22 @@ def read_stream_head(
     num_workers: int = 2,
     batch_docs: int = 256,
     retries: int = READ_RETRIES,
-) -> tuple[np.ndarray, tuple[int, int] | None]:
+) -> StreamHead:
     """The first n_tokens tokens of a stream: data_prep.py's validation shard when n_tokens is its --val_tokens.
 
-    Returns (the first min(keep, n_tokens) of them, where the stream goes on after them: (row, tokens of that row
-    already taken)); the second is None when the stream holds fewer than n_tokens tokens.
+    Returns the first min(keep, n_tokens) of them, where the stream goes on after them (row, tokens of that row
+    already taken: None when the stream holds fewer than n_tokens tokens) and how many documents before that row
+    were skipped.
     """
     keep = n_tokens if keep is None else min(keep, n_tokens)
-    head, got, rows_before = np.empty(keep, dtype=np.uint16), 0, 0
+    head, got, rows_before, skipped = np.empty(keep, dtype=np.uint16), 0, 0, 0
 
     def counted(batches):
-        nonlocal rows_before
+        nonlocal rows_before, skipped
         for batch in batches:
             yield batch
             rows_before += len(batch.doc_tokens)
+            skipped += batch.skipped
 
     stream = encoded_batches(ds, column, encoding, num_workers, batch_docs, retries=retries)
     try:
@@ -408,9 +420,11 @@ def read_stream_head(
             got += take
             if piece.shard_end:
                 end = piece.offset + len(piece.tokens)  # in the batch
-                cum = np.cumsum(piece.batch.doc_tokens)
+                doc_tokens = piece.batch.doc_tokens
+                cum = np.cumsum(doc_tokens)
                 row = int(np.searchsorted(cum, end, side="right"))  # the row holding token `end`
-                return head, (rows_before + row, end - (int(cum[row - 1]) if row else 0))
+                skipped += int(np.count_nonzero(doc_tokens[:row] == 0))
+                return StreamHead(head, (rows_before + row, end - (int(cum[row - 1]) if row else 0)), skipped)
     finally:
         stream.close()
-    return head[:got], None
+    return StreamHead(head[:got], None, skipped)

@@ -90,16 +90,25 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     except ModuleNotFoundError as e:  # evaluate_gpt2.py copied elsewhere: remote code still works
         if e.name != "modeling_gpt2_repro":
             raise
+    from pickle import UnpicklingError
+
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loading = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=dtype if dtype == "auto" else getattr(torch, dtype),
             trust_remote_code=trust_remote_code,
             local_files_only=Path(name_or_path).is_dir() or not hub_reachable(),  # offline: no ~25 s of retries
+            output_loading_info=True,
         )
+    except UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle: nothing in it was run
+        raise EvaluationInputError(
+            f"{name_or_path}: its weights file is not plain tensors: torch.load(weights_only=True) refused it "
+            f"({str(e).split('.')[0]}), so nothing in it was run. A pickle can run any code when loaded: "
+            "evaluate a model saved as model.safetensors, or one whose origin you trust."
+        ) from None
     except OSError as e:
         raise EvaluationInputError(
             f"Could not load a causal LM from {name_or_path!r}: {' '.join(str(e).split())} Pass a checkpoint "
@@ -111,6 +120,20 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
             f"{name_or_path}: its weights cannot be read ({e}): the file is truncated or damaged. Copy the folder "
             "again, or evaluate another checkpoint."
         ) from e
+    wrong = [
+        f"{len(keys)} {what} (e.g. {', '.join(sorted(map(str, keys))[:2])})"
+        for what, keys in [
+            ("weights the model has and the file lacks, left at random", loading.get("missing_keys")),
+            ("weights in the file that the model has no place for, left out", loading.get("unexpected_keys")),
+            ("weights of another shape", loading.get("mismatched_keys")),
+        ]
+        if keys
+    ]
+    if wrong:  # transformers loads the rest and reports it; figures of such a model would describe nothing
+        raise EvaluationInputError(
+            f"{name_or_path}: its weights do not fit its config.json: {'; '.join(wrong)}. The config was "
+            "edited, or the weights belong to another model: evaluate the folder as it was saved."
+        )
     broken = nonfinite_parameters(model)
     if broken:
         raise EvaluationInputError(

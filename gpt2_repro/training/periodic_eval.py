@@ -18,9 +18,10 @@ import torch
 from accelerate import Accelerator, DistributedType
 
 from ..base.config import TrainConfig
-from ..base.errors import HellaSwagUnavailable
+from ..base.errors import DataError, HellaSwagUnavailable
 from ..base.run_folder import RunFolder
 from ..checkpointing.checkpoints import LastEval
+from ..checkpointing.folders import resume_hint
 from ..evaluation.hellaswag import load_hellaswag
 from ..evaluation.models import is_fully_sharded, reshard
 from ..evaluation.scoring import score_hellaswag, validation_loss
@@ -59,9 +60,11 @@ class Evaluator:
         val_data,
         hellaswag: list[dict] | None = None,
         line: int = 1,
+        restore_hint: str | None = None,
     ):
         self.cfg, self.accelerator, self.encoding = cfg, accelerator, encoding
         self.folder, self.log, self.val_data, self.hellaswag = folder, log, val_data, hellaswag
+        self.restore_hint = restore_hint  # how to bring the data back should it disappear (DataSource's)
         self.line = line  # the line of training (metrics.jsonl says it from line 2 on, as the step lines do)
         self.enabled = evaluates(accelerator)
         if not self.enabled:
@@ -76,7 +79,14 @@ class Evaluator:
     def __call__(self, model, step: int) -> LastEval:
         evals, data, accelerator = self.cfg.eval, self.cfg.data, self.accelerator
         batch_size = evals.eval_batch_size or data.micro_batch_size
-        val_loss = validation_loss(model, self.val_data, evals.val_tokens, batch_size, data.seq_len, accelerator)
+        try:
+            val_loss = validation_loss(model, self.val_data, evals.val_tokens, batch_size, data.seq_len, accelerator)
+        except DataError as e:  # the data folder removed or damaged during the run
+            hint = f" {self.restore_hint}" if self.restore_hint else ""
+            raise DataError(
+                f"step {step}: the validation data cannot be read any more ({e}).{hint} Then "
+                f"{resume_hint(self.folder.checkpoints)} (it evaluates that step if it was not)."
+            ) from e
         results = {"val_loss": val_loss}
         broken = not math.isfinite(val_loss)  # the same on every process (reduced)
         if broken:
