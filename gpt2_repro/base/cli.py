@@ -38,9 +38,11 @@ from .errors import EXPECTED, ConfigError, Stop, describe_environment_error
 DEBUG_ENV = "GPT2_REPRO_DEBUG"  # =1: tracebacks for expected errors too (like --debug)
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = ""):
-    """A dataclass field with the help text of its option. No default: the option is required."""
-    return field(default=default, metadata={"help": help})
+def opt(default: Any = dataclasses.MISSING, help: str = "", aliases: tuple[str, ...] = ()):
+    """A dataclass field with the help text of its option. No default: the option is required. `aliases`: other
+    names of the same option (an old spelling, the name another script uses), accepted on the command line and in
+    YAML presets and shown in --help."""
+    return field(default=default, metadata={"help": help, "aliases": tuple(aliases)})
 
 
 # ----------------------------------------------------------------------------------------------- types
@@ -148,7 +150,30 @@ def option_index(cls) -> dict[str, tuple[str | None, dataclasses.Field, Any]]:
                 first = index[f.name][0]
                 raise RuntimeError(f"config field {f.name!r} is declared in both {first} and {section}")
             index[f.name] = (section, f, hints[f.name])
+    aliases(cls, index)  # checks that no alias is another option's name
     return index
+
+
+def _aliases_of(f: dataclasses.Field) -> tuple[str, ...]:
+    return tuple(f.metadata.get("aliases", ()))
+
+
+def aliases(cls, index: dict | None = None) -> dict[str, str]:
+    """{alias: option name} over the whole config (`opt(..., aliases=...)`). An alias that is also an option's name
+    or another option's alias is a bug of the declaration."""
+    index = option_index(cls) if index is None else index
+    found: dict[str, str] = {}
+    for name, (_, f, _) in index.items():
+        for alias in _aliases_of(f):
+            if alias in index or alias in found:
+                raise RuntimeError(f"alias {alias!r} of {name!r} is already an option or an alias")
+            found[alias] = name
+    return found
+
+
+def canonical(key: str, alias_map: dict[str, str]) -> str:
+    """An option's name for `key`, which may be one of its aliases."""
+    return alias_map.get(key, key)
 
 
 def _default(f: dataclasses.Field):
@@ -185,10 +210,16 @@ def read_values(cls, raw, where: str = "config") -> dict:
 
 def _read_part(cls, raw: dict, where: str, prefix: str) -> dict:
     hints = _hints(cls)
-    for key in raw:
-        if key not in hints:
-            raise did_you_mean(key, hints, where)
-    return {k: coerce(v, hints[k], f"{where}: {prefix}{k}") for k, v in raw.items()}
+    alias_map = {a: f.name for f in dataclasses.fields(cls) for a in _aliases_of(f)}
+    values = {}
+    for key, value in raw.items():
+        name = canonical(key, alias_map)
+        if name not in hints:
+            raise did_you_mean(key, [*hints, *alias_map], where)
+        if name in values:
+            raise ConfigError(f"{where}: {prefix}{name} is given twice (as {name!r} and as its alias {key!r})")
+        values[name] = coerce(value, hints[name], f"{where}: {prefix}{key}")
+    return values
 
 
 def _construct(cls, values: dict):
@@ -226,12 +257,14 @@ def build(cls, preset: str | Path | None = None, overrides: dict[str, Any] | Non
     """The defaults, then the YAML preset, then the flat overrides {field: value or string}; validated."""
     values = read_values(cls, load_yaml(preset), str(preset)) if preset is not None else {}
     index = option_index(cls)
+    alias_map = aliases(cls, index)
     for key, value in (overrides or {}).items():
-        if key not in index:
-            raise did_you_mean(key, index, "command line")
-        section, _, tp = index[key]
+        name = canonical(key, alias_map)
+        if name not in index:
+            raise did_you_mean(key, [*index, *alias_map], "command line")
+        section, _, tp = index[name]
         target = values.setdefault(section, {}) if section else values
-        target[key] = coerce(value, tp, f"--{key}")
+        target[name] = coerce(value, tp, f"--{key}")
     cfg = _construct(cls, values)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
@@ -241,7 +274,8 @@ def build(cls, preset: str | Path | None = None, overrides: dict[str, Any] | Non
 
 def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
     """`--config FILE` plus one `--<field>` (alias `--<field-with-dashes>`) per config field, grouped by section for
-    a sectioned config; a field with choices shows them (`{adamw,muon}`)."""
+    a sectioned config; a field with choices shows them (`{adamw,muon}`). A field's aliases are further flags of
+    the same option, listed in its help (`--hellaswag_limit INT, --hellaswag-limit INT, --limit INT`)."""
     parser = argparse.ArgumentParser(
         usage="%(prog)s [--config FILE] [--OPTION VALUE ...]",
         description=description,
@@ -260,7 +294,8 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
     for name, (section, f, tp) in option_index(cls).items():
         default = _default(f)
         shown = "required" if default is dataclasses.MISSING else f"default {default}"
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags = [spelling for n in (name, *_aliases_of(f)) for spelling in dict.fromkeys((n, n.replace("_", "-")))]
+        flags = [f"--{spelling}" for spelling in flags]
         extra = {"nargs": "?", "const": "true"} if _base_type(tp)[0] is bool else {}
         base = _base_type(tp)[0]
         if typing.get_origin(base) is Literal:
@@ -295,7 +330,7 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None, ad
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         key = flag.lstrip("-").split("=")[0].replace("-", "_")
-        close = difflib.get_close_matches(key, list(option_index(cls)), n=1)
+        close = difflib.get_close_matches(key, [*option_index(cls), *aliases(cls)], n=1)
         hint = f" Did you mean --{close[0]}?" if close else ""
         parser.error(f"unknown option {flag!r}.{hint} See --help for the full list.")
     values = vars(args)

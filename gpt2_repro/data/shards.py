@@ -227,8 +227,8 @@ def finish_command(folder: str | os.PathLike, manifest: dict) -> str:
     """The data_prep.py command that continues the unfinished preparation of `folder` (its manifest's options)."""
     source, settings = manifest.get("source") or {}, manifest.get("settings") or {}
     args = [f"--dataset {source.get('dataset')}", f"--output_dir {folder}"]
-    args += [f"--name {source['name']}"] if source.get("name") else []
-    args += [f"--split {source['split']}"] if source.get("split") not in (None, "train") else []
+    args += [f"--dataset_name {source['name']}"] if source.get("name") else []
+    args += [f"--dataset_split {source['split']}"] if source.get("split") not in (None, "train") else []
     args += [f"--text_column {source['text_column']}"] if source.get("text_column") not in (None, "text") else []
     args += [
         f"--{k} {settings[k]}" for k in ("val_tokens", "shard_tokens", "max_tokens") if settings.get(k) is not None
