@@ -31,7 +31,7 @@ from synthetic import hellaswag_examples, learnable_tokens, write_jsonl  # noqa:
 @pytest.fixture(scope="session")
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE; skips the test when the vocabulary can neither be found locally nor downloaded."""
-    from gpt2_repro.tokenizer import get_gpt2_encoding
+    from gpt2_repro.data.tokenizer import get_gpt2_encoding
 
     try:
         return get_gpt2_encoding()
@@ -70,7 +70,7 @@ def stream_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_tokenizer(gpt2_encoding):
-    from gpt2_repro.tokenizer import build_hf_tokenizer
+    from gpt2_repro.data.tokenizer import build_hf_tokenizer
 
     return build_hf_tokenizer(gpt2_encoding)
 
@@ -100,8 +100,8 @@ def repro():
 def val_dir(tmp_path_factory):
     """A val shard of SEQ_LEN * VAL_WINDOWS + 1 GPT-2 ids (synthetic's constants), written by shards.write_shard."""
     import numpy as np
-    from gpt2_repro.shards import write_shard
 
+    from gpt2_repro.data.shards import write_shard
     from synthetic import SEQ_LEN, VAL_WINDOWS
 
     folder = tmp_path_factory.mktemp("shards")
