@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,115 @@ def test_the_exported_tokenizer_loads_alone_without_a_question(run_folder, gpt2_
     proc = _run(script, run_folder, project=how == "registered")
     _assert_quiet(proc)
     assert proc.stdout.split() == [*str(gpt2_encoding.encode("ROMEO: What, ho!")).split(), "<|endoftext|>"]
+
+
+# ------------------------------------------------------------------------------- what a training run prints
+
+SUMMARY = ("model: GPT-2 of ", "batch: ", "data: ", "run folder: ")
+
+
+def _start(output: str, first_step: str) -> list[str]:
+    """The lines a run printed before it showed its first step (`first_step`: how that begins)."""
+    return [line.strip() for line in output[: output.index(first_step)].splitlines() if line.strip()]
+
+
+def _assert_short_start(start: list[str], run: Path) -> None:
+    """A few lines that matter before step 1 (the model, the batch, the data, the run folder), no config dump: that
+    is in the files the run folder line names."""
+    assert len(start) <= 8, "\n".join(start)
+    for prefix in SUMMARY:
+        assert sum(line.startswith(prefix) for line in start) >= 1, (prefix, start)
+    text = "\n".join(start)
+    assert "n_layer:" not in text and '"versions"' not in text, text  # the config and run info stay in their files
+    assert "config.yaml" in text and "run_info.json" in text and str(run) in text
+    assert "n_layer: 2" in (run / "config.yaml").read_text() and "versions" in (run / "run_info.json").read_text()
+
+
+@pytest.mark.slow
+def test_output_to_a_file_is_plain_lines(reference):
+    """The reference run's output went to pipes, as to a file under nohup or Slurm: no bar, no carriage return;
+    the first and last steps as lines of their own, the evaluations on lines of their own."""
+    run, output = reference
+    assert "\r" not in output.stdout + output.stderr and "it/s" not in output.stdout + output.stderr
+    lines = output.stdout.splitlines()
+    _assert_short_start(_start(output.stdout, "step 1/16: "), run)
+    steps = [int(m.group(1)) for m in (re.match(r"step (\d+)/16: loss \d", line) for line in lines) if m]
+    assert steps[0] == 1 and steps[-1] == 16 and steps == sorted(set(steps)), steps
+    assert all(
+        re.search(r"\| \d\d:\d\d elapsed, \d\d:\d\d left$", line) for line in lines if line.startswith("step 1/")
+    )
+    for step in (4, 8, 12, 16):
+        assert sum(line.startswith(f"step {step}: val_loss ") for line in lines) == 1, step
+    assert max(map(len, lines)) < 300
+
+
+def _in_a_terminal(cmd: list[str], timeout: float = 300) -> tuple[int, str]:
+    """(exit code, what the terminal showed) of `cmd` run with stdin, stdout and stderr on a pseudo-terminal."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 40 rows, 160 columns, as a window has
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=child, stdout=child, stderr=child, close_fds=True)
+    os.close(child)
+    shown, deadline = b"", time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if select.select([main], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the terminal's other end closed: the process and its children are gone
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(main)
+    return proc.returncode, shown.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_the_readmes_launch_in_a_terminal_shows_a_bar_and_no_launcher_warning(tmp_path, data_dir):
+    """`accelerate launch --config_file accelerate_single.yaml train.py ...` (README's command) in a real terminal:
+    accelerate's "values not passed" warning is gone, a few lines come before the bar, and the bar is drawn."""
+    from runs import TINY_ARGS
+
+    accelerate = Path(sys.executable).with_name("accelerate")  # the command README names, where pip put it
+    launch = (
+        [str(accelerate), "launch"] if accelerate.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+    )
+    run = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--verify_data", "false", "--hellaswag", "false", "--max_steps", "3"]
+    args += ["--eval_every", "0", "--checkpoint_every", "0", "--output_dir", str(run)]
+    config = ["--config_file", str(ROOT / "accelerate_single.yaml")]
+    code, shown = _in_a_terminal([*launch, *config, str(ROOT / "train.py"), *TINY_ARGS, *args])
+    assert code == 0, shown[-3000:]
+    assert "were not passed" not in shown and "warn" not in shown.lower(), shown[:3000]
+    _assert_short_start(_start(shown, "train: "), run)
+    assert re.search(r"train: +\d+%.*\| 3/3 .*loss \d+\.\d{4}", shown), shown[-2000:]  # tqdm's bar, redrawn
+
+
+@pytest.mark.slow
+def test_the_laptop_preset_trains_on_a_small_text_file_with_no_preparation(tmp_path, gpt2_encoding):
+    """`--config configs/tiny.yaml --dataset my.txt`: the preset's validation set is the one data_prep.py's README
+    command makes (32,768 tokens + 1), not data_prep.py's FineWeb-sized default, so a small file trains."""
+    from runs import run_training
+    from synthetic import make_texts
+
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(make_texts(300, seed=3)))
+    assert 40_000 < len(gpt2_encoding.encode(text.read_text(), allowed_special="all")) < 200_000  # a small file
+    args = ["--dataset", str(text), "--max_steps", "2", "--hellaswag", "false", "--num_samples", "0"]
+    proc = run_training([*args, "--eval_every", "0", "--checkpoint_every", "0"], tmp_path / "run")
+    assert "its first 32,769 tokens are the validation set" in proc.stdout, proc.stdout
+    assert "step 2: val_loss" in proc.stdout

@@ -270,6 +270,11 @@ class RunConfig:
     log_with: str = opt("tensorboard", "trackers: tensorboard, wandb, all, none, or a comma list")
     project_name: str = opt("gpt2-repro", "tracker project name")
     peak_tflops: float | None = opt(None, "peak bf16 TFLOP/s per device for MFU (default: known-GPU table)")
+    progress_interval: float = opt(
+        10.0,
+        "output that is not a terminal (a file, nohup, Slurm): seconds between plain progress lines (0: every "
+        "step); a terminal gets a progress bar",
+    )
 
 
 @dataclass
@@ -315,6 +320,7 @@ class TrainConfig:
                 ]
             ],
             (run.peak_tflops is None or run.peak_tflops > 0, f"run.peak_tflops={run.peak_tflops} must be positive"),
+            (run.progress_interval >= 0, f"run.progress_interval={run.progress_interval} must be >= 0"),
             (0 <= run.seed < 2**32, f"run.seed={run.seed} must be in [0, 2**32) (what numpy and torch seed with)"),
             (
                 min(data.stream_val_tokens, data.stream_shuffle_windows, data.stream_workers, data.stream_batch_docs)
