@@ -80,6 +80,7 @@ def test_help_lists_each_option_with_its_type_and_default():
         ("train.py", "--micro_batch_size"),
         ("data_prep.py", "--shard_tokens"),
         ("evaluate_gpt2.py", "--hellaswag_file"),
+        ("sample.py", "--sample_tokens"),
     ]:
         proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0 and option in proc.stdout and "--config" in proc.stdout

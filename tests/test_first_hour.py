@@ -111,6 +111,100 @@ def test_the_exported_tokenizer_loads_alone_without_a_question(run_folder, gpt2_
     assert proc.stdout.split() == [*str(gpt2_encoding.encode("ROMEO: What, ho!")).split(), "<|endoftext|>"]
 
 
+# ------------------------------------------------------------------------------------------------ sample.py
+
+
+def _readme_command(program: str) -> str:
+    """The line of README's "Try it" block that runs `program`."""
+    block = re.search(r"## Try it.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    [line] = [line for line in block.splitlines() if line.startswith(f"python {program} ")]
+    return line
+
+
+def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A README command line as a shell runs it, in `cwd`, with the project installed (what `pip install -e .` gives)
+    and no terminal to answer a question."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / ".hf_modules"), PYTHONPATH=str(ROOT))
+    assert command.startswith("python ")
+    command = f"{sys.executable} {command.removeprefix('python ')}"
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_the_readmes_sample_command_as_written_prints_a_seeded_sample(run_folder):
+    """`python sample.py --model runs/tiny --prompt "ROMEO:"` from README, where runs/tiny is a run folder (its
+    export/ is read): the prompt and its continuation, nothing else; the same seed gives the same text in another
+    process (the first of two samples there), the next sample another text."""
+    command = _readme_command("sample.py")
+    assert "--model runs/tiny " in command and '--prompt "ROMEO:"' in command
+    (run_folder / "sample.py").unlink(missing_ok=True)
+    (run_folder / "sample.py").symlink_to(ROOT / "sample.py")  # the clone's root, where README's commands run
+    one, two = _shell(command, run_folder), _shell(f"{command} --num_samples 2", run_folder)
+    for proc in (one, two):
+        _assert_quiet(proc)
+    assert one.stdout.startswith("ROMEO:") and len(one.stdout) > len("ROMEO:\n"), one.stdout
+    first, second = two.stdout.removeprefix("--- sample 1 of 2\n").split("--- sample 2 of 2\n")
+    assert first == one.stdout and second.startswith("ROMEO:") and second != first
+
+
+def test_sample_greedy_is_greedy_and_a_sample_must_fit_the_context(run_folder, capsys):
+    """In process: --temperature 0 gives the same text twice; more tokens than the context holds is refused."""
+    from gpt2_repro.base.errors import ConfigError
+    from sample import main
+
+    model = str(run_folder / "runs" / "tiny")
+    one, two = main(["--model", model, "--temperature", "0", "--num_samples", "2", "--sample_tokens", "12"])
+    assert one == two and len(one) > 0
+    assert capsys.readouterr().out.count("Hello, I'm a language model,") == 2
+    with pytest.raises(ConfigError, match=r"exceed the model's context of 128 tokens: lower --sample_tokens to 119"):
+        main(["--model", model, "--sample_tokens", "500"])
+
+
+def test_the_streamer_prints_each_character_as_soon_as_its_bytes_are_complete(gpt2_encoding):
+    """A character whose UTF-8 bytes span several GPT-2 tokens is printed once all of them came, not as U+FFFD;
+    end-of-text ends the text unprinted."""
+    import io
+
+    import torch
+
+    from gpt2_repro.evaluation.sampling import TokenStreamer
+
+    ids = gpt2_encoding.encode(" a 🦙 b")
+    pieces = [gpt2_encoding.decode_single_token_bytes(t) for t in ids]
+    assert any(len(p) and p.decode("utf-8", errors="ignore") == "" for p in pieces)  # a token that is half a character
+    out = io.StringIO()
+    streamer = TokenStreamer(gpt2_encoding, out)
+    streamer.put(torch.tensor([[50256, 1, 2]]))  # the prompt: not printed again
+    shown = []
+    for t in ids:
+        streamer.put(torch.tensor([t]))
+        shown.append(out.getvalue())
+    streamer.put(torch.tensor([50256]))
+    streamer.end()
+    assert out.getvalue() == " a 🦙 b\n" == streamer.text + "\n"
+    assert "\ufffd" not in "".join(shown) and " a 🦙" in shown[-2]  # each step shows whole characters only
+
+
+def test_a_run_folder_means_its_export(tmp_path):
+    from gpt2_repro.base.errors import NotFound
+    from gpt2_repro.evaluation.sampling import model_location
+
+    run = tmp_path / "runs" / "tiny"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(NotFound, match="without a model yet"):
+        model_location(str(run))
+    (run / "export").mkdir()
+    (run / "export" / "config.json").write_text("{}")
+    assert model_location(str(run)) == str(run / "export")
+    assert model_location(str(run / "export")) == str(run / "export")  # a model folder is itself
+    assert model_location("gpt2") == "gpt2"  # a Hub id
+    with pytest.raises(NotFound, match="holds no model"):
+        model_location(str(tmp_path))
+
+
 # ------------------------------------------------------------------------------- what a training run prints
 
 SUMMARY = ("model: GPT-2 of ", "batch: ", "data: ", "run folder: ")
