@@ -134,31 +134,27 @@ def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_readmes_sample_command_as_written_prints_a_seeded_sample(run_folder):
+def test_the_readmes_sample_command_as_written_prints_a_seeded_sample(run_folder, capsys):
     """`python sample.py --model runs/tiny --prompt "ROMEO:"` from README, where runs/tiny is a run folder (its
-    export/ is read): the prompt and its continuation, nothing else; the same seed gives the same text in another
-    process (the first of two samples there), the next sample another text."""
+    export/ is read): the prompt and its continuation, nothing else. The same seed gives the same text in another
+    process (the first of two samples here), the next sample another text; greedy sampling gives one text; more
+    tokens than the context holds are refused."""
+    from gpt2_repro.base.errors import ConfigError
+    from sample import main
+
     command = _readme_command("sample.py")
     assert "--model runs/tiny " in command and '--prompt "ROMEO:"' in command
     (run_folder / "sample.py").unlink(missing_ok=True)
     (run_folder / "sample.py").symlink_to(ROOT / "sample.py")  # the clone's root, where README's commands run
-    one, two = _shell(command, run_folder), _shell(f"{command} --num_samples 2", run_folder)
-    for proc in (one, two):
-        _assert_quiet(proc)
-    assert one.stdout.startswith("ROMEO:") and len(one.stdout) > len("ROMEO:\n"), one.stdout
-    first, second = two.stdout.removeprefix("--- sample 1 of 2\n").split("--- sample 2 of 2\n")
-    assert first == one.stdout and second.startswith("ROMEO:") and second != first
-
-
-def test_sample_greedy_is_greedy_and_a_sample_must_fit_the_context(run_folder, capsys):
-    """In process: --temperature 0 gives the same text twice; more tokens than the context holds is refused."""
-    from gpt2_repro.base.errors import ConfigError
-    from sample import main
-
+    proc = _shell(command, run_folder)
+    _assert_quiet(proc)
+    assert proc.stdout.startswith("ROMEO:") and len(proc.stdout) > len("ROMEO:\n"), proc.stdout
     model = str(run_folder / "runs" / "tiny")
+    first, second = main(["--model", model, "--prompt", "ROMEO:", "--num_samples", "2"])
+    assert proc.stdout == f"ROMEO:{first}\n" and second != first
+    assert capsys.readouterr().out.startswith("--- sample 1 of 2\nROMEO:")
     one, two = main(["--model", model, "--temperature", "0", "--num_samples", "2", "--sample_tokens", "12"])
     assert one == two and len(one) > 0
-    assert capsys.readouterr().out.count("Hello, I'm a language model,") == 2
     with pytest.raises(ConfigError, match=r"exceed the model's context of 128 tokens: lower --sample_tokens to 119"):
         main(["--model", model, "--sample_tokens", "500"])
 
@@ -281,37 +277,30 @@ def _in_a_terminal(cmd: list[str], timeout: float = 300) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_the_readmes_launch_in_a_terminal_shows_a_bar_and_no_launcher_warning(tmp_path, data_dir):
-    """`accelerate launch --config_file accelerate_single.yaml train.py ...` (README's command) in a real terminal:
-    accelerate's "values not passed" warning is gone, a few lines come before the bar, and the bar is drawn."""
+def test_the_laptop_preset_in_a_terminal_on_a_small_text_file(tmp_path, gpt2_encoding):
+    """`accelerate launch --config_file accelerate_single.yaml train.py --config configs/tiny.yaml --dataset my.txt`
+    in a real terminal. accelerate's "values not passed" warning is gone; a few lines come before the bar, and the bar
+    is drawn. With no preparation step, the preset's validation set is the one its data_prep.py command makes
+    (32,768 tokens + 1), not data_prep.py's FineWeb-sized default, so a small file trains."""
     from runs import TINY_ARGS
-
-    accelerate = Path(sys.executable).with_name("accelerate")  # the command README names, where pip put it
-    launch = (
-        [str(accelerate), "launch"] if accelerate.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
-    )
-    run = tmp_path / "run"
-    args = ["--data_dir", str(data_dir), "--verify_data", "false", "--hellaswag", "false", "--max_steps", "3"]
-    args += ["--eval_every", "0", "--checkpoint_every", "0", "--output_dir", str(run)]
-    config = ["--config_file", str(ROOT / "accelerate_single.yaml")]
-    code, shown = _in_a_terminal([*launch, *config, str(ROOT / "train.py"), *TINY_ARGS, *args])
-    assert code == 0, shown[-3000:]
-    assert "were not passed" not in shown and "warn" not in shown.lower(), shown[:3000]
-    _assert_short_start(_start(shown, "train: "), run)
-    assert re.search(r"train: +\d+%.*\| 3/3 .*loss \d+\.\d{4}", shown), shown[-2000:]  # tqdm's bar, redrawn
-
-
-@pytest.mark.slow
-def test_the_laptop_preset_trains_on_a_small_text_file_with_no_preparation(tmp_path, gpt2_encoding):
-    """`--config configs/tiny.yaml --dataset my.txt`: the preset's validation set is the one data_prep.py's README
-    command makes (32,768 tokens + 1), not data_prep.py's FineWeb-sized default, so a small file trains."""
-    from runs import run_training
     from synthetic import make_texts
 
     text = tmp_path / "small.txt"
     text.write_text("\n\n".join(make_texts(300, seed=3)))
     assert 40_000 < len(gpt2_encoding.encode(text.read_text(), allowed_special="all")) < 200_000  # a small file
-    args = ["--dataset", str(text), "--max_steps", "2", "--hellaswag", "false", "--num_samples", "0"]
-    proc = run_training([*args, "--eval_every", "0", "--checkpoint_every", "0"], tmp_path / "run")
-    assert "its first 32,769 tokens are the validation set" in proc.stdout, proc.stdout
-    assert "step 2: val_loss" in proc.stdout
+    accelerate = Path(sys.executable).with_name("accelerate")  # the command README names, where pip put it
+    launch = (
+        [str(accelerate), "launch"] if accelerate.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+    )
+    run = tmp_path / "run"
+    args = ["--dataset", str(text), "--hellaswag", "false", "--max_steps", "3", "--num_samples", "0"]
+    args += ["--eval_every", "0", "--checkpoint_every", "0", "--output_dir", str(run)]
+    config = ["--config_file", str(ROOT / "accelerate_single.yaml")]
+    code, shown = _in_a_terminal([*launch, *config, str(ROOT / "train.py"), *TINY_ARGS, *args])
+    assert code == 0, shown[-3000:]
+    assert "were not passed" not in shown and "warn" not in shown.lower(), shown[:3000]
+    start = _start(shown, "train: ")
+    _assert_short_start(start, run)
+    assert f"data: {text}, tokenized as it streams; its first 32,769 tokens are the validation set" in "\n".join(start)
+    assert re.search(r"train: +\d+%.*\| 3/3 .*loss \d+\.\d{4}", shown), shown[-2000:]  # tqdm's bar, redrawn
+    assert "step 3: val_loss" in shown
