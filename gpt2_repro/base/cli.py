@@ -2,7 +2,7 @@
 
     python train.py --config configs/tiny.yaml --max_steps 40 --shuffle false
     python data_prep.py --dataset my.txt --output-dir data/mine        # --a_b and --a-b are the same option
-    python evaluate_gpt2.py --config my_eval.yaml --limit 100
+    python evaluate_gpt2.py --config my_eval.yaml --hellaswag_limit 100
 
 A config is a dataclass, declared once with its types, defaults and help (`opt(default, help)`); it is either
 flat (data_prep.py, evaluate_gpt2.py) or made of sections that are themselves dataclasses (train.py: `model:`,
