@@ -1,7 +1,8 @@
-"""A new user's first hour: the README's load snippet, the model cards' "Use" snippets and a freshly written export's
-tokenizer, each in a real process whose stdin is not a terminal. transformers asks "Do you wish to run the custom
-code? [y/N]" with input(): without a terminal the question is still printed (then read as no), so a prompt shows up
-in the output here instead of waiting."""
+"""A new user's first hour, in real processes: the README's load snippet and sample command, the model cards' "Use"
+snippets and a freshly written export's tokenizer, whose stdin is not a terminal (transformers asks "Do you wish to run
+the custom code? [y/N]" with input(): without a terminal the question is still printed, then read as no, so a prompt
+shows up in the output here instead of waiting); what a training run prints before and during its steps, into a file
+and in a real terminal (a pseudo-terminal) under README's `accelerate launch`."""
 
 import os
 import re
