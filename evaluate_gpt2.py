@@ -54,9 +54,9 @@ class EvaluateArgs:
         "tokens per validation sequence; auto: the training run's (as val_tokens), else min(1024, the model's context)",
         auto=True,
     )
-    val_batch_size: int = opt(8, "validation sequences per forward pass")
+    eval_batch_size: int = opt(8, "validation sequences per forward pass", aliases=("val_batch_size",))
     hellaswag_file: str | None = opt(None, "local hellaswag_val.jsonl; unset: download once and cache")
-    limit: int | None = opt(None, "score only the first N HellaSwag examples")
+    hellaswag_limit: int | None = opt(None, "score only the first N HellaSwag examples", aliases=("limit",))
     batch_size: int = opt(32, "HellaSwag examples per forward pass (4 rows each)")
     compare: str | None = opt(None, "also evaluate this model (e.g. gpt2) and print a side-by-side table")
     output: str | None = opt(None, "results JSON; unset: <model folder>/eval_results.json (./ for Hub ids)")
@@ -72,7 +72,7 @@ class EvaluateArgs:
     def validate(self) -> None:
         if self.data_dir is not None and self.dataset is not None:
             raise ConfigError("Validate on shards (--data_dir) or on a stream (--dataset), not both.")
-        for name in ("val_tokens", "val_batch_size", "batch_size", "seq_len", "limit"):
+        for name in ("val_tokens", "eval_batch_size", "batch_size", "seq_len", "hellaswag_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {value}.")
@@ -97,7 +97,7 @@ def evaluate_model(
     if val_data is not None:
         start = time.perf_counter()
         budget = args.val_tokens if val_tokens is None else val_tokens
-        out["val_loss"] = validation_loss(model, val_data, budget, args.val_batch_size, args.seq_len, accelerator)
+        out["val_loss"] = validation_loss(model, val_data, budget, args.eval_batch_size, args.seq_len, accelerator)
         scored = budget // args.seq_len * args.seq_len  # whole windows only (loader.iter_val_batches)
         out.update(val_tokens=scored, seq_len=args.seq_len, val_seconds=time.perf_counter() - start)
         if scored < args.val_tokens // args.seq_len * args.seq_len:
@@ -322,7 +322,7 @@ def preflight(args: EvaluateArgs, output: Path) -> list[dict] | None:
                 f"--hellaswag_file {args.hellaswag_file}: no such file. Pass the path of hellaswag_val.jsonl, or "
                 "leave the option out to download it."
             )
-        examples = load_hellaswag(args.hellaswag_file, args.limit)  # a malformed line: its number and the fix
+        examples = load_hellaswag(args.hellaswag_file, args.hellaswag_limit)  # a malformed line: its number and the fix
     if args.data_dir is not None:
         from gpt2_repro.data.shards import find_shards
 
@@ -422,7 +422,7 @@ def _hellaswag_examples(args: EvaluateArgs, accelerator) -> list[dict] | None:
     examples, error = None, None
     with accelerator.main_process_first():  # the main process downloads, the others then read the cache
         try:
-            examples = load_hellaswag(None, args.limit)  # a named file was read by preflight
+            examples = load_hellaswag(None, args.hellaswag_limit)  # a named file was read by preflight
         except HellaSwagUnavailable as e:
             logger.warning("HellaSwag skipped: %s", e)
         except Exception as e:  # raised after the barrier, so no process waits forever

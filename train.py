@@ -87,12 +87,11 @@ def preflight(cfg: TrainConfig, folder: RunFolder, cleanup: contextlib.ExitStack
     """
     import os
 
-    from tqdm.auto import tqdm
-
     from gpt2_repro.data.tokenizer import get_gpt2_encoding
+    from gpt2_repro.training.tracking import say
 
     main_process, data = is_main_process(), source_type(cfg.data.dataset)
-    log = tqdm.write if main_process else (lambda *_: None)
+    log = say if main_process else (lambda *_: None)
     if problem := launch_problem():  # processes that accelerate will run each alone: refused before the lock
         raise ConfigError(problem) if main_process else Stop("", 2)
     data.preflight(cfg)
@@ -153,7 +152,7 @@ def build(cfg: TrainConfig, checked: Checked, stop: StopRequest, cleanup: contex
     from gpt2_repro.training.accelerator import checkpoint_activations
     from gpt2_repro.training.optim import build_optimizers, zero_output_projections
     from gpt2_repro.training.periodic_eval import Evaluator
-    from gpt2_repro.training.tracking import tracker_config, tracker_init_kwargs
+    from gpt2_repro.training.tracking import start_trackers
     from modeling_gpt2_repro import GPT2ReproForCausalLM
 
     acc, folder, log, found = checked.accelerator, checked.folder, checked.log, checked.found
@@ -190,8 +189,7 @@ def build(cfg: TrainConfig, checked: Checked, stop: StopRequest, cleanup: contex
             f"{start.abandoned}"
         )
     log(f"resumed from step {start.step} ({folder})" if start.step else f"training from scratch in {folder}")
-    init_kwargs = tracker_init_kwargs(cfg, folder, start.step) if acc.is_main_process else {}
-    acc.init_trackers(cfg.run.project_name, config=tracker_config(cfg), init_kwargs=init_kwargs)
+    start_trackers(acc, cfg, folder, start.step)
     return Run(acc, model, raw_model, optimizers, source, evaluator, checkpoints, stop, log, start)
 
 
@@ -202,18 +200,16 @@ def train(cfg: TrainConfig, run: Run, cleanup: contextlib.ExitStack) -> Path:
     """The loop: an optimizer step at the scheduled LRs, its metrics line, the divergence guard, then the
     evaluation and the checkpoint when they are due. A stop request ends the run at the next micro-batch with a
     quick checkpoint of its last completed step (`stop_here`), exit code 75."""
-    from tqdm.auto import tqdm
-
     from gpt2_repro.training.optim import set_lrs
     from gpt2_repro.training.step import StepStart, train_step
-    from gpt2_repro.training.tracking import StepLog
+    from gpt2_repro.training.tracking import Progress, StepLog
 
     t_start = time.time()
     acc, optim, data, log, folder = run.accelerator, cfg.optim, cfg.data, run.log, run.checkpoints.folder
     step, tokens_seen, last_eval, line, _ = run.start
-    bar = tqdm(total=optim.max_steps, initial=step, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
-    cleanup.callback(bar.close)  # an error message then starts on a line of its own
-    step_log = StepLog(cfg, folder, acc, run.raw_model, bar, line)
+    progress = Progress(optim.max_steps, step, cfg.run.progress_interval, enabled=acc.is_main_process)
+    cleanup.callback(progress.close)  # an error message then starts on a line of its own
+    step_log = StepLog(cfg, folder, acc, run.raw_model, progress, line)
     guard = DivergenceGuard(optim.max_bad_steps)
     if step and run.evaluator.due(step) and last_eval.val_step != step and not run.stop.agreed():
         last_eval = run.evaluator(run.raw_model, step)  # saved before evaluating (a stop, a failure)
@@ -248,7 +244,7 @@ def train(cfg: TrainConfig, run: Run, cleanup: contextlib.ExitStack) -> Path:
             if save:
                 run.checkpoints.add_evaluation(step, last_eval)  # what the checkpoint would say, saved after it
 
-    bar.close()
+    progress.close()
     run.stop.close()  # from here on SIGTERM ends the process as usual (the final checkpoint is written)
     acc.end_training()
     run.checkpoints.close(log)

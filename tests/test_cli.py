@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from evaluate_gpt2 import EvaluateArgs
-from gpt2_repro.base.cli import DEBUG_ENV, debugging, parse, run
+from gpt2_repro.base.cli import DEBUG_ENV, build_parser, debugging, parse, run
 from gpt2_repro.base.config import TrainConfig
 from gpt2_repro.base.errors import ConfigError, NotFound, Stop
 from gpt2_repro.data.prepare import PrepConfig
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
         (PrepConfig, ["--output_dir", "o", "--progress", "no"], ("progress",), False),
         (EvaluateArgs, ["--model", "gpt2", "--model-card", "false"], ("model_card",), False),
         (EvaluateArgs, ["--model", "gpt2", "--trust_remote_code"], ("trust_remote_code",), True),
-        (EvaluateArgs, ["--model", "gpt2", "--limit", "none"], ("limit",), None),
+        (EvaluateArgs, ["--model", "gpt2", "--hellaswag-limit", "none"], ("hellaswag_limit",), None),
+        (EvaluateArgs, ["--model", "gpt2", "--limit", "none"], ("hellaswag_limit",), None),  # the older spelling
         (TrainConfig, ["--report_to", "none"], ("run", "log_with"), "none"),  # Trainer's name for --log_with
         (TrainConfig, ["--report-to", "wandb", "--log_with", "wandb"], ("run", "log_with"), "wandb"),
     ],
@@ -68,9 +69,9 @@ def test_an_alias_and_its_option_with_different_values_are_refused():
 
 
 def test_yaml_presets_for_flat_and_sectioned_configs(tmp_path):
-    (tmp_path / "eval.yaml").write_text("model: runs/x/export\nlimit: 100\n")
-    args = parse(EvaluateArgs, ["--config", str(tmp_path / "eval.yaml"), "--limit", "7"])
-    assert args.model == "runs/x/export" and args.limit == 7  # the command line overrides the preset
+    (tmp_path / "eval.yaml").write_text("model: runs/x/export\nhellaswag_limit: 100\n")
+    args = parse(EvaluateArgs, ["--config", str(tmp_path / "eval.yaml"), "--hellaswag_limit", "7"])
+    assert args.model == "runs/x/export" and args.hellaswag_limit == 7  # the command line overrides the preset
     (tmp_path / "train.yaml").write_text("optim:\n  max_steps: 1200\nrun:\n  seed: 5\n")
     cfg = parse(TrainConfig, ["--config", str(tmp_path / "train.yaml")])
     assert (cfg.optim.max_steps, cfg.run.seed, cfg.data.seq_len) == (1200, 5, 1024)
@@ -87,12 +88,52 @@ def test_help_lists_each_option_with_its_type_and_default():
         ("train.py", "--micro_batch_size"),
         ("data_prep.py", "--shard_tokens"),
         ("evaluate_gpt2.py", "--hellaswag_file"),
+        ("sample.py", "--sample_tokens"),
     ]:
         proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0 and option in proc.stdout and "--config" in proc.stdout
         assert option.replace("_", "-") in proc.stdout  # the dashed alias
         if script == "train.py":  # Trainer's name beside ours
             assert "--report_to STR, --report-to STR" in proc.stdout and "the same as --log_with" in proc.stdout
+
+
+# One name for one thing across the scripts: (script's config, its name, the old spelling kept as an alias, a value)
+RENAMED = [
+    (PrepConfig, "dataset_name", "name", "sample-10BT"),
+    (PrepConfig, "dataset_split", "split", "validation"),
+    (EvaluateArgs, "hellaswag_limit", "limit", 7),
+    (EvaluateArgs, "eval_batch_size", "val_batch_size", 4),
+]
+REQUIRED = {PrepConfig: ["--output_dir", "o"], EvaluateArgs: ["--model", "m"]}
+
+
+@pytest.mark.parametrize(("cls", "name", "alias", "value"), RENAMED)
+def test_an_option_has_one_name_everywhere_and_its_old_spelling_still_works(tmp_path, cls, name, alias, value):
+    """The same setting has train.py's name in every script; the old spelling is an alias: on the command line
+    (both spellings), in a YAML preset, in --help. Giving both in one preset is refused."""
+    from gpt2_repro.base.cli import option_index
+
+    assert name in option_index(TrainConfig) and alias not in option_index(TrainConfig)
+    for flag in (f"--{name}", f"--{alias}", f"--{alias.replace('_', '-')}"):
+        assert getattr(parse(cls, [*REQUIRED[cls], flag, str(value)]), name) == value, flag
+    (tmp_path / "old.yaml").write_text(f"{alias}: {value}\n")
+    assert getattr(parse(cls, [*REQUIRED[cls], "--config", str(tmp_path / "old.yaml")]), name) == value
+    (tmp_path / "both.yaml").write_text(f"{alias}: {value}\n{name}: {value}\n")
+    with pytest.raises(ConfigError, match="given twice"):
+        parse(cls, [*REQUIRED[cls], "--config", str(tmp_path / "both.yaml")])
+    help_text = " ".join(build_parser(cls).format_help().split())
+    assert f"--{name}" in help_text and f"--{alias}" in help_text
+
+
+def test_the_scripts_help_shows_the_old_spellings():
+    for script, new, old in [
+        ("data_prep.py", "--dataset_name", "--name"),
+        ("evaluate_gpt2.py", "--hellaswag_limit", "--limit"),
+    ]:
+        proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+        text = " ".join(proc.stdout.split())  # argparse wraps the help to the terminal's width
+        assert f"{old} STR" in text or f"{old} INT" in text, text
+        assert f"the same as {new}" in text.split(f" {old} ", 1)[1][:200], text
 
 
 def _exit_of(main, argv=(), **env):

@@ -59,7 +59,7 @@ def test_cli_end_to_end(saved, val_dir, gpt2_encoding, repro, tmp_path):
         SEQ_LEN,
         "--hellaswag_file",
         hs,
-        "--limit",
+        "--hellaswag_limit",
         7,
         "--batch_size",
         3,

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "gpt2_repro"
 # The sub-packages, lowest first: each may import those before it, never one after it.
 LAYERS = ["base", "data", "publishing", "evaluation", "checkpointing", "training"]
-SCRIPTS = ["train", "data_prep", "evaluate_gpt2"]
+SCRIPTS = ["train", "data_prep", "evaluate_gpt2", "sample"]
 
 
 def _module_name(path: Path) -> str:

@@ -421,7 +421,7 @@ def test_bad_inputs_give_clear_errors(gpt2_encoding, fineweb, tmp_path):
     with pytest.raises(DataError, match="must be positive"):
         prep(path, out, shard_tokens=0)
     with pytest.raises(DataError, match="single split 'train', not 'validation'"):
-        prep(path, out, split="validation")
+        prep(path, out, dataset_split="validation")
     assert not list(out.glob("*.bin"))
 
 

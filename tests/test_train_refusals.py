@@ -63,8 +63,8 @@ def test_help_a_config_error_and_a_refused_start_import_no_torch(data_dir, corru
         ),
         "no room": (
             [*tiny, "--n_layer", "1000", "--n_embd", "262144", "--output_dir", str(tmp_path / "c")],
-            "GB free, but room for 3 more checkpoints (a new one is written before the oldest of --keep_last 2 is removed)"
-            " needs about 49479019.97 GB. Free some space or choose --output_dir on another disk",
+            "GB free, but room for 3 more checkpoints (a new one is written before the oldest of --keep_last 2 is "
+            "removed) needs about 49479019.97 GB. Free some space or choose --output_dir on another disk",
         ),
         # the model's shape and dropout, and the trackers, are checked with the rest of the config
         "n_head": ([*tiny, "--n_head", "0"], "model.n_head=0 must be a positive integer"),

@@ -73,6 +73,19 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(reference, data_
     assert values == pytest.approx(ref_losses, rel=1e-6)
     assert [e.step for e in events.Scalars("eval/loss")] == [4, 8, 12, 16]
     assert {"train/learning_rate", "train/grad_norm", "train/num_input_tokens_seen"} <= set(events.Tags()["scalars"])
+    # Resuming step 12 while step 16 exists started line 2: train/line from there on only, as in metrics.jsonl
+    assert [(e.step, e.value) for e in events.Scalars("train/line")] == [(s, 2.0) for s in range(13, MAX_STEPS + 1)]
+    first_line = EventAccumulator(str(reference[0] / "logs" / "gpt2-repro"))
+    first_line.Reload()
+    assert "train/line" not in first_line.Tags()["scalars"]
+    # Three starts, one TensorBoard run: the hparams (HPARAMS tab) and the config (TEXT tab) in it, no sub-folder
+    assert [p.relative_to(run / "logs") for p in (run / "logs").rglob("*") if p.is_dir()] == [Path("gpt2-repro")]
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert (
+        b"optim.max_lr" in hparams["_hparams_/session_start_info"] and b"eval/loss" in hparams["_hparams_/experiment"]
+    )
+    assert "config/text_summary" in events.Tags()["tensors"]
 
     inits = [json.loads(line) for line in wandb_log.read_text().splitlines()]
     run_id = (run / "wandb_run_id").read_text().strip()

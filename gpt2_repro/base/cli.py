@@ -2,7 +2,7 @@
 
     python train.py --config configs/tiny.yaml --max_steps 40 --shuffle false
     python data_prep.py --dataset my.txt --output-dir data/mine        # --a_b and --a-b are the same option
-    python evaluate_gpt2.py --config my_eval.yaml --limit 100
+    python evaluate_gpt2.py --config my_eval.yaml --hellaswag_limit 100
 
 A config is a dataclass, declared once with its types, defaults and help (`opt(default, help)`); it is either
 flat (data_prep.py, evaluate_gpt2.py) or made of sections that are themselves dataclasses (train.py: `model:`,
@@ -327,7 +327,8 @@ def build(cls, preset: str | Path | None = None, overrides: dict[str, Any] | Non
 def build_parser(cls, description: str | None = None, extra=None) -> argparse.ArgumentParser:
     """`--config FILE` plus one `--<field>` (alias `--<field-with-dashes>`) per config field, grouped by section for
     a sectioned config; a field with choices shows them (`{adamw,muon}`). `extra`: a flat dataclass of options that
-    are not part of the config (see `parse`), in a group of their own, titled by its docstring's first line."""
+    are not part of the config (see `parse`), in a group of their own, titled by its docstring's first line. A
+    field's aliases are further flags of the same option, each listed as "the same as --name"."""
     parser = argparse.ArgumentParser(
         usage="%(prog)s [--config FILE] [--OPTION VALUE ...]",
         description=description,

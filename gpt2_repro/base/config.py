@@ -339,6 +339,11 @@ class RunConfig:
         "how soon a machine that died or hangs ends the rest; above the main process's longest lone work (a "
         "checkpoint write, the data check)",
     )
+    progress_interval: float = opt(
+        10.0,
+        "output that is not a terminal (a file, nohup, Slurm): seconds between plain progress lines (0: every "
+        "step); a terminal gets a progress bar",
+    )
 
 
 @dataclass
@@ -393,6 +398,7 @@ class TrainConfig:
                 f"run.log_with={run.log_with!r}: unknown tracker {', '.join(map(repr, unknown))}; use "
                 f"{', '.join(TRACKERS)} or a comma list of them",
             ),
+            (run.progress_interval >= 0, f"run.progress_interval={run.progress_interval} must be >= 0"),
             (0 <= run.seed < 2**32, f"run.seed={run.seed} must be in [0, 2**32) (what numpy and torch seed with)"),
             (
                 min(data.stream_val_tokens, data.stream_shuffle_windows, data.stream_workers, data.stream_batch_docs)

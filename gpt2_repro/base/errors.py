@@ -45,7 +45,11 @@ class EvaluationInputError(ValueError):
 
 
 class HellaSwagUnavailable(RuntimeError):
-    """The HellaSwag validation file could not be found or downloaded."""
+    """The HellaSwag validation file could not be found or downloaded; `cache`: where a copy would be found."""
+
+    def __init__(self, message: str, cache=None):
+        super().__init__(message)
+        self.cache = cache
 
 
 class HubAccessError(ConfigError):

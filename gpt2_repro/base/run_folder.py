@@ -165,8 +165,9 @@ class RunFolder:
         return (config if isinstance(config, dict) else None), (info if isinstance(info, dict) else None)
 
     def record_run(self, cfg, accelerator, log, facts: dict | None = None, **attempt) -> None:
-        """Print and save the resolved config and the facts of this run (versions, commit, hardware, batch, and
-        `facts`: what the trainer found in force, e.g. whether the model checkpoints its activations).
+        """Save the resolved config and the facts of this run (versions, commit, hardware, batch, and `facts`: what
+        the trainer found in force, e.g. whether the model checkpoints its activations), and print the few that
+        matter at a glance (`summary`): the files hold the rest.
 
         Called once every check has passed, so a refused run leaves the folder as it was. run_info.json keeps a
         history: `attempt` (start step, checkpoint resumed from) and what changed since the previous attempt are
@@ -175,13 +176,12 @@ class RunFolder:
         from .config import save_config
         from .machine import collect_run_info
 
-        data, accum = cfg.data, accelerator.gradient_accumulation_steps
         if not accelerator.is_main_process:
             return
         info = collect_run_info(
             {
                 "num_processes": accelerator.num_processes,
-                "grad_accum_steps": accum,
+                "grad_accum_steps": accelerator.gradient_accumulation_steps,
                 "device": str(accelerator.device),
                 "mixed_precision": accelerator.mixed_precision,
                 "compile": str(accelerator.state.dynamo_plugin.backend.value),
@@ -193,14 +193,52 @@ class RunFolder:
         info = record_attempt(info, previous_info, previous_config, cfg.to_dict(), **attempt)
         save_config(cfg, self.config)
         write_json_atomic(self.run_info, info)
-        shown = {k: v for k, v in info.items() if k != "attempts"}
-        log(self.config.read_text() + json.dumps(shown, indent=2))
+        for line in self.summary(cfg, info):
+            log(line)
         if info["attempts"][-1]["changed"]:
             log(f"changed since the previous attempt: {info['attempts'][-1]['changed']}")
-        log(
-            f"batch: {data.total_batch_tokens:,} tokens/step = {data.micro_batch_size} x {data.seq_len} x "
-            f"{accelerator.num_processes} processes x {accum} accumulation steps"
+
+    def summary(self, cfg, info: dict) -> list[str]:
+        """What a run prints before its first step: the model, the batch, the data, where the run folder is (the
+        full config and run facts are in config.yaml and run_info.json, which it names)."""
+        from .config import parameter_count
+
+        model, data, ev, processes = cfg.model, cfg.data, cfg.eval, info["num_processes"]
+        precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(
+            info["mixed_precision"], info["mixed_precision"]
         )
+        compiled = "not compiled" if info["compile"].upper() == "NO" else f"compiled ({info['compile'].lower()})"
+        tokens = data.total_batch_tokens * cfg.optim.max_steps
+        if data.dataset is None:
+            source = f"token shards in {data.data_dir}"
+        else:
+            config = f" ({data.dataset_name})" if data.dataset_name else ""
+            source = (
+                f"{data.dataset}{config}, tokenized as it streams; its first {data.stream_val_tokens + 1:,} tokens "
+                "are the validation set"
+            )
+        trackers = {t.strip() for t in cfg.run.log_with.split(",")}
+        board = f"; tensorboard --logdir {self.logs}" if trackers & {"tensorboard", "all"} else ""
+        plural = "es" if processes > 1 else ""
+        return [
+            f"model: GPT-2 of {parameter_count(model) / 1e6:,.1f}M parameters ({model.n_layer} layers, "
+            f"{model.n_head} heads, width {model.n_embd}, context {model.n_positions}) on {info['device']}, "
+            f"{precision}, {compiled}",
+            f"batch: {data.total_batch_tokens:,} tokens/step = {data.micro_batch_size} x {data.seq_len} x "
+            f"{processes} process{plural} x {info['grad_accum_steps']} accumulation steps; {cfg.optim.max_steps:,} "
+            f"steps = {_count(tokens)} tokens",
+            f"data: {source}; validation on {ev.val_tokens:,} tokens "
+            + (f"every {ev.eval_every:,} steps" if ev.eval_every else "at the end"),
+            f"run folder: {self.root} (full config: config.yaml; versions, hardware, attempts: run_info.json{board})",
+        ]
+
+
+def _count(n: int) -> str:
+    """A token count the way people say it: 410K, 6.7B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
 
 
 def step_of(row: str) -> int | None:

@@ -57,8 +57,10 @@ class PrepConfig:
 
     output_dir: str | None = opt(None, "folder for the shards and manifest.json (required, unless --verify)")
     dataset: str = opt(FINEWEB_EDU, "Hub dataset id, or local parquet/jsonl/txt: a file, a folder or a glob")
-    name: str | None = opt(None, "dataset config; when unset: sample-10BT for FineWeb-Edu, none for others")
-    split: str = opt("train", "dataset split")
+    dataset_name: str | None = opt(
+        None, "dataset config; when unset: sample-10BT for FineWeb-Edu, none for others", aliases=("name",)
+    )
+    dataset_split: str = opt("train", "dataset split", aliases=("split",))
     text_column: str = opt("text", "column holding the documents")
     max_tokens: int | None = opt(None, "stop after this many tokens (val + train)")
     shard_tokens: int = opt(SHARD_TOKENS, "tokens per training shard")
@@ -309,7 +311,9 @@ def _open(cfg: PrepConfig, out: Path):
     revision = ((recorded or {}).get("source_fingerprint") or {}).get("revision")
     if revision is None and not is_local_source(cfg.dataset):
         revision = hub_revision(cfg.dataset)
-    src = open_text_stream(cfg.dataset, cfg.name, cfg.split, cfg.text_column, cfg.text_sample_by, revision)
+    src = open_text_stream(
+        cfg.dataset, cfg.dataset_name, cfg.dataset_split, cfg.text_column, cfg.text_sample_by, revision
+    )
     identity = {
         "source": src.identity,
         "tokenizer": {"name": "gpt2", "encoding": encoding.name, "n_vocab": encoding.n_vocab, "eot_token": EOT_ID},

@@ -243,7 +243,11 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
 
 
 # manifest "source" keys -> data_prep.py's options, with the default each leaves out
-_SOURCE_OPTIONS = {"name": ("--name", None), "split": ("--split", "train"), "text_column": ("--text_column", "text")}
+_SOURCE_OPTIONS = {
+    "name": ("--dataset_name", None),
+    "split": ("--dataset_split", "train"),
+    "text_column": ("--text_column", "text"),
+}
 _SOURCE_OPTIONS |= {"sample_by": ("--text_sample_by", "document")}
 
 

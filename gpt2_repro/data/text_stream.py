@@ -122,8 +122,8 @@ def open_text_stream(
         except Exception as e:  # DatasetNotFoundError, ConnectionError (offline), ValueError (config/split)
             raise DataError(
                 f"Could not open dataset {dataset!r} (config {name!r}, split {split!r}): {type(e).__name__}: {e}. "
-                f"Check the id, --name and --split on https://huggingface.co/datasets/{dataset}; offline, pass "
-                "local files instead (--dataset path/to/*.parquet, *.jsonl or *.txt, or a folder)."
+                f"Check the id, --dataset_name and --dataset_split on https://huggingface.co/datasets/{dataset}; "
+                "offline, pass local files instead (--dataset path/to/*.parquet, *.jsonl or *.txt, or a folder)."
             ) from e
     else:
         builders = {_builder_of(f) for f in files}

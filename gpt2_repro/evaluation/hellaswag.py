@@ -49,7 +49,8 @@ def download_hellaswag(cache_dir: str | os.PathLike | None = None) -> Path:
     raise HellaSwagUnavailable(
         "Could not download the HellaSwag validation set (" + "; ".join(errors) + "). Offline? Copy "
         f"hellaswag_val.jsonl (from {HELLASWAG_URL}) to this machine and pass --hellaswag_file PATH, or put it at "
-        f"{dest}."
+        f"{dest}.",
+        cache=dest,
     )
 
 

@@ -41,8 +41,11 @@ def training_hellaswag(cfg: TrainConfig, accelerator: Accelerator, log) -> list[
     with accelerator.main_process_first():  # the first process downloads into the cache, then the rest
         try:
             return load_hellaswag(cfg.eval.hellaswag_file, limit=cfg.eval.hellaswag_limit)
-        except HellaSwagUnavailable as e:  # offline and no local file: warn once and train on
-            log(f"warning: no HellaSwag during training: {e}")
+        except HellaSwagUnavailable as e:  # offline and no local file: warn once, in one line, and train on
+            log(
+                "warning: no HellaSwag in this run: it could not be downloaded (offline?). Put hellaswag_val.jsonl "
+                f"at {e.cache} or pass --hellaswag_file PATH; --hellaswag false turns it off"
+            )
             return None
 
 
