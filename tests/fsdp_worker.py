@@ -204,6 +204,7 @@ def main() -> None:
     if rank == 0:
         torch.save(record, out)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group, as train.py does (see muon_worker.py)
 
 
 if __name__ == "__main__":

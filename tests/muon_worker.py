@@ -122,6 +122,11 @@ def run_accelerate(args) -> None:
         torch.distributed.all_gather_object(every, (muon_buffers(optimizers[1]), calls[0]))
     if acc.is_main_process:
         torch.save({**record, "buffers": [b for b, _ in every], "calls": [c for _, c in every]}, args.out)
+    # As train.py ends: every process waits for the others, then the process group is destroyed. A process that
+    # exits with its gloo group alive can abort in the group's destructor ("terminate called without an active
+    # exception", SIGABRT), which the launcher reports as the run's failure.
+    acc.wait_for_everyone()
+    acc.end_training()
 
 
 class Odd(torch.nn.Module):

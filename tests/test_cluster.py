@@ -72,31 +72,14 @@ def _only_the_lock(run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_machines_train_as_one_process(reference, data_dir, tmp_path):
-    """Two torchrun agents (--nnodes 2 --node_rank 0/1, static rendezvous on 127.0.0.1), one process each: the
-    losses are the one-process run's, and every checkpoint is written once, by the main process, with both
-    processes' data positions."""
-    out = tmp_path / "run"
-    with machines(2, _args(data_dir, out), tmp_path) as (m0, m1):
-        ended = wait_all([m0, m1], 240)
-        assert [code for code, _ in ended.values()] == [0, 0], m0.output()[-3000:] + m1.output()[-3000:]
-    _close(read_metrics(out)[0], read_metrics(reference[0])[0])
-    assert sorted(read_metrics(out)[0]) == list(range(1, MAX_STEPS + 1))
-    info = json.loads((out / "run_info.json").read_text())
-    assert info["num_processes"] == 2 and info["grad_accum_steps"] == 1
-    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [12, 16]
-    assert not list((out / "checkpoints").glob(".*")), "temporary checkpoint folders left behind"
-    newest = out / "checkpoints" / "step_00000016"
-    assert sorted(p.name for p in newest.glob("loader_rank*.json")) == ["loader_rank0.json", "loader_rank1.json"]
-
-
-@pytest.mark.slow
 def test_a_stop_reaches_every_machine_and_the_run_resumes_on_one_then_on_two(reference, data_dir, tmp_path):
-    """SIGTERM to one machine's launcher (the machine that does not host the rendezvous): every process stops at
-    the same step with one complete checkpoint, and the other machine's worker exits 75. The run continues on one
-    machine (`python train.py --resume latest`, stopped again by SIGTERM), then on two again, stopped by SIGTERM to
-    every process of both machines at once (as srun or `scancel --signal` deliver it), then on two to the end:
-    every loss is the uninterrupted run's. No process outlives its launcher.
+    """Two torchrun agents (--nnodes 2 --node_rank 0/1, static rendezvous on 127.0.0.1), one process each. SIGTERM
+    to one machine's launcher (the machine that does not host the rendezvous): every process stops at the same step
+    with one complete checkpoint, and the other machine's worker exits 75. The run continues on one machine
+    (`python train.py --resume latest`, stopped again by SIGTERM), then on two again, stopped by SIGTERM to every
+    process of both machines at once (as srun or `scancel --signal` deliver it), then on two to the end: every loss
+    is the uninterrupted run's, and every checkpoint of two machines is written once, by the main process, with
+    both processes' data positions. No process outlives its launcher.
 
     torchrun's agent reports 1 whatever its workers exit with (75 included), so the launchers' own codes say nothing.
     """
@@ -145,9 +128,13 @@ def test_a_stop_reaches_every_machine_and_the_run_resumes_on_one_then_on_two(ref
     losses = read_metrics(out)[0]
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     _close(losses, ref)
-    attempts = json.loads((out / "run_info.json").read_text())["attempts"]
-    assert [a["start_step"] for a in attempts] == [0, first, second, third]
-    assert [a["changed"].get("num_processes") for a in attempts[1:]] == [[2, 1], [1, 2], None]
+    info = json.loads((out / "run_info.json").read_text())
+    assert [a["start_step"] for a in info["attempts"]] == [0, first, second, third]
+    assert [a["changed"].get("num_processes") for a in info["attempts"][1:]] == [[2, 1], [1, 2], None]
+    assert info["num_processes"] == 2 and info["grad_accum_steps"] == 1
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [12, 16]
+    newest = out / "checkpoints" / "step_00000016"
+    assert sorted(p.name for p in newest.glob("loader_rank*.json")) == ["loader_rank0.json", "loader_rank1.json"]
 
 
 def _stopped_at(out: Path, output: str) -> int:
@@ -275,13 +262,16 @@ def test_sigterm_to_accelerate_launch_is_obeyed_within_its_grace_under_load(data
     # flight, and on two cores shared four ways (the suite's other worker, too) one of 8 sequences takes seconds.
     preset += ["--micro_batch_size", "2"]
     burn = "import time\nend = time.time() + 600\nwhile time.time() < end: pass"  # a core's worth of other work
-    others = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+    others = []
     out = tmp_path / "run"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
     try:
         proc = subprocess.Popen([*launcher, str(ROOT / "train.py"), *preset, "--output_dir", str(out)], cwd=ROOT,
                                 env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         try:
+            wait_for_step(out / "metrics.jsonl", 2, [proc], timeout=300)
+            # the load from here on: the steps before the stop and the stop itself run on oversubscribed cores
+            others = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
             wait_for_step(out / "metrics.jsonl", 3, [proc], timeout=300)
             t0 = time.time()
             proc.send_signal(signal.SIGTERM)

@@ -102,7 +102,9 @@ def test_push_to_hub_uploads_both_exports_in_the_background(data_dir, tmp_path):
     stock = [c for c in uploads if c[3]["revision"] == "gpt2"]
     assert main[-1][2] == stock[-1][2] == "step 4"  # the final exports always go up
     for upload in (main[-1], stock[-1]):  # once the evaluation of step 4, after the checkpoint, is in its cards
-        assert "## Evaluation\n" in upload[-1] and "| validation loss | n/a |" not in upload[-1]
+        assert "## Evaluation during training\n\nMeasured by the trainer at step 4." in upload[-1], upload[-1]
+        row = next(line for line in upload[-1].splitlines() if line.startswith("| validation loss"))
+        assert float(row.split("|")[2]) > 0, row
     for _, _, _, kw, files, card in main:
         assert {"config.json", "model.safetensors", "modeling_gpt2_repro.py"} <= set(files)
         assert {"README.md", "tokenizer.json", "generation_config.json"} <= set(files)

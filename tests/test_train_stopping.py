@@ -9,14 +9,12 @@ import signal
 import sys
 import time
 
-import psutil
 import pytest
 
 from gpt2_repro.checkpointing import folders as ckpt
 from gpt2_repro.training.stopping import PREEMPTED_EXIT_CODE
 from runs import (
     MAX_STEPS,
-    TORCHRUN,
     expect_exit_2,
     finite_tensors,
     read_metrics,
@@ -169,46 +167,6 @@ def test_sigterm_saves_the_step_it_is_on_and_the_resume_is_exact(reference, data
     assert {s: e["val_loss"] for s, e in evals.items()} == {s: e["val_loss"] for s, e in ref_evals.items()}
     attempts = json.loads((out / "run_info.json").read_text())["attempts"]
     assert [a["start_step"] for a in attempts] == [0, first, second, third]
-
-
-@pytest.mark.slow
-def test_sigterm_with_two_processes_and_elastic_resume(reference, data_dir, tmp_path):
-    """Two gloo processes. SIGTERM to every process (as srun sends it) stops both at the same step; the run
-    continues with one process (2 -> 1); its checkpoint continues with two (1 -> 2), stopped by SIGTERM to
-    torchrun's agent alone (which forwards it). Losses match the one-process reference to float noise."""
-    ref_losses, _ = read_metrics(reference[0])
-    out = tmp_path / "run"
-    data = ["--data_dir", str(data_dir), "--hellaswag", "false"]
-    wait = random.Random(12).randint(3, 6)
-    print("steps waited before the stop:", wait)
-    with training_in_background(data, out, TORCHRUN, ACCELERATE_USE_CPU="true") as proc:
-        wait_for_step(out, wait, proc)
-        for p in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children())]:
-            os.kill(p, signal.SIGTERM)
-        _, err = proc.communicate(timeout=240)
-    first = stopped_at(out, err)
-    saved = out / "checkpoints" / ckpt.checkpoint_name(first)
-    assert sorted(p.name for p in saved.glob("loader_rank*.json")) == ["loader_rank0.json", "loader_rank1.json"]
-    assert ckpt.read_run_state(saved)["num_processes"] == 2
-
-    run_training([*data, "--resume", "latest"], out)  # 2 -> 1
-    losses, _ = read_metrics(out)
-    assert sorted(losses) == sorted(ref_losses)
-    for step, loss in ref_losses.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
-    attempts = json.loads((out / "run_info.json").read_text())["attempts"]
-    assert attempts[-1]["changed"]["num_processes"] == [2, 1]
-
-    other = tmp_path / "other"  # 1 -> 2, from the one-process checkpoint of step 12
-    resume = ["--resume", str(out / "checkpoints" / "step_00000012")]
-    with training_in_background([*data, *resume], other, TORCHRUN, ACCELERATE_USE_CPU="true") as proc:
-        wait_for_step(other, 1, proc)  # its first line is step 13
-        proc.send_signal(signal.SIGTERM)  # torchrun's agent only
-        _, err = proc.communicate(timeout=240)
-    last = stopped_at(other, err)
-    assert 13 <= last < MAX_STEPS
-    for step, loss in read_metrics(other)[0].items():
-        assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-5), step
 
 
 @pytest.mark.slow

@@ -149,6 +149,8 @@ def test_two_processes_read_disjoint_parts_of_the_stream(gpt2_encoding, stream_f
         "out = Path(cfg.run.output_dir) / f'rank{accelerator.process_index}.npy'\n"
         "np.save(out, torch.cat(windows).numpy())\n"
         "loader.close()\n"
+        "accelerator.wait_for_everyone()\n"
+        "accelerator.end_training()\n"
     )
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = [*TINY_ARGS, "--dataset", str(stream_files[0]), *STREAM, *QUICK, "--output_dir", str(tmp_path)]
