@@ -167,3 +167,18 @@ def test_what_may_change_on_a_resume_is_not_refused(stream):
         now = load_config(TINY, {**base, key: value}).to_dict()
         assert _flat(now)[key] != _flat(saved)[key], key
         assert resume_mismatches({"step": 4, "config": saved}, now, shards, shards) == [], key
+
+
+@pytest.mark.parametrize(("keep_last", "max_steps", "held"), [(5, 4, 2), (5, 12, 4), (2, 12, 3), (1, 12, 2)])
+def test_the_room_asked_at_start_counts_the_checkpoints_held_at_once(tmp_path, keep_last, max_steps, held):
+    """A fresh start saving every 4 steps: the saves to come, one more that a stop request may add, and the new one
+    written before the oldest of --keep_last is removed, at most keep_last + 1 at once. A model of 16 PB, which no
+    disk holds, makes the refusal say how many checkpoints it asked room for."""
+    from gpt2_repro.base.errors import RunError
+    from gpt2_repro.base.run_folder import RunFolder
+    from gpt2_repro.checkpointing.checkpoints import check_room_at_start
+
+    settings = {"n_layer": 1000, "n_embd": 262144, "max_steps": max_steps, "warmup_steps": 2}
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", settings | {"checkpoint_every": 4, "keep_last": keep_last})
+    with pytest.raises(RunError, match=rf"but room for {held} more checkpoints? \(a new one is written before"):
+        check_room_at_start(cfg, RunFolder(tmp_path), None)
