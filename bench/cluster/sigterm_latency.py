@@ -6,8 +6,9 @@ with other trainings on the cores: how long the stop takes, and whether it fits 
 
 The signal goes to the launcher (accelerate launch --cpu --num_processes 1, which forwards it and kills train.py 5 s
 later) or to train.py itself (python train.py: no launcher, no limit), at step --at or later. Printed per run: the
-seconds from SIGTERM to the end, the step it stopped at, whether the checkpoint of that step is complete, and the
-exit code.
+seconds from SIGTERM to the end and to the line saying the checkpoint is complete (what remains after it is the
+process's teardown, which a launcher's kill may cut short harmlessly), the step it stopped at, whether the
+checkpoint of that step is complete, and the exit code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,13 +53,18 @@ def preset(data: Path, out: Path, *extra: str) -> list[str]:
 def one(launcher: str, data: Path, tmp: Path, at: int, tag: str) -> dict:
     out = tmp / f"run_{tag}"
     proc = subprocess.Popen([*LAUNCHERS[launcher], *preset(data, out)], cwd=ROOT, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+    lines = []  # (when, line): when the stop message came, not only when the process ended
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in proc.stdout), daemon=True)
+    reader.start()
     wait_for_step(out / "metrics.jsonl", at, [proc], timeout=600)
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
     took = time.time() - t0
-    text = stdout + stderr
+    reader.join(timeout=30)
+    text = "".join(line for _, line in lines)
+    said = [when - t0 for when, line in lines if re.search(r"stopped at step \d+ \(.*\): checkpoint", line)]
     found = re.search(r"stopped at step (\d+) \(.*\): checkpoint (\S+) is complete", text)
     step = int(found.group(1)) if found else None
     complete = bool(found) and (Path(found.group(2)) / "run_state.json").is_file()
@@ -65,6 +72,7 @@ def one(launcher: str, data: Path, tmp: Path, at: int, tag: str) -> dict:
     steps = text.count('"loss"')
     last = max((json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()), default=None)
     return {"launcher": launcher, "sigterm_to_exit_s": round(took, 2), "exit_code": proc.returncode,
+            "checkpoint_said_s": round(said[0], 2) if said else None,
             "stopped_at_step": step, "last_logged_step": last, "checkpoint_complete": complete,
             "checkpoints": ckpts, "killed": not found, "_": steps}  # fmt: skip
 
