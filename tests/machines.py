@@ -23,6 +23,22 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
+# An accelerate FSDP config of 2 processes on one machine. On a machine without CUDA accelerate joins its processes
+# into no group (each gets DistributedType.NO and 1 process): a launch the trainer must refuse.
+FSDP_TWO_PROCESSES_YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP,
+  fsdp_transformer_layer_cls_to_wrap: GPT2ReproBlock, fsdp_state_dict_type: SHARDED_STATE_DICT}
+num_machines: 1
+machine_rank: 0
+num_processes: 2
+mixed_precision: 'no'
+main_training_function: main
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
 
 def free_port() -> int:
     """A TCP port nothing listens on now (the OS's choice), for a rendezvous."""

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from gpt2_repro.checkpointing import folders as ckpt
-from machines import free_port, machines, wait_all, wait_for_step
+from machines import FSDP_TWO_PROCESSES_YAML, free_port, machines, wait_all, wait_for_step
 from runs import MAX_STEPS, ROOT, TINY_ARGS, read_metrics, run_env
 
 # The option that bounds how long a process waits for the others in a collective (the process group's timeout,
@@ -190,17 +190,6 @@ def test_machines_that_do_not_share_the_run_folder_are_refused(data_dir, tmp_pat
 
 # ------------------------------------------------------------------------- launches that form no group
 
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP,
-  fsdp_transformer_layer_cls_to_wrap: GPT2ReproBlock, fsdp_state_dict_type: SHARDED_STATE_DICT}
-num_machines: 1
-machine_rank: 0
-num_processes: 2
-mixed_precision: 'no'
-use_cpu: false
-"""
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", ["accelerate_config_2_processes", "fsdp_config", "cpu_two_machines"])
@@ -221,7 +210,7 @@ def test_a_launch_whose_processes_form_no_group_is_refused(launch, data_dir, tmp
     if launch == "accelerate_config_2_processes":
         commands = [[*acc, "--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", "2", *train]]
     elif launch == "fsdp_config":
-        (tmp_path / "fsdp.yaml").write_text(FSDP_CONFIG)
+        (tmp_path / "fsdp.yaml").write_text(FSDP_TWO_PROCESSES_YAML)
         commands = [[*acc, "--config_file", str(tmp_path / "fsdp.yaml"), *train]]
     else:
         port = str(free_port())

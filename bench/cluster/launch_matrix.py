@@ -18,9 +18,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(ROOT)]
+sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "tests")]
 
 from gpt2_repro.base.launch import launch_problem  # noqa: E402
+from machines import FSDP_TWO_PROCESSES_YAML  # noqa: E402
 
 PROBE = str(HERE / "probe_env.py")
 PY = sys.executable
@@ -28,19 +29,6 @@ ACC = [PY, "-m", "accelerate.commands.launch"]
 TORCHRUN = [PY, "-m", "torch.distributed.run"]
 SHOWN = ["RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID"]
 
-FSDP_YAML = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP,
-  fsdp_transformer_layer_cls_to_wrap: GPT2ReproBlock, fsdp_state_dict_type: SHARDED_STATE_DICT}
-num_machines: 1
-machine_rank: 0
-num_processes: 2
-mixed_precision: 'no'
-main_training_function: main
-rdzv_backend: static
-same_network: true
-use_cpu: false
-"""
 
 MULTI_CPU_YAML = """compute_environment: LOCAL_MACHINE
 distributed_type: MULTI_CPU
@@ -61,7 +49,7 @@ def free_port() -> int:
 def cases(tmp: Path) -> list[tuple[str, bool, list[list[str]], dict]]:
     """(name, good launch?, one command per launcher, extra environment)."""
     fsdp, mcpu = tmp / "fsdp.yaml", tmp / "multi_cpu.yaml"
-    fsdp.write_text(FSDP_YAML)
+    fsdp.write_text(FSDP_TWO_PROCESSES_YAML)
     mcpu.write_text(MULTI_CPU_YAML)
     cpu = {"ACCELERATE_USE_CPU": "true"}
     p1, p2, p3, p4 = (free_port() for _ in range(4))
